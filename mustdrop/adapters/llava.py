@@ -1,0 +1,549 @@
+"""MustDrop on transformers' own LlavaForConditionalGeneration, attached by hooks only.
+
+Where each stage is attached:
+- 1a local spatial merge: a pre-hook on vision encoder layer 1 shortens the output of layer 0.
+- 1b key token set: forward hooks on q_proj / k_proj of the last vision layer; the CLS row of the
+  attention is computed from them (no eager attention, no output_attentions).
+- the <image> placeholders are cut to the merged count; features go in through mm_encoder_outputs.
+- 2 dual-attention filter: a forward hook on each prune layer's self_attn scores the T text rows
+  against all keys from the cache (T x L per head, never L x L); a forward hook on the decoder
+  layer drops the tokens; a pre-hook on every later layer gathers the full-length position
+  embeddings / position ids / mask that the decoder loop hands to every layer.
+- 3 output-aware KV trim: after prefill, cache layers first..last prune layer are index-selected.
+The decode loop is ours (greedy or sampling, seeded), so stages 2-3 run in both modes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from .. import stages
+from ..config import MustDropConfig, ModelDefaults
+from ..hooks import HookSet, attached
+from ..images import load_image
+from ..trace import SCHEMA_VERSION, Trace
+from .loading import ModelLoadError
+
+
+@dataclass
+class Sampling:
+    """How tokens are chosen at decode. temperature 0 means greedy."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        import math
+        if not math.isfinite(float(self.temperature)) or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not math.isfinite(float(self.top_p)) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+MAX_NEW_TOKENS_LIMIT = 1024
+MAX_QUESTION_CHARS = 2000
+
+
+@dataclass
+class RunResult:
+    """One run: the trace (plain data) plus internals that only tests and benchmarks need."""
+
+    trace: Trace
+    step_logits: list = field(default_factory=list)      # float32 logits of each generated step
+    prefill_cache: list | None = None                   # [(keys, values)] per layer after the trim
+    inputs_embeds: torch.Tensor | None = None           # what entered the language model
+
+
+class _Prefill:
+    """Mutable state of one prefill: which tokens of the sequence are still alive."""
+
+    def __init__(self, S, N0, T, key_tokens, device):
+        self.S, self.N0, self.T = S, N0, T
+        self.L0 = S + N0 + T
+        self.alive = torch.arange(self.L0, device=device)           # original sequence indices
+        self.vision_ids = torch.arange(N0, device=device)           # merged-token ids in the block
+        self.key_pos = key_tokens.to(device)                        # key positions in the block
+        self.text_attn = None
+        self.records = []                                           # per prune layer
+        self.kept_positions = []                                    # per prune layer (for stage 3)
+
+    @property
+    def V(self):
+        return self.vision_ids.numel()
+
+    @property
+    def shortened(self):
+        return self.alive.numel() < self.L0
+
+
+class LlavaMustDrop:
+    """A loaded LLaVA model + processor that runs MustDrop and records a trace."""
+
+    def __init__(self, model, processor, model_id: str = "", defaults: ModelDefaults | None = None):
+        self.model = model.eval()
+        self.processor = processor
+        self.model_id = model_id
+        cfg = model.config
+        self.text_config = cfg.text_config
+        self.vision_config = cfg.vision_config
+        if getattr(cfg, "vision_feature_select_strategy", "default") != "default":
+            raise ModelLoadError("MustDrop needs the CLS token of the vision tower "
+                                 "(vision_feature_select_strategy 'default'); this model uses "
+                                 f"{cfg.vision_feature_select_strategy!r}")
+        if not isinstance(cfg.vision_feature_layer, int):
+            raise ModelLoadError("models that concatenate several vision feature layers are not supported")
+        self.grid = self.vision_config.image_size // self.vision_config.patch_size
+        lm = model.model.language_model
+        self.decoder_layers = lm.layers
+        self.num_layers = len(self.decoder_layers)
+        self.rotary_emb = lm.rotary_emb
+        vt = model.model.vision_tower
+        self.vision_layers = getattr(vt, "vision_model", vt).encoder.layers
+        self.image_token_id = cfg.image_token_id
+        self.defaults = defaults or ModelDefaults.load(model_id, self.num_layers)
+        self._rope = sys.modules[type(self.decoder_layers[0].self_attn).__module__].apply_rotary_pos_emb
+
+    # ------------------------------------------------------------------ public
+    def config_for(self, preset: str) -> MustDropConfig:
+        return MustDropConfig.preset_for(preset, self.defaults)
+
+    @torch.no_grad()
+    def run(self, image, question: str, config: MustDropConfig, max_new_tokens: int = 16,
+            sampling: Sampling | None = None, record: bool = True, keep_internals: bool = False,
+            progress=None) -> RunResult:
+        """Run one image + question with ``config``; return the trace (and internals if asked)."""
+        sampling = sampling or Sampling()
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) \
+                or not 1 <= max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
+            raise ValueError(f"max new tokens must be an integer in 1..{MAX_NEW_TOKENS_LIMIT}, got {max_new_tokens!r}")
+        config.validate_for(self.grid, self.num_layers)
+        if config.merge and len(self.vision_layers) < 2:
+            raise ValueError("stage 1a needs a vision tower of at least 2 layers")
+        question = _clean_question(question, self.processor)
+        if isinstance(image, (list, tuple)):
+            raise ValueError(f"MustDrop runs one image at a time (batch size 1); got {len(image)} images")
+        img = load_image(image)
+        say = progress or (lambda stage: None)
+
+        t0 = time.perf_counter()
+        say("preparing inputs")
+        inputs, prompt = self._inputs(img, question)
+        if inputs["input_ids"].shape[0] != 1 or inputs["pixel_values"].shape[0] != 1:
+            raise ValueError("MustDrop runs one image and one prompt at a time (batch size 1)")
+        say("vision encoder (stage 1a merge, stage 1b key set)")
+        t_vis = time.perf_counter()
+        features, merge, cls_attn, key_tokens = self._encode(inputs["pixel_values"], config)
+        t_vis = time.perf_counter() - t_vis
+        N0 = features.shape[0]
+        input_ids, S, T = self._cut_placeholders(inputs["input_ids"], N0)
+
+        say("prefill (stage 2 dual-attention filter)")
+        t_pre = time.perf_counter()
+        state = _Prefill(S, N0, T, key_tokens, features.device)
+        cache = DynamicCache(config=self.text_config)
+        hooks = HookSet()
+        with attached(hooks):
+            if config.filter:
+                self._attach_prefill(hooks, state, config, record)
+            out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1,
+                             mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=[features])})
+        logits = out.logits[0, -1].float()
+        say("KV trim (stage 3)")
+        kv_indices = self._trim(cache, state, config)
+        t_pre = time.perf_counter() - t_pre
+        prefill_cache = [(l.keys.clone(), l.values.clone()) for l in cache.layers] if keep_internals else None
+
+        say("decoding")
+        t_dec = time.perf_counter()
+        gen, step_logits = self._decode(cache, logits, state, config, sampling, max_new_tokens, keep_internals)
+        t_dec = time.perf_counter() - t_dec
+        timings = {"vision_s": t_vis, "prefill_s": t_pre, "decode_s": t_dec,
+                   "total_s": time.perf_counter() - t0}
+        trace = None
+        if record:
+            trace = self._trace(img, question, prompt, config, sampling, max_new_tokens, state, merge,
+                                cls_attn, key_tokens, kv_indices, cache, gen, timings)
+        embeds = None
+        if keep_internals:
+            embeds = self.model.get_input_embeddings()(input_ids)
+            mask = (input_ids == self.image_token_id).unsqueeze(-1)
+            embeds = embeds.masked_scatter(mask, features.to(embeds.dtype))
+        return RunResult(trace, step_logits, prefill_cache, embeds)
+
+    # ------------------------------------------------------------------ inputs
+    def _inputs(self, img, question):
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        if getattr(self.processor, "chat_template", None):
+            prompt = self.processor.apply_chat_template(conversation, add_generation_prompt=True)
+        else:
+            prompt = f"USER: <image>\n{question} ASSISTANT:"
+        inputs = self.processor(images=img, text=prompt, return_tensors="pt")
+        device = self.model.device
+        dtype = self.model.dtype
+        return {"input_ids": inputs["input_ids"].to(device),
+                "pixel_values": inputs["pixel_values"].to(device=device, dtype=dtype)}, prompt
+
+    def _cut_placeholders(self, input_ids, N0):
+        """Keep exactly N0 <image> ids (one per vision token after merging); return ids, S, T."""
+        ids = input_ids[0]
+        pos = torch.nonzero(ids == self.image_token_id).flatten()
+        if pos.numel() == 0:
+            raise ValueError("the prompt holds no <image> placeholder")
+        if pos.numel() != self.grid * self.grid or int(pos[-1] - pos[0]) + 1 != pos.numel():
+            raise ValueError(f"expected one contiguous block of {self.grid * self.grid} <image> tokens, "
+                             f"found {pos.numel()}: the question may contain the image token string")
+        S = int(pos[0])
+        keep = torch.ones_like(ids, dtype=torch.bool)
+        keep[pos[N0:]] = False
+        ids = ids[keep].unsqueeze(0)
+        return ids, S, ids.shape[1] - S - N0
+
+    # ------------------------------------------------------------------ stage 1
+    def _encode(self, pixel_values, config):
+        """Run the hooked vision tower; return features (N0, D), merge result, CLS attention, key set."""
+        hooks = HookSet()
+        merge_box, qk = {}, {}
+        if config.merge:
+            def merge_hook(module, args, kwargs):
+                hidden = args[0] if args else kwargs["hidden_states"]
+                res = stages.local_spatial_merge(hidden[0], self.grid, config.window, config.merge_threshold)
+                merge_box["result"] = res
+                if res.merged_windows.numel() == 0:
+                    return None
+                new = res.tokens.unsqueeze(0)
+                if args:
+                    return (new,) + tuple(args[1:]), kwargs
+                kwargs["hidden_states"] = new
+                return args, kwargs
+            hooks.pre("vision.layer1.stage1a_merge", self.vision_layers[1], merge_hook)
+        if config.key_set:
+            attn = self.vision_layers[-1].self_attn
+            hooks.post("vision.last.q_proj", attn.q_proj, lambda m, a, k, o: qk.__setitem__("q", o[0, 0]))
+            hooks.post("vision.last.k_proj", attn.k_proj, lambda m, a, k, o: qk.__setitem__("k", o[0]))
+        with attached(hooks):
+            out = self.model.model.get_image_features(pixel_values=pixel_values)
+        features = out.pooler_output[0]
+        merge = merge_box.get("result")
+        N0 = features.shape[0]
+        cls_attn, key_tokens = None, torch.zeros(0, dtype=torch.long)
+        if config.key_set:
+            attn = self.vision_layers[-1].self_attn
+            h, hd = attn.num_heads, attn.head_dim
+            q = qk["q"].float().view(h, 1, hd)
+            k = qk["k"].float().view(-1, h, hd).transpose(0, 1)          # (H, 1 + N0, hd)
+            probs = torch.softmax((q @ k.transpose(1, 2)) * attn.scale, dim=-1)[:, 0, 1:]
+            cls_attn = probs                                              # (H, N0), CLS->CLS removed
+            key_tokens = stages.key_token_set(cls_attn, config.key_keep_rate)
+        return features, merge, cls_attn, key_tokens.to(features.device)
+
+    # ------------------------------------------------------------------ stage 2
+    def _attach_prefill(self, hooks, state, config, record):
+        first = config.prune_layers[0]
+        prune = set(config.prune_layers)
+        reference = config.positions == "reference"
+
+        def gather(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if hidden.shape[1] <= 1 or not state.shortened:
+                return None
+            idx = state.alive
+            n = idx.numel()
+            cos, sin = kwargs["position_embeddings"]
+            if reference:   # survivors' positions compacted to 0..n-1, as the authors' code does
+                kwargs["position_embeddings"] = (cos[:, :n], sin[:, :n])
+                if kwargs.get("position_ids") is not None:
+                    kwargs["position_ids"] = kwargs["position_ids"][:, :n]
+            else:
+                kwargs["position_embeddings"] = (cos[:, idx], sin[:, idx])
+                if kwargs.get("position_ids") is not None:
+                    kwargs["position_ids"] = kwargs["position_ids"][:, idx]
+            mask = kwargs.get("attention_mask")
+            if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+                kwargs["attention_mask"] = mask[:, :, idx][:, :, :, idx]
+            return args, kwargs
+
+        def text_rows_attention(module, args, kwargs, output):
+            """Probabilities of the T text rows over all keys (T x L per head), vision columns kept."""
+            hidden = kwargs["hidden_states"]
+            cache = kwargs["past_key_values"]
+            cos, sin = kwargs["position_embeddings"]
+            T, S, V = state.T, state.S, state.V
+            L = hidden.shape[1]
+            hd = module.head_dim
+            q = module.q_proj(hidden[:, L - T:]).view(1, T, -1, hd).transpose(1, 2)
+            q, _ = self._rope(q, q, cos[:, L - T:], sin[:, L - T:])
+            keys = cache.layers[module.layer_idx].keys
+            keys = keys.repeat_interleave(q.shape[1] // keys.shape[1], dim=1)
+            scores = (q.float() @ keys.float().transpose(-1, -2)) * module.scaling    # (1, H, T, L)
+            rows = torch.arange(L - T, L, device=q.device).unsqueeze(1)
+            future = torch.arange(L, device=q.device).unsqueeze(0) > rows
+            scores = scores.masked_fill(future, float("-inf"))
+            state.text_attn = torch.softmax(scores, dim=-1)[0, :, :, S:S + V]      # (H, T, V)
+
+        def drop(module, args, kwargs, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            if hidden.shape[1] <= 1:
+                return None
+            layer = module.self_attn.layer_idx
+            attn, state.text_attn = state.text_attn, None
+            V = state.V
+            if V == 0:
+                res = None
+                kept = torch.zeros(0, dtype=torch.long, device=hidden.device)
+            else:
+                res = stages.dual_attention_filter(attn, config.global_thr, config.individual_thr, state.key_pos)
+                kept = res.kept
+            state.kept_positions.append(kept)
+            state.records.append({"layer": layer, "tokens": state.vision_ids.clone(), "result": res})
+            if kept.numel() == V:
+                return None
+            S = state.S
+            sel = torch.cat([torch.arange(S, device=kept.device), S + kept,
+                             torch.arange(S + V, hidden.shape[1], device=kept.device)])
+            state.alive = state.alive[sel]
+            state.vision_ids = state.vision_ids[kept]
+            state.key_pos = res.key_after if res is not None else state.key_pos
+            new = hidden[:, sel]
+            return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
+
+        for i, layer in enumerate(self.decoder_layers):
+            if i > first:
+                hooks.pre(f"llm.layer{i}.gather_positions", layer, gather)
+            if i in prune:
+                hooks.post(f"llm.layer{i}.self_attn.text_rows", layer.self_attn, text_rows_attention)
+                hooks.post(f"llm.layer{i}.stage2_filter", layer, drop)
+
+    # ------------------------------------------------------------------ stage 3
+    def _trim(self, cache, state, config):
+        """Index-select the cache of layers first..last prune layer; return kept ids per layer."""
+        if config.filter:
+            per_layer = stages.kv_keep_indices(self.num_layers, config.prune_layers, state.S, state.T,
+                                               state.N0, [k.cpu() for k in state.kept_positions])
+        else:
+            per_layer = [torch.arange(state.L0)] * self.num_layers
+        # the original-sequence index of each entry each layer processed in prefill
+        processed = []
+        alive = torch.arange(state.L0)
+        prune = list(config.prune_layers) if config.filter else []
+        stage = 0
+        for layer in range(self.num_layers):
+            processed.append(alive)
+            if stage < len(prune) and layer == prune[stage]:
+                S, kept = state.S, state.kept_positions[stage].cpu()
+                v = alive.numel() - state.S - state.T
+                alive = alive[torch.cat([torch.arange(S), S + kept, torch.arange(S + v, alive.numel())])]
+                stage += 1
+        out = []
+        for layer, (idx, proc) in enumerate(zip(per_layer, processed)):
+            trim = config.kv_trim and prune and prune[0] <= layer <= prune[-1]
+            if trim and idx.numel() < proc.numel():
+                cl = cache.layers[layer]
+                dev_idx = idx.to(cl.keys.device)
+                cl.keys = cl.keys.index_select(-2, dev_idx)
+                cl.values = cl.values.index_select(-2, dev_idx)
+                out.append(proc[idx])
+            else:
+                out.append(proc)
+        return out
+
+    # ------------------------------------------------------------------ decode
+    def _decode(self, cache, logits, state, config, sampling, max_new_tokens, keep_logits):
+        eos = _eos_ids(self.model, self.processor)
+        gen = torch.Generator(device="cpu").manual_seed(int(sampling.seed))
+        tokens, probs, step_logits = [], [], []
+        stop = "max_new_tokens"
+        hooks = HookSet()
+        reference = config.positions == "reference" and config.enabled
+
+        def per_layer_position(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            kwargs["attention_mask"] = None      # batch 1, q_len 1: every cached entry is visible
+            if reference:                         # the authors' decode: position = this layer's cache length
+                length = kwargs["past_key_values"].layers[module.self_attn.layer_idx].get_seq_length()
+                pos = torch.tensor([[length]], device=hidden.device)
+                kwargs["position_embeddings"] = self.rotary_emb(hidden, position_ids=pos)
+                kwargs["position_ids"] = pos
+            return args, kwargs
+
+        if config.enabled:
+            for i, layer in enumerate(self.decoder_layers):
+                hooks.pre(f"llm.layer{i}.decode_positions", layer, per_layer_position)
+        with attached(hooks):
+            for step in range(max_new_tokens):
+                if keep_logits:
+                    step_logits.append(logits.clone())
+                p = torch.softmax(logits, dim=-1)
+                tok = _choose(logits, sampling, gen)
+                tokens.append(tok)
+                probs.append(float(p[tok]))
+                if tok in eos:
+                    stop = "eos"
+                    break
+                if step == max_new_tokens - 1:
+                    break
+                pos = torch.tensor([[state.L0 + step]], device=self.model.device)
+                out = self.model(input_ids=torch.tensor([[tok]], device=self.model.device), past_key_values=cache,
+                                 position_ids=pos, use_cache=True)
+                logits = out.logits[0, -1].float()
+        return {"token_ids": tokens, "probs": probs, "stop": stop}, step_logits
+
+    # ------------------------------------------------------------------ trace
+    def _trace(self, img, question, prompt, config, sampling, max_new_tokens, state, merge, cls_attn,
+               key_tokens, kv_indices, cache, gen, timings) -> Trace:
+        G = self.grid
+        w = config.window
+        N = G * G
+        N0, S, T = state.N0, state.S, state.T
+        arrays: dict[str, np.ndarray] = {}
+        if merge is not None:
+            groups = merge.groups.cpu().numpy()
+            arrays["stage1a.similarity"] = merge.similarity.cpu().numpy().astype(np.float32)
+            merged_windows = merge.merged_windows.cpu().tolist()
+        else:
+            groups = np.full((N0, 1), -1, dtype=np.int64)
+            groups[:, 0] = np.arange(N0)
+            merged_windows = []
+        arrays["tokens.groups"] = groups.astype(np.int64)
+        if cls_attn is not None:
+            arrays["stage1b.cls_attention"] = cls_attn.mean(0).cpu().numpy().astype(np.float32)
+        tc = self.text_config
+        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+        n_kv = getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads
+        bytes_per_entry = 2 * n_kv * head_dim * torch.finfo(self.model.dtype).bits // 8
+        stage2 = []
+        for rec in state.records:
+            layer, res = rec["layer"], rec["result"]
+            p = f"stage2.L{layer}"
+            arrays[f"{p}.tokens"] = rec["tokens"].cpu().numpy().astype(np.int64)
+            if res is not None:
+                arrays[f"{p}.global_share"] = res.global_share.cpu().numpy().astype(np.float32)
+                arrays[f"{p}.individual_max"] = res.individual_max.cpu().numpy().astype(np.float32)
+                arrays[f"{p}.status"] = res.status.cpu().numpy().astype(np.int8)
+                kept_n, dropped_n = int(res.kept.numel()), int((res.status == stages.DROPPED).sum())
+            else:
+                arrays[f"{p}.global_share"] = np.zeros(0, np.float32)
+                arrays[f"{p}.individual_max"] = np.zeros(0, np.float32)
+                arrays[f"{p}.status"] = np.zeros(0, np.int8)
+                kept_n, dropped_n = 0, 0
+            stage2.append({"layer": layer, "entering": int(rec["tokens"].numel()), "kept": kept_n,
+                           "dropped": dropped_n})
+        vision_per_layer, n = [], N0
+        kept_iter = iter(stage2)
+        nxt = next(kept_iter, None)
+        for layer in range(self.num_layers):
+            vision_per_layer.append(n)
+            if nxt is not None and nxt["layer"] == layer:
+                n = nxt["kept"]
+                nxt = next(kept_iter, None)
+        entries = []
+        for layer, idx in enumerate(kv_indices):
+            arrays[f"kv.L{layer}"] = idx.numpy().astype(np.int64)
+            entries.append(int(idx.numel()))
+        vision_entries = [int(((idx >= S) & (idx < S + N0)).sum()) for idx in kv_indices]
+        tok = self.processor.tokenizer
+        pieces = [tok.decode([t]) for t in gen["token_ids"]]
+        answer = tok.decode(gen["token_ids"], skip_special_tokens=True).strip()
+        tc_dict = {"num_layers": self.num_layers, "hidden_size": tc.hidden_size,
+                   "intermediate_size": tc.intermediate_size, "num_heads": tc.num_attention_heads,
+                   "num_kv_heads": n_kv, "head_dim": head_dim, "vocab_size": tc.vocab_size}
+        vc = self.vision_config
+        pixels = np.asarray(img)
+        meta = {
+            "schema": SCHEMA_VERSION,
+            "model": {"id": self.model_id, "family": "llava", "dtype": str(self.model.dtype).replace("torch.", ""),
+                      "device": str(self.model.device),
+                      "vision": {"image_size": vc.image_size, "patch_size": vc.patch_size, "grid": G,
+                                 "num_layers": len(self.vision_layers), "has_cls": True},
+                      "llm": tc_dict},
+            "config": config.to_dict(),
+            "defaults_source": self.defaults.source,
+            "input": {"question": question, "prompt": prompt,
+                      "image": {"width": img.width, "height": img.height,
+                                "sha256": hashlib.sha256(pixels.tobytes()).hexdigest()},
+                      "mapping": image_mapping(self.processor, img.width, img.height, vc.image_size)},
+            "sequence": {"S": S, "T": T, "N": N, "N0": N0},
+            "stage1a": {"enabled": config.merge, "window": w, "threshold": config.merge_threshold,
+                        "merged_windows": merged_windows},
+            "stage1b": {"enabled": config.key_set, "keep_rate": config.key_keep_rate,
+                        "key_tokens": key_tokens.cpu().tolist()},
+            "stage2": stage2,
+            "vision_tokens_per_layer": vision_per_layer,
+            "kv": {"entries_per_layer": entries, "vision_entries_per_layer": vision_entries,
+                   "bytes_per_entry": int(bytes_per_entry)},
+            "generation": {"mode": "greedy" if sampling.greedy else "sampling",
+                           "temperature": sampling.temperature, "top_p": sampling.top_p, "seed": sampling.seed,
+                           "max_new_tokens": max_new_tokens, "token_ids": gen["token_ids"], "tokens": pieces,
+                           "probs": gen["probs"], "answer": answer, "stop": gen["stop"]},
+            "timings": timings,
+        }
+        meta["input"]["input_hash"] = input_hash(meta["input"]["image"]["sha256"], question)
+        return Trace.build(meta, arrays)
+
+
+def input_hash(image_sha256: str, question: str) -> str:
+    """Identifies an (image, question) pair: the same request gives the same hash."""
+    return hashlib.sha256(f"{image_sha256}\n{question}".encode()).hexdigest()[:16]
+
+
+def image_mapping(processor, width: int, height: int, size: int) -> dict:
+    """How the processor turned the W x H image into the size x size input (for drawing overlays)."""
+    ip = getattr(processor, "image_processor", processor)
+    if getattr(ip, "do_pad", False):
+        side = max(width, height)
+        scale = size / side
+        return {"kind": "pad_resize", "scale": scale, "resized": [size, size],
+                "offset": [(side - width) / 2 * scale, (side - height) / 2 * scale], "processed": size}
+    short = min(width, height)
+    scale = size / short
+    rw, rh = (size, int(size * height / width)) if width <= height else (int(size * width / height), size)
+    crop = getattr(ip, "do_center_crop", True)
+    off = [-((rw - size) // 2), -((rh - size) // 2)] if crop else [0, 0]
+    return {"kind": "resize_center_crop", "scale": scale, "resized": [rw, rh], "offset": off, "processed": size}
+
+
+def _choose(logits, sampling: Sampling, gen) -> int:
+    if sampling.greedy:
+        return int(torch.argmax(logits))
+    p = torch.softmax(logits / sampling.temperature, dim=-1)
+    if sampling.top_p < 1.0:
+        sp, order = torch.sort(p, descending=True)
+        keep = torch.cumsum(sp, 0) - sp < sampling.top_p
+        p = torch.zeros_like(p).scatter(0, order[keep], sp[keep])
+        p = p / p.sum()
+    return int(torch.multinomial(p.cpu(), 1, generator=gen))
+
+
+def _eos_ids(model, processor) -> set[int]:
+    ids = set()
+    for src in (getattr(model, "generation_config", None), model.config.text_config, processor.tokenizer):
+        e = getattr(src, "eos_token_id", None)
+        if isinstance(e, int):
+            ids.add(e)
+        elif isinstance(e, (list, tuple)):
+            ids.update(int(x) for x in e)
+    return ids
+
+
+def _clean_question(question, processor) -> str:
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError("the question is empty: type a question about the image")
+    q = question.strip()
+    if len(q) > MAX_QUESTION_CHARS:
+        raise ValueError(f"the question is {len(q)} characters long; the limit is {MAX_QUESTION_CHARS}")
+    image_token = getattr(processor, "image_token", None) or "<image>"
+    if image_token in q:
+        raise ValueError(f"the question contains the image placeholder {image_token!r}; remove it")
+    return q

@@ -1,0 +1,181 @@
+"""MustDropConfig: every knob of the method, its presets, and per-model defaults.
+
+The reference defaults are those of the authors' code for LLaVA-1.5-7B (32 LLM layers). A model
+folder may carry its own defaults in ``mustdrop.json`` beside ``config.json`` (prune layers fitted
+to its depth, thresholds calibrated per preset); ``MustDropConfig.for_model`` reads it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+from . import stages
+
+DEFAULTS_FILE = "mustdrop.json"
+DEFAULTS_SCHEMA = "mustdrop-defaults/1"
+
+# (global_thr, individual_thr) the authors publish for LLaVA-1.5-7B per average vision-token budget.
+REFERENCE_PRESETS: dict[str, tuple[float, float]] = {
+    "192": (0.001, 0.001),
+    "128": (0.0012, 0.001),
+    "64": (0.011, 0.01),
+}
+PRESET_NAMES = ("off", "192", "128", "64")
+REFERENCE_PRUNE_LAYERS = (2, 6, 10, 14)
+REFERENCE_DEPTH = 32
+POSITION_MODES = ("reference", "original")
+
+
+@dataclass(frozen=True)
+class MustDropConfig:
+    """All MustDrop settings of one run.
+
+    positions:
+      "reference" (default) reproduces the authors' code, so that what the tool shows is what the
+        published numbers were produced with: after each drop the survivors' RoPE positions are
+        compacted to 0..L'-1, and at decode each layer places the new token at its own cache length,
+        so the trimmed layers keep keys rotated at their old prefill positions.
+      "original" keeps every token at its position in the unpruned sequence (prefill and decode);
+        a run is then exactly the unpruned model with the dropped tokens masked out.
+    """
+
+    window: int = 3
+    merge_threshold: float = 0.8
+    key_keep_rate: float = 0.08
+    prune_layers: tuple[int, ...] = REFERENCE_PRUNE_LAYERS
+    global_thr: float = 1.0          # with individual_thr 0.0: stage 2 drops nothing
+    individual_thr: float = 0.0
+    positions: str = "reference"
+    merge: bool = True               # stage 1a
+    key_set: bool = True             # stage 1b
+    filter: bool = True              # stage 2
+    kv_trim: bool = True             # stage 3
+    preset: str = "custom"           # the name this config came from, for captions
+
+    def __post_init__(self):
+        object.__setattr__(self, "prune_layers", tuple(int(x) for x in self.prune_layers))
+        for name in ("merge_threshold",):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
+        if not -1.0 <= float(self.merge_threshold) <= 1.0 + 1e-9 and self.merge:
+            raise ValueError(f"merge threshold is a cosine similarity in [-1, 1], got {self.merge_threshold!r}")
+        stages.check_unit_interval("key keep rate", self.key_keep_rate)
+        stages.check_unit_interval("global threshold", self.global_thr)
+        stages.check_unit_interval("individual threshold", self.individual_thr)
+        if self.positions not in POSITION_MODES:
+            raise ValueError(f"positions must be one of {POSITION_MODES}, got {self.positions!r}")
+        if not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 2:
+            raise ValueError(f"window must be an integer >= 2, got {self.window!r}")
+        if list(self.prune_layers) != sorted(set(self.prune_layers)) or any(x < 0 for x in self.prune_layers):
+            raise ValueError(f"prune layers must be non-negative, strictly ascending, without duplicates; "
+                             f"got {list(self.prune_layers)}")
+
+    @property
+    def enabled(self) -> bool:
+        """False when no stage can change anything: the run is the vanilla model."""
+        return self.merge or self.key_set or self.filter or self.kv_trim
+
+    def validate_for(self, grid: int, num_llm_layers: int) -> None:
+        """Check the knobs that depend on the model: the grid and the LLM depth."""
+        if self.merge:
+            stages.check_grid(grid, self.window)
+        if self.filter:
+            stages.check_prune_layers(self.prune_layers, num_llm_layers)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["prune_layers"] = list(self.prune_layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MustDropConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown MustDrop config keys: {sorted(unknown)}")
+        return cls(**d)
+
+    def replace(self, **changes) -> "MustDropConfig":
+        return replace(self, **changes)
+
+    @classmethod
+    def preset_for(cls, name: str, defaults: "ModelDefaults | None" = None) -> "MustDropConfig":
+        """The config of a named preset, with a model's own defaults when it has them."""
+        name = str(name)
+        if name not in PRESET_NAMES:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")
+        d = defaults or ModelDefaults()
+        base = cls(window=d.window, merge_threshold=d.merge_threshold, key_keep_rate=d.key_keep_rate,
+                   prune_layers=d.prune_layers, preset=name)
+        if name == "off":
+            return base.replace(merge=False, key_set=False, filter=False, kv_trim=False)
+        g, i = d.presets[name]
+        return base.replace(global_thr=g, individual_thr=i)
+
+    @classmethod
+    def for_model(cls, model_path_or_id: str | None, preset: str = "64",
+                  num_llm_layers: int | None = None) -> "MustDropConfig":
+        return cls.preset_for(preset, ModelDefaults.load(model_path_or_id, num_llm_layers))
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    """MustDrop defaults for one model: read from its folder's mustdrop.json, else the reference's."""
+
+    window: int = 3
+    merge_threshold: float = 0.8
+    key_keep_rate: float = 0.08
+    prune_layers: tuple[int, ...] = REFERENCE_PRUNE_LAYERS
+    presets: dict = field(default_factory=lambda: dict(REFERENCE_PRESETS))
+    source: str = "reference (LLaVA-1.5-7B)"
+
+    @classmethod
+    def load(cls, model_path_or_id: str | None, num_llm_layers: int | None = None) -> "ModelDefaults":
+        path = Path(model_path_or_id) / DEFAULTS_FILE if model_path_or_id else None
+        if path is not None and path.is_file():
+            return cls.from_file(path)
+        d = cls()
+        if num_llm_layers is not None and num_llm_layers != REFERENCE_DEPTH:
+            d = replace(d, prune_layers=scaled_prune_layers(num_llm_layers),
+                        source=f"reference scaled to {num_llm_layers} layers")
+        return d
+
+    @classmethod
+    def from_file(cls, path: Path) -> "ModelDefaults":
+        try:
+            raw = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read MustDrop defaults {path}: {e}") from None
+        if not isinstance(raw, dict) or raw.get("schema") != DEFAULTS_SCHEMA:
+            raise ValueError(f"{path}: expected a JSON object with schema {DEFAULTS_SCHEMA!r}")
+        presets = dict(REFERENCE_PRESETS)
+        for name, th in (raw.get("presets") or {}).items():
+            if name not in REFERENCE_PRESETS:
+                raise ValueError(f"{path}: unknown preset {name!r}")
+            presets[name] = (stages.check_unit_interval(f"{name} global_thr", th["global_thr"]),
+                             stages.check_unit_interval(f"{name} individual_thr", th["individual_thr"]))
+        return cls(window=int(raw.get("window", 3)), merge_threshold=float(raw.get("merge_threshold", 0.8)),
+                   key_keep_rate=float(raw.get("key_keep_rate", 0.08)),
+                   prune_layers=tuple(int(x) for x in raw.get("prune_layers", REFERENCE_PRUNE_LAYERS)),
+                   presets=presets, source=str(path.name))
+
+    def to_json(self) -> dict:
+        return {"schema": DEFAULTS_SCHEMA, "window": self.window, "merge_threshold": self.merge_threshold,
+                "key_keep_rate": self.key_keep_rate, "prune_layers": list(self.prune_layers),
+                "presets": {k: {"global_thr": g, "individual_thr": i} for k, (g, i) in self.presets.items()}}
+
+
+def scaled_prune_layers(num_layers: int) -> tuple[int, ...]:
+    """The reference's 2/6/10/14 of 32 layers, scaled to another depth (distinct, ascending)."""
+    if num_layers < 2:
+        raise ValueError(f"a language model of {num_layers} layer(s) has no room for prune layers")
+    out: list[int] = []
+    for p in REFERENCE_PRUNE_LAYERS:
+        x = min(max(round(p * num_layers / REFERENCE_DEPTH), 0), num_layers - 1)
+        if not out or x > out[-1]:
+            out.append(x)
+    return tuple(out)

@@ -1,0 +1,235 @@
+"""The four MustDrop decisions as pure tensor functions.
+
+Nothing here knows about models or hooks (see ``adapters/`` for that): every function takes tensors
+and returns plain results, so each decision can be tested on its own and checked against the golden
+vectors computed by the authors' code (liuting20/MustDrop @ 909afa5).
+
+Numbering used throughout:
+- patches of a G x G grid are row-major, ``patch = row * G + col``;
+- windows of size w x w tile the grid row-major, ``window = (row // w) * (G // w) + (col // w)``;
+- "vision positions" index the vision block as it is at a given moment (after merging, after each
+  prune layer), always in the order the language model sees it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+# Status codes of each vision token entering a prune layer (stage 2).
+KEPT_BOTH = 0          # global share and individual max both at/above their thresholds
+KEPT_GLOBAL = 1        # only the global share is at/above its threshold
+KEPT_INDIVIDUAL = 2    # only the individual max is at/above its threshold
+KEPT_KEY = 3           # both conditions said drop, but it is in the key token set
+DROPPED = 4            # both conditions held: dropped
+STATUS_NAMES = {
+    KEPT_BOTH: "kept: both scores above threshold",
+    KEPT_GLOBAL: "kept: global share above threshold",
+    KEPT_INDIVIDUAL: "kept: individual max above threshold",
+    KEPT_KEY: "kept: key token (both scores below threshold)",
+    DROPPED: "dropped: global share AND individual max below threshold",
+}
+
+
+def check_grid(grid: int, window: int) -> None:
+    """Refuse grids and windows the local merge cannot tile, naming the bad value."""
+    if not isinstance(grid, int) or isinstance(grid, bool) or grid < 1:
+        raise ValueError(f"grid must be a positive integer, got {grid!r}")
+    if not isinstance(window, int) or isinstance(window, bool) or window < 2:
+        raise ValueError(f"window must be an integer >= 2 (a window of one patch has no pairs), got {window!r}")
+    if window > grid:
+        raise ValueError(f"window {window} is larger than the {grid} x {grid} patch grid")
+    if grid % window != 0:
+        raise ValueError(f"window {window} does not divide the {grid} x {grid} patch grid (grid % window = {grid % window})")
+
+
+def check_unit_interval(name: str, value: float) -> float:
+    """A threshold or rate must be a finite number in [0, 1]."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}") from None
+    if not math.isfinite(v) or v < 0.0 or v > 1.0:
+        raise ValueError(f"{name} must be a finite number in [0, 1], got {value!r}")
+    return v
+
+
+def check_prune_layers(prune_layers, num_layers: int) -> list[int]:
+    """Prune layers must be distinct, ascending layer indices below the depth."""
+    if not isinstance(num_layers, int) or num_layers < 1:
+        raise ValueError(f"num_layers must be a positive integer, got {num_layers!r}")
+    layers = [int(x) for x in prune_layers]
+    for x, raw in zip(layers, prune_layers):
+        if x != raw:
+            raise ValueError(f"prune layers must be integers, got {raw!r}")
+    for x in layers:
+        if x < 0 or x >= num_layers:
+            raise ValueError(f"prune layer {x} is outside the language model's layers 0..{num_layers - 1}")
+    for a, b in zip(layers, layers[1:]):
+        if b <= a:
+            raise ValueError(f"prune layers must be strictly ascending without duplicates, got {layers}")
+    return layers
+
+
+def window_patch_ids(grid: int, window: int) -> torch.Tensor:
+    """(num_windows, window**2) original patch ids of each window, ascending within a window."""
+    check_grid(grid, window)
+    g = grid // window
+    rows = torch.arange(grid).view(g, window, 1, 1)
+    cols = torch.arange(grid).view(1, 1, g, window)
+    ids = rows * grid + cols                              # (g, w, g, w)
+    return ids.permute(0, 2, 1, 3).reshape(g * g, window * window)
+
+
+def window_similarity(patches: torch.Tensor, grid: int, window: int) -> torch.Tensor:
+    """Mean cosine similarity over ordered pairs of distinct patches in each window, (G/w, G/w)."""
+    check_grid(grid, window)
+    if patches.dim() != 2 or patches.shape[0] != grid * grid:
+        raise ValueError(f"expected {grid * grid} patch tokens of shape (N, C), got {tuple(patches.shape)}")
+    x = patches.float()
+    x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    w2 = window * window
+    xw = x[window_patch_ids(grid, window).to(x.device)]     # (num_windows, w2, C)
+    gram = xw @ xw.transpose(1, 2)
+    off_diag = gram.sum(dim=(1, 2)) - gram.diagonal(dim1=1, dim2=2).sum(-1)
+    return (off_diag / (w2 * (w2 - 1))).view(grid // window, grid // window)
+
+
+@dataclass
+class MergeResult:
+    tokens: torch.Tensor          # (1 + N0, C): CLS, merged windows (most similar first), unmerged patches
+    similarity: torch.Tensor      # (G/w, G/w) float32
+    merged_windows: torch.Tensor  # (r,) window ids, most similar first
+    groups: torch.Tensor          # (N0, w*w) original patch ids covered by each output token, -1 padded
+
+
+def local_spatial_merge(tokens: torch.Tensor, grid: int, window: int, threshold: float) -> MergeResult:
+    """Stage 1a: merge each w x w window whose patches are similar into one token.
+
+    ``tokens`` is the output of vision encoder layer 0 for one image, (1 + G*G, C), CLS first.
+    Windows with similarity >= threshold become the plain mean of their patches and move to the
+    front of the vision block, most similar first; every other patch follows in ascending order.
+    """
+    check_grid(grid, window)
+    threshold = float(threshold)
+    if not math.isfinite(threshold):
+        raise ValueError(f"merge threshold must be a finite number, got {threshold!r}")
+    if tokens.dim() != 2 or tokens.shape[0] != 1 + grid * grid:
+        raise ValueError(f"expected CLS + {grid * grid} tokens of shape (1 + N, C), got {tuple(tokens.shape)}")
+    patches = tokens[1:]
+    sim = window_similarity(patches, grid, window)
+    flat = sim.flatten()
+    order = torch.sort(flat, descending=True, stable=True).indices
+    r = int((flat >= threshold).sum())
+    merged = order[:r]
+    win_ids = window_patch_ids(grid, window).to(tokens.device)
+    merged_tokens = patches[win_ids[merged]].mean(dim=1)           # plain mean, sizes not carried
+    is_merged_patch = torch.zeros(grid * grid, dtype=torch.bool, device=tokens.device)
+    is_merged_patch[win_ids[merged].flatten()] = True
+    rest = torch.nonzero(~is_merged_patch).flatten()
+    out = torch.cat([tokens[:1], merged_tokens.to(tokens.dtype), patches[rest]], dim=0)
+    w2 = window * window
+    groups = torch.full((r + rest.numel(), w2), -1, dtype=torch.long, device=tokens.device)
+    groups[:r] = win_ids[merged]
+    groups[r:, 0] = rest
+    return MergeResult(out, sim, merged, groups)
+
+
+def key_token_set(cls_attn: torch.Tensor, keep_rate: float) -> torch.Tensor:
+    """Stage 1b: the ceil(keep_rate * N) tokens with the highest head-mean CLS attention, ascending.
+
+    ``cls_attn`` is (H, N): post-softmax attention of the CLS query to the N patch tokens of the
+    last vision layer, CLS->CLS removed and not renormalised.
+    """
+    keep_rate = check_unit_interval("key keep rate", keep_rate)
+    if cls_attn.dim() != 2:
+        raise ValueError(f"cls_attn must be (heads, tokens), got {tuple(cls_attn.shape)}")
+    score = cls_attn.float().mean(dim=0)
+    k = min(math.ceil(keep_rate * score.numel()), score.numel())
+    return torch.sort(torch.topk(score, k).indices).values
+
+
+@dataclass
+class FilterResult:
+    kept: torch.Tensor            # (V',) kept vision positions, ascending (key set united back in)
+    key_after: torch.Tensor       # positions of the key tokens inside ``kept``
+    global_share: torch.Tensor    # (V,) share of the text rows' total attention to vision going to each token
+    individual_max: torch.Tensor  # (V,) max attention any single text row gives each token
+    status: torch.Tensor          # (V,) int8 status code (KEPT_* / DROPPED), see STATUS_NAMES
+    dropped_by_filter_only: int   # how many tokens the two conditions alone would drop
+
+
+def dual_attention_filter(attn: torch.Tensor, global_thr: float, individual_thr: float,
+                          key_tokens: torch.Tensor) -> FilterResult:
+    """Stage 2: drop a vision token only when its global share AND its individual max are low.
+
+    ``attn`` is (H, T, V): attention probabilities of the T post-image text rows to the V current
+    vision tokens (sliced from a softmax over all keys). Key tokens are always united back in.
+    """
+    global_thr = check_unit_interval("global threshold", global_thr)
+    individual_thr = check_unit_interval("individual threshold", individual_thr)
+    if attn.dim() != 3:
+        raise ValueError(f"attn must be (heads, text rows, vision tokens), got {tuple(attn.shape)}")
+    v = attn.shape[-1]
+    key_tokens = key_tokens.to(device=attn.device, dtype=torch.long)
+    if key_tokens.numel() and (int(key_tokens.min()) < 0 or int(key_tokens.max()) >= v):
+        raise ValueError(f"key token positions must lie in 0..{v - 1}")
+    mean_attn = attn.float().mean(dim=0)                   # (T, V)
+    column_sum = mean_attn.sum(dim=0)
+    global_share = column_sum / column_sum.sum()
+    individual_max = mean_attn.max(dim=0).values
+    low_global = global_share < global_thr
+    low_individual = individual_max < individual_thr
+    drop = low_global & low_individual
+    is_key = torch.zeros(v, dtype=torch.bool, device=attn.device)
+    is_key[key_tokens] = True
+    keep = ~drop | is_key
+    status = torch.full((v,), KEPT_BOTH, dtype=torch.int8, device=attn.device)
+    status[low_individual & ~low_global] = KEPT_GLOBAL
+    status[low_global & ~low_individual] = KEPT_INDIVIDUAL
+    status[drop] = DROPPED
+    status[drop & is_key] = KEPT_KEY
+    kept = torch.nonzero(keep).flatten()
+    key_after = torch.searchsorted(kept, torch.sort(key_tokens).values)
+    return FilterResult(kept, key_after, global_share, individual_max, status, int(drop.sum()))
+
+
+def kv_keep_indices(num_layers: int, prune_layers, S: int, T: int, N0: int,
+                    kept_per_prune_layer) -> list[torch.Tensor]:
+    """Stage 3: for each layer, indices (into the sequence it processed in prefill) still cached.
+
+    Layers before the first prune layer keep everything; layers from the first through the last
+    prune layer keep only the tokens that survived the last prune layer (the composition of the
+    per-layer kept positions); later layers already hold only those and keep everything.
+    """
+    layers = check_prune_layers(prune_layers, num_layers)
+    kept_per_prune_layer = [torch.as_tensor(k, dtype=torch.long) for k in kept_per_prune_layer]
+    if len(kept_per_prune_layer) != len(layers):
+        raise ValueError(f"need one kept set per prune layer ({len(layers)}), got {len(kept_per_prune_layer)}")
+    # alive[i]: positions, in the vision block entering prune layer i, of the final survivors.
+    final_vision = [None] * len(layers)
+    alive = torch.arange(kept_per_prune_layer[-1].numel()) if layers else None
+    for i in range(len(layers) - 1, -1, -1):
+        alive = kept_per_prune_layer[i][alive]
+        final_vision[i] = alive
+    seq_len = [S + N0 + T]
+    v = N0
+    for k in kept_per_prune_layer:
+        if k.numel() and (int(k.min()) < 0 or int(k.max()) >= v):
+            raise ValueError(f"kept positions out of range 0..{v - 1}")
+        v = k.numel()
+        seq_len.append(S + v + T)
+    out = []
+    stage = 0   # how many prune layers lie strictly before the current layer
+    for layer in range(num_layers):
+        length = seq_len[stage]
+        if not layers or layer < layers[0] or layer > layers[-1]:
+            out.append(torch.arange(length))
+        else:
+            v_here = length - S - T
+            out.append(torch.cat([torch.arange(S), S + final_vision[stage], torch.arange(S + v_here, length)]))
+        if stage < len(layers) and layer == layers[stage]:
+            stage += 1
+    return out

@@ -1,0 +1,289 @@
+"""The Trace: every MustDrop decision of one run, as plain data that outlives the run.
+
+A trace file is ONE safetensors file: its arrays are the tensors, and its header metadata holds
+the JSON document under the key "mustdrop_trace". Read it without our code:
+
+    from safetensors.numpy import load_file; from safetensors import safe_open; import json
+    meta = json.loads(safe_open(path, "np").metadata()["mustdrop_trace"]); arrays = load_file(path)
+
+JSON document (``meta``), schema "mustdrop-trace/1":
+  model       id, dtype, device, vision {image_size, patch_size, grid, num_layers, has_cls},
+              llm {num_layers, hidden_size, intermediate_size, num_heads, num_kv_heads, head_dim, vocab_size}
+  config      the MustDropConfig of the run (see mustdrop.config)
+  input       question, prompt, image {width, height, sha256}, input_hash,
+              mapping {kind, scale, resized [w, h], offset [x, y], processed}: processed pixel
+              (u, v) = original pixel (x, y) * scale + offset (resize then centre crop, or pad)
+  sequence    S (tokens before the image), T (tokens after it), N (patches, G*G), N0 (vision
+              tokens entering the LLM after stage 1a)
+  stage1a     enabled, window, threshold, merged_windows (most similar first)
+  stage1b     enabled, keep_rate, key_tokens (ids in the merged numbering 0..N0-1)
+  stage2      one entry per prune layer: layer, entering, kept, dropped
+  vision_tokens_per_layer   vision tokens each LLM layer processed in prefill
+  kv          entries_per_layer and vision_entries_per_layer after the trim, bytes_per_entry (K+V)
+  generation  mode, temperature, top_p, seed, max_new_tokens, token_ids, tokens, probs, answer, stop
+  timings     vision_s, prefill_s, decode_s, total_s
+
+Arrays. "Token ids" are the merged numbering 0..N0-1 (the order the LLM sees the vision block).
+  tokens.groups              (N0, k) int64: original patches each vision token covers, -1 padded
+  stage1a.similarity         (G/w, G/w) float32 window similarity (when stage 1a ran)
+  stage1b.cls_attention      (N0,) float32 head-mean CLS attention (when stage 1b ran)
+  stage2.L{l}.tokens         (V,) int64 token ids entering prune layer l, in sequence order
+  stage2.L{l}.global_share   (V,) float32;  stage2.L{l}.individual_max (V,) float32
+  stage2.L{l}.status         (V,) int8, codes in mustdrop.stages.STATUS_NAMES
+  kv.L{l}                    (n,) int64 indices into the prefill sequence (S + N0 + T) still cached
+  Original-patch coordinates (G x G), derived from the above so that no view re-maps anything:
+  patch.token (int64), patch.merged (uint8), patch.similarity (float32), patch.key (uint8),
+  patch.cls_attention (float32, NaN without stage 1b), patch.dropped_after_layer (int64, -1 = never),
+  patch.stage2.L{l}.status (int8, -1 = not entering), patch.stage2.L{l}.global_share /
+  .individual_max (float32, NaN = not entering), patch.kv_cached (num_layers, G, G) uint8.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SCHEMA_VERSION = "mustdrop-trace/1"
+METADATA_KEY = "mustdrop_trace"
+MAX_TRACE_BYTES = 64 * 1024 * 1024
+
+
+class TraceError(ValueError):
+    """A trace file that cannot be used, with a message that names the problem."""
+
+
+@dataclass
+class Trace:
+    meta: dict
+    arrays: dict
+
+    # ---------------------------------------------------------------- building
+    @classmethod
+    def build(cls, meta: dict, arrays: dict) -> "Trace":
+        """Add the original-patch maps to a run's decisions and validate the whole."""
+        t = cls(meta, dict(arrays))
+        t.arrays.update(patch_maps(t))
+        t.validate()
+        return t
+
+    # ---------------------------------------------------------------- accessors
+    @property
+    def grid(self) -> int:
+        return int(self.meta["model"]["vision"]["grid"])
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.meta["model"]["llm"]["num_layers"])
+
+    @property
+    def prune_layers(self) -> list[int]:
+        return [int(s["layer"]) for s in self.meta["stage2"]]
+
+    @property
+    def answer(self) -> str:
+        return self.meta["generation"]["answer"]
+
+    def patch(self, name: str) -> np.ndarray:
+        return self.arrays[f"patch.{name}"]
+
+    # ---------------------------------------------------------------- files
+    def save(self, path) -> Path:
+        """Write atomically (temporary file in the same folder, then rename)."""
+        from safetensors.numpy import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {k: np.ascontiguousarray(v) for k, v in self.arrays.items()}
+        fd, tmp = tempfile.mkstemp(prefix=".trace-", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(arrays, tmp, metadata={METADATA_KEY: json.dumps(self.meta, allow_nan=False)})
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+    @classmethod
+    def load(cls, path) -> "Trace":
+        """Read and validate; refuse anything else with a clear TraceError (never evaluates code)."""
+        from safetensors import SafetensorError, safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise TraceError(f"trace file not found: {path.name}")
+        size = path.stat().st_size
+        if size > MAX_TRACE_BYTES:
+            raise TraceError(f"{path.name} is {size / 1e6:.1f} MB; trace files are limited to "
+                             f"{MAX_TRACE_BYTES / 1e6:.0f} MB")
+        try:
+            with safe_open(str(path), "np") as f:
+                header = f.metadata() or {}
+                arrays = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError, Exception) as e:  # noqa: BLE001 - any decode failure
+            raise TraceError(f"{path.name} is not a MustDrop trace (a safetensors file with a "
+                             f"'{METADATA_KEY}' header): {str(e)[:200]}") from None
+        if METADATA_KEY not in header:
+            raise TraceError(f"{path.name} has no '{METADATA_KEY}' metadata: not a MustDrop trace")
+        try:
+            meta = json.loads(header[METADATA_KEY])
+        except json.JSONDecodeError as e:
+            raise TraceError(f"{path.name}: the trace metadata is malformed JSON ({e})") from None
+        t = cls(meta, arrays)
+        t.validate()
+        return t
+
+    # ---------------------------------------------------------------- validation
+    def validate(self) -> None:
+        """Check version, required fields, shapes and index ranges; raise TraceError naming the first problem."""
+        m = self.meta
+        if not isinstance(m, dict):
+            raise TraceError("trace metadata must be a JSON object")
+        if m.get("schema") != SCHEMA_VERSION:
+            raise TraceError(f"unknown trace schema {m.get('schema')!r}; this version reads {SCHEMA_VERSION!r}")
+        try:
+            G = _int(m["model"]["vision"]["grid"], "grid", 1, 1024)
+            L = _int(m["model"]["llm"]["num_layers"], "num_layers", 1, 1024)
+            seq = m["sequence"]
+            S, T = _int(seq["S"], "S", 0), _int(seq["T"], "T", 0)
+            N, N0 = _int(seq["N"], "N", 1), _int(seq["N0"], "N0", 0)
+            stage2 = m["stage2"]
+            per_layer = m["vision_tokens_per_layer"]
+            key_tokens = m["stage1b"]["key_tokens"]
+            entries = m["kv"]["entries_per_layer"]
+            gen = m["generation"]
+            for k in ("token_ids", "tokens", "probs", "answer"):
+                gen[k]
+            m["input"]["question"], m["config"]
+        except (KeyError, TypeError) as e:
+            raise TraceError(f"trace metadata lacks a required field: {e}") from None
+        if N != G * G:
+            raise TraceError(f"sequence N = {N} does not match the {G} x {G} grid")
+        if N0 > N:
+            raise TraceError(f"N0 = {N0} vision tokens exceed the {N} patches")
+        if not isinstance(per_layer, list) or len(per_layer) != L:
+            raise TraceError(f"vision_tokens_per_layer must list {L} layers")
+        if not isinstance(entries, list) or len(entries) != L:
+            raise TraceError(f"kv.entries_per_layer must list {L} layers")
+        _index_list(key_tokens, N0, "stage1b.key_tokens")
+        a = self.arrays
+        groups = self._array("tokens.groups", np.int64, ndim=2)
+        if groups.shape[0] != N0:
+            raise TraceError(f"tokens.groups has {groups.shape[0]} rows, expected N0 = {N0}")
+        if groups.size and (groups.max() >= N or groups.min() < -1):
+            raise TraceError("tokens.groups holds patch ids outside the grid")
+        prev = -1
+        for s in stage2:
+            layer = _int(s.get("layer"), "stage2 layer", 0, L - 1)
+            if layer <= prev:
+                raise TraceError("stage2 layers must be ascending")
+            prev = layer
+            p = f"stage2.L{layer}"
+            toks = self._array(f"{p}.tokens", np.int64, ndim=1)
+            V = toks.shape[0]
+            if V and (toks.min() < 0 or toks.max() >= N0):
+                raise TraceError(f"{p}.tokens holds token ids outside 0..{N0 - 1}")
+            for name, dt in (("global_share", np.float32), ("individual_max", np.float32), ("status", np.int8)):
+                arr = self._array(f"{p}.{name}", dt, ndim=1)
+                if arr.shape[0] not in (V, 0):
+                    raise TraceError(f"{p}.{name} has {arr.shape[0]} entries, expected {V}")
+        for layer in range(L):
+            kv = self._array(f"kv.L{layer}", np.int64, ndim=1)
+            if kv.shape[0] != entries[layer]:
+                raise TraceError(f"kv.L{layer} has {kv.shape[0]} entries, metadata says {entries[layer]}")
+            if kv.size and (kv.min() < 0 or kv.max() >= S + N0 + T):
+                raise TraceError(f"kv.L{layer} holds indices outside the prefill sequence 0..{S + N0 + T - 1}")
+        for name in ("stage1a.similarity", "stage1b.cls_attention"):
+            if name in a and not isinstance(a[name], np.ndarray):
+                raise TraceError(f"{name} is not an array")
+        if "stage1b.cls_attention" in a and a["stage1b.cls_attention"].shape != (N0,):
+            raise TraceError(f"stage1b.cls_attention must have N0 = {N0} entries")
+        for k, v in a.items():
+            if k.startswith("patch.") and k != "patch.kv_cached" and v.shape != (G, G):
+                raise TraceError(f"{k} has shape {v.shape}, expected ({G}, {G})")
+        if "patch.kv_cached" in a and a["patch.kv_cached"].shape != (L, G, G):
+            raise TraceError(f"patch.kv_cached has shape {a['patch.kv_cached'].shape}, expected ({L}, {G}, {G})")
+
+    def _array(self, name, dtype, ndim):
+        if name not in self.arrays:
+            raise TraceError(f"trace lacks the array {name!r}")
+        arr = self.arrays[name]
+        if arr.dtype != dtype or arr.ndim != ndim:
+            raise TraceError(f"{name} must be a {ndim}-D {np.dtype(dtype).name} array, got {arr.ndim}-D {arr.dtype}")
+        return arr
+
+
+def _int(v, name, lo=None, hi=None) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TraceError(f"{name} must be an integer, got {v!r}")
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        raise TraceError(f"{name} = {v} is out of range")
+    return v
+
+
+def _index_list(v, n, name):
+    if not isinstance(v, list) or any(isinstance(x, bool) or not isinstance(x, int) for x in v):
+        raise TraceError(f"{name} must be a list of integers")
+    if any(x < 0 or x >= n for x in v):
+        raise TraceError(f"{name} holds indices outside 0..{n - 1}")
+
+
+def patch_maps(t: Trace) -> dict:
+    """Every decision in original-patch coordinates (G x G), from the token-level records."""
+    m, a = t.meta, t.arrays
+    G, L = t.grid, t.num_layers
+    S, N0 = m["sequence"]["S"], m["sequence"]["N0"]
+    groups = a["tokens.groups"]
+    token_of_patch = np.full(G * G, -1, dtype=np.int64)
+    for tok, row in enumerate(groups):
+        token_of_patch[row[row >= 0]] = tok
+    out = {"patch.token": token_of_patch.reshape(G, G)}
+    sizes = (groups >= 0).sum(1)
+    out["patch.merged"] = (sizes[token_of_patch] > 1).astype(np.uint8).reshape(G, G)
+
+    def spread(values, fill=np.nan, dtype=np.float32):
+        res = np.full(G * G, fill, dtype=dtype)
+        have = token_of_patch >= 0
+        res[have] = np.asarray(values)[token_of_patch[have]]
+        return res.reshape(G, G)
+
+    w = m["stage1a"]["window"]
+    if "stage1a.similarity" in a:
+        sim = a["stage1a.similarity"]
+        rows, cols = np.divmod(np.arange(G * G), G)
+        out["patch.similarity"] = sim[rows // w, cols // w].astype(np.float32).reshape(G, G)
+    is_key = np.zeros(N0, dtype=np.uint8)
+    is_key[m["stage1b"]["key_tokens"]] = 1
+    out["patch.key"] = spread(is_key, 0, np.uint8)
+    if "stage1b.cls_attention" in a:
+        out["patch.cls_attention"] = spread(a["stage1b.cls_attention"])
+    dropped_after = np.full(N0, -1, dtype=np.int64)
+    for s in m["stage2"]:
+        p = f"stage2.L{s['layer']}"
+        toks = a[f"{p}.tokens"]
+        status_tok = np.full(N0, -1, dtype=np.int8)
+        g_tok = np.full(N0, np.nan, dtype=np.float32)
+        i_tok = np.full(N0, np.nan, dtype=np.float32)
+        if a[f"{p}.status"].size:
+            status_tok[toks] = a[f"{p}.status"]
+            g_tok[toks] = a[f"{p}.global_share"]
+            i_tok[toks] = a[f"{p}.individual_max"]
+            dropped_after[toks[a[f"{p}.status"] == 4]] = s["layer"]
+        out[f"patch.{p}.status"] = spread(status_tok, -1, np.int8)
+        out[f"patch.{p}.global_share"] = spread(g_tok)
+        out[f"patch.{p}.individual_max"] = spread(i_tok)
+    out["patch.dropped_after_layer"] = spread(dropped_after, -1, np.int64)
+    cached = np.zeros((L, G, G), dtype=np.uint8)
+    for layer in range(L):
+        idx = a[f"kv.L{layer}"]
+        tok = idx[(idx >= S) & (idx < S + N0)] - S
+        in_cache = np.zeros(N0, dtype=np.uint8)
+        in_cache[tok] = 1
+        cached[layer] = spread(in_cache, 0, np.uint8)
+    out["patch.kv_cached"] = cached
+    return out

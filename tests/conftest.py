@@ -1,0 +1,42 @@
+"""Shared fixtures: a tiny LLaVA-1.5-layout model built offline, and test images."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def half_textured_image(seed=0, size=336):
+    """Left half noise (windows stay apart), right half flat colour with a square (windows merge)."""
+    rng = np.random.default_rng(seed)
+    img = np.empty((size, size, 3), np.uint8)
+    img[:, : size // 2] = rng.integers(0, 256, (size, size // 2, 3))
+    img[:, size // 2:] = (40, 120, 200)
+    img[200:280, 220:300] = (250, 200, 20)
+    return Image.fromarray(img)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    from mustdrop.testing import build_tiny_llava
+    return build_tiny_llava(tmp_path_factory.mktemp("tiny-llava"))
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_dir):
+    from mustdrop.adapters import LlavaMustDrop, load_llava
+    model, processor = load_llava(str(tiny_dir))
+    return LlavaMustDrop(model, processor, str(tiny_dir))
+
+
+@pytest.fixture
+def image():
+    return half_textured_image()
