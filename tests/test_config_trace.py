@@ -1,0 +1,143 @@
+"""Config validation, model-folder defaults, and trace save / load / validation."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from mustdrop import stages
+from mustdrop.config import MustDropConfig, ModelDefaults, scaled_prune_layers
+from mustdrop.trace import Trace, TraceError
+
+
+def test_reference_defaults_and_presets():
+    c = MustDropConfig()
+    assert (c.window, c.merge_threshold, c.key_keep_rate, c.prune_layers) == (3, 0.8, 0.08, (2, 6, 10, 14))
+    assert c.positions == "reference"
+    for name, th in {"192": (0.001, 0.001), "128": (0.0012, 0.001), "64": (0.011, 0.01)}.items():
+        p = MustDropConfig.preset_for(name)
+        assert (p.global_thr, p.individual_thr) == th and p.preset == name
+    off = MustDropConfig.preset_for("off")
+    assert not off.enabled
+
+
+@pytest.mark.parametrize("kw, msg", [
+    ({"global_thr": math.nan}, "global threshold"), ({"individual_thr": -0.1}, "individual threshold"),
+    ({"global_thr": 1.5}, "global threshold"), ({"key_keep_rate": math.inf}, "key keep rate"),
+    ({"window": 0}, "window"), ({"prune_layers": (6, 2)}, "ascending"), ({"prune_layers": (2, 2)}, "ascending"),
+    ({"positions": "sideways"}, "positions"), ({"merge_threshold": math.nan}, "merge_threshold"),
+])
+def test_bad_knobs_are_refused_with_their_name(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        MustDropConfig(**kw)
+
+
+@pytest.mark.parametrize("grid, window, msg", [(24, 5, "does not divide"), (24, 48, "larger than"), (24, 1, ">= 2")])
+def test_bad_grid_window(grid, window, msg):
+    with pytest.raises(ValueError, match=msg):
+        stages.check_grid(grid, window)
+
+
+def test_prune_layers_beyond_depth():
+    with pytest.raises(ValueError, match="prune layer 8"):
+        MustDropConfig(prune_layers=(2, 8)).validate_for(24, 8)
+
+
+def test_model_folder_defaults_are_read(tmp_path):
+    (tmp_path / "mustdrop.json").write_text(json.dumps({
+        "schema": "mustdrop-defaults/1", "window": 3, "merge_threshold": 0.8, "key_keep_rate": 0.08,
+        "prune_layers": [1, 2, 3, 4], "presets": {"64": {"global_thr": 0.02, "individual_thr": 0.03}}}))
+    c = MustDropConfig.for_model(str(tmp_path), "64")
+    assert c.prune_layers == (1, 2, 3, 4) and (c.global_thr, c.individual_thr) == (0.02, 0.03)
+    assert MustDropConfig.for_model(str(tmp_path), "192").global_thr == 0.001
+    (tmp_path / "mustdrop.json").write_text("{not json")
+    with pytest.raises(ValueError, match="cannot read"):
+        ModelDefaults.load(str(tmp_path))
+
+
+def test_scaled_prune_layers():
+    assert scaled_prune_layers(32) == (2, 6, 10, 14)
+    assert all(0 <= x < 8 for x in scaled_prune_layers(8))
+
+
+@pytest.fixture(scope="module")
+def trace(tiny):
+    from conftest import half_textured_image
+    return tiny.run(half_textured_image(), "what colour is the square?", tiny.config_for("64"), max_new_tokens=3).trace
+
+
+def test_trace_roundtrip(trace, tmp_path):
+    path = trace.save(tmp_path / "t.safetensors")
+    back = Trace.load(path)
+    assert back.meta == json.loads(json.dumps(trace.meta))
+    for k, v in trace.arrays.items():
+        np.testing.assert_array_equal(back.arrays[k], v, err_msg=k)
+    assert not list(tmp_path.glob(".trace-*")), "no temporary file left behind"
+
+
+def test_trace_readable_without_our_code(trace, tmp_path):
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+    path = trace.save(tmp_path / "t.safetensors")
+    with safe_open(str(path), "np") as f:
+        meta = json.loads(f.metadata()["mustdrop_trace"])
+    assert meta["schema"] == "mustdrop-trace/1"
+    assert load_file(str(path))["patch.kv_cached"].shape == (trace.num_layers, 24, 24)
+
+
+def test_patch_maps_agree_with_token_decisions(trace):
+    G = trace.grid
+    groups = trace.arrays["tokens.groups"]
+    token = trace.patch("token")
+    for tok, row in enumerate(groups):
+        for p in row[row >= 0]:
+            assert token[p // G, p % G] == tok
+    key = trace.patch("key")
+    assert key.sum() >= len(trace.meta["stage1b"]["key_tokens"])
+    first = trace.prune_layers[0]
+    status = trace.patch(f"stage2.L{first}.status")
+    dropped_tokens = trace.arrays[f"stage2.L{first}.tokens"][trace.arrays[f"stage2.L{first}.status"] == stages.DROPPED]
+    assert set(np.unique(token[status == stages.DROPPED])) == set(dropped_tokens.tolist())
+    assert not (key.astype(bool) & (status == stages.DROPPED)).any(), "key tokens are never dropped"
+    # the last layer's cache holds exactly the patches of the surviving tokens
+    final_tokens = trace.arrays[f"kv.L{trace.num_layers - 1}"] - trace.meta["sequence"]["S"]
+    final_tokens = final_tokens[(final_tokens >= 0) & (final_tokens < trace.meta["sequence"]["N0"])]
+    assert set(np.unique(token[trace.patch("kv_cached")[-1] == 1])) == set(final_tokens.tolist())
+
+
+def corrupt(trace, tmp_path, meta_change=None, array_change=None):
+    meta = json.loads(json.dumps(trace.meta))
+    arrays = dict(trace.arrays)
+    if meta_change:
+        meta_change(meta)
+    if array_change:
+        array_change(arrays)
+    t = Trace(meta, arrays)
+    path = tmp_path / "bad.safetensors"
+    from safetensors.numpy import save_file
+    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(path),
+              metadata={"mustdrop_trace": json.dumps(t.meta)})
+    return path
+
+
+@pytest.mark.parametrize("meta_change, array_change, msg", [
+    (lambda m: m.__setitem__("schema", "mustdrop-trace/99"), None, "unknown trace schema"),
+    (lambda m: m["stage1b"].__setitem__("key_tokens", [10**6]), None, "outside"),
+    (lambda m: m.pop("generation"), None, "required field"),
+    (None, lambda a: a.__setitem__("kv.L0", np.array([10**7], np.int64)), "kv.L0"),
+    (None, lambda a: a.__setitem__("tokens.groups", np.zeros((3, 9), np.int64)), "tokens.groups"),
+    (None, lambda a: a.__setitem__("patch.key", np.zeros((5, 5), np.uint8)), "patch.key"),
+])
+def test_bad_traces_are_refused(trace, tmp_path, meta_change, array_change, msg):
+    with pytest.raises(TraceError, match=msg):
+        Trace.load(corrupt(trace, tmp_path, meta_change, array_change))
+
+
+def test_non_trace_files_are_refused(tmp_path):
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00" * 100)
+    with pytest.raises(TraceError, match="not a MustDrop trace"):
+        Trace.load(junk)
+    with pytest.raises(TraceError, match="not found"):
+        Trace.load(tmp_path / "missing.safetensors")
