@@ -230,3 +230,48 @@ def test_batch_and_bad_inputs_are_refused(tiny, image):
         tiny.run(image, QUESTION, tiny.config_for("64").replace(prune_layers=(1, 40)))
     with pytest.raises(ValueError, match="max new tokens"):
         tiny.run(image, QUESTION, tiny.config_for("64"), max_new_tokens=0)
+
+
+@pytest.fixture(scope="module")
+def eager(tiny_dir):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from mustdrop.adapters import LlavaMustDrop
+    model = LlavaForConditionalGeneration.from_pretrained(str(tiny_dir), attn_implementation="eager").eval()
+    return LlavaMustDrop(model, AutoProcessor.from_pretrained(str(tiny_dir)), str(tiny_dir))
+
+
+def test_text_row_scores_equal_eager_attention_rows(eager, image):
+    """Stage 2's T x L scoring equals the rows of the full eager attention map it never builds."""
+    from transformers import DynamicCache
+    from mustdrop.adapters.llava import text_rows_attention
+    layer = eager.decoder_layers[2].self_attn
+    got = {}
+
+    def grab(module, args, kwargs, output):
+        keys = kwargs["past_key_values"].layers[module.layer_idx].keys
+        got["ours"] = text_rows_attention(module, kwargs["hidden_states"], kwargs["position_embeddings"], keys,
+                                          10, eager._rope)
+        got["eager"] = output[1]
+    h = layer.register_forward_hook(grab, with_kwargs=True)
+    try:
+        proc = eager.processor
+        prompt = proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}],
+                                          add_generation_prompt=True)
+        inputs = proc(images=image, text=prompt, return_tensors="pt")
+        with torch.no_grad():
+            eager.model(**inputs, past_key_values=DynamicCache(config=eager.text_config), use_cache=True,
+                        output_attentions=True)
+    finally:
+        h.remove()
+    full = got["eager"][:, :, -10:].float()
+    torch.testing.assert_close(got["ours"], full, atol=1e-6, rtol=0)
+
+
+def test_eager_attention_gives_the_same_decisions(eager, tiny, image):
+    """With eager attention the adapter gathers the 4-D mask; decisions and logits match sdpa's."""
+    cfg = dropping_config(tiny, image, "original")
+    a = tiny.run(image, QUESTION, cfg, max_new_tokens=3, keep_internals=True)
+    b = eager.run(image, QUESTION, cfg, max_new_tokens=3, keep_internals=True)
+    assert a.trace.meta["stage2"] == b.trace.meta["stage2"]
+    for x, y in zip(a.step_logits, b.step_logits):
+        torch.testing.assert_close(x, y, atol=1e-4, rtol=0)

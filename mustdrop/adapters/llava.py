@@ -275,23 +275,11 @@ class LlavaMustDrop:
                 kwargs["attention_mask"] = mask[:, :, idx][:, :, :, idx]
             return args, kwargs
 
-        def text_rows_attention(module, args, kwargs, output):
-            """Probabilities of the T text rows over all keys (T x L per head), vision columns kept."""
-            hidden = kwargs["hidden_states"]
-            cache = kwargs["past_key_values"]
-            cos, sin = kwargs["position_embeddings"]
-            T, S, V = state.T, state.S, state.V
-            L = hidden.shape[1]
-            hd = module.head_dim
-            q = module.q_proj(hidden[:, L - T:]).view(1, T, -1, hd).transpose(1, 2)
-            q, _ = self._rope(q, q, cos[:, L - T:], sin[:, L - T:])
-            keys = cache.layers[module.layer_idx].keys
-            keys = keys.repeat_interleave(q.shape[1] // keys.shape[1], dim=1)
-            scores = (q.float() @ keys.float().transpose(-1, -2)) * module.scaling    # (1, H, T, L)
-            rows = torch.arange(L - T, L, device=q.device).unsqueeze(1)
-            future = torch.arange(L, device=q.device).unsqueeze(0) > rows
-            scores = scores.masked_fill(future, float("-inf"))
-            state.text_attn = torch.softmax(scores, dim=-1)[0, :, :, S:S + V]      # (H, T, V)
+        def score_text_rows(module, args, kwargs, output):
+            keys = kwargs["past_key_values"].layers[module.layer_idx].keys
+            probs = text_rows_attention(module, kwargs["hidden_states"], kwargs["position_embeddings"], keys,
+                                        state.T, self._rope)
+            state.text_attn = probs[0, :, :, state.S:state.S + state.V]          # (H, T, V)
 
         def drop(module, args, kwargs, output):
             hidden = output[0] if isinstance(output, tuple) else output
@@ -323,7 +311,7 @@ class LlavaMustDrop:
             if i > first:
                 hooks.pre(f"llm.layer{i}.gather_positions", layer, gather)
             if i in prune:
-                hooks.post(f"llm.layer{i}.self_attn.text_rows", layer.self_attn, text_rows_attention)
+                hooks.post(f"llm.layer{i}.self_attn.text_rows", layer.self_attn, score_text_rows)
                 hooks.post(f"llm.layer{i}.stage2_filter", layer, drop)
 
     # ------------------------------------------------------------------ stage 3
@@ -491,6 +479,26 @@ class LlavaMustDrop:
         }
         meta["input"]["input_hash"] = input_hash(meta["input"]["image"]["sha256"], question)
         return Trace.build(meta, arrays)
+
+
+
+def text_rows_attention(attn_module, hidden, position_embeddings, keys, T: int, rope) -> torch.Tensor:
+    """Attention probabilities of the last T rows over all L keys, (1, H, T, L), in float32.
+
+    Costs T x L per head: q is recomputed for the T rows only (q_proj + RoPE at their positions) and
+    the keys are the layer's own, already rotated, from the cache. Softmax runs over ALL keys (the
+    normalisation needs them), causal within the text rows. Equal to eager attention's rows.
+    """
+    cos, sin = position_embeddings
+    L = hidden.shape[1]
+    hd = attn_module.head_dim
+    q = attn_module.q_proj(hidden[:, L - T:]).view(1, T, -1, hd).transpose(1, 2)
+    q, _ = rope(q, q, cos[:, L - T:], sin[:, L - T:])
+    keys = keys.repeat_interleave(q.shape[1] // keys.shape[1], dim=1)
+    scores = (q.float() @ keys.float().transpose(-1, -2)) * attn_module.scaling
+    rows = torch.arange(L - T, L, device=q.device).unsqueeze(1)
+    future = torch.arange(keys.shape[-2], device=q.device).unsqueeze(0) > rows
+    return torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
 
 
 def input_hash(image_sha256: str, question: str) -> str:

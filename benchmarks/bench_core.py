@@ -1,0 +1,186 @@
+"""Core benchmark: ratios measured in one run (never asserted in tests).
+
+    python benchmarks/bench_core.py [--repeats 3] [--threads 2] [--device cpu]
+
+On a ~100M-parameter LLaVA-1.5-shaped random model (CLIP 336/14, 577 vision tokens):
+1. trace recording overhead: MustDrop with the trace / MustDrop without recording (target <= 1.05);
+2. prefill speed-up of the 64 preset over vanilla / the analytic full-sequence FLOPs speed-up
+   (target >= 0.8);
+3. stage-2 scoring vs eager full-attention scoring at L >= 640 (7B-like attention: 32 heads of
+   128): time ratio (target <= 0.5) and peak extra memory, measured each in a fresh process,
+   growing as T x L for ours and L^2 for eager.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def build_model(folder: Path):
+    from mustdrop.testing import build_tiny_llava
+    return build_tiny_llava(folder, vision_hidden=384, vision_layers=8, vision_heads=6, text_hidden=768,
+                            text_layers=12, text_heads=12, text_kv_heads=12, intermediate=2304, seed=0)
+
+
+def timed(fn, repeats):
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), out
+
+
+def bench_model(args):
+    from PIL import Image
+    import numpy as np
+    from mustdrop.accounting import summarize
+    from mustdrop.adapters import LlavaMustDrop, load_llava
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = build_model(Path(tmp) / "bench-llava")
+        model, proc = load_llava(str(folder), args.device)
+    n_params = sum(p.numel() for p in model.parameters())
+    runner = LlavaMustDrop(model, proc, "bench-llava-100M")
+    rng = np.random.default_rng(0)
+    img = np.full((336, 336, 3), (40, 120, 200), np.uint8)
+    img[:, :168] = rng.integers(0, 256, (336, 168, 3))
+    image = Image.fromarray(img)
+    q = "what colour is the square?"
+    cfg64 = runner.config_for("64")
+    off = runner.config_for("off")
+
+    # A and B alternate within one loop so that a drifting background load hits both alike.
+    rec, norec, pre_md, pre_van = [], [], [], []
+    runner.run(image, q, cfg64, max_new_tokens=8)
+    runner.run(image, q, off, max_new_tokens=1)
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        res = runner.run(image, q, cfg64, max_new_tokens=8, record=True)
+        rec.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        runner.run(image, q, cfg64, max_new_tokens=8, record=False)
+        norec.append(time.perf_counter() - t)
+        pre_md.append(runner.run(image, q, cfg64, max_new_tokens=1).trace.meta["timings"]["prefill_s"])
+        pre_van.append(runner.run(image, q, off, max_new_tokens=1).trace.meta["timings"]["prefill_s"])
+    trace = res.trace
+    t_rec, t_norec = statistics.median(rec), statistics.median(norec)
+    pre_md, pre_van = statistics.median(pre_md), statistics.median(pre_van)
+    acc = summarize(trace)
+    analytic = 1 / acc["flops"]["ratio_full_sequence"]
+    measured = pre_van / pre_md
+    return {
+        "model_params_M": round(n_params / 1e6, 1),
+        "vision_tokens_per_layer": trace.meta["vision_tokens_per_layer"],
+        "record_overhead": {"with_trace_s": t_rec, "without_s": t_norec, "ratio": t_rec / t_norec},
+        "prefill": {"vanilla_s": pre_van, "mustdrop64_s": pre_md, "measured_speedup": measured,
+                    "analytic_speedup_full_sequence": analytic, "ratio": measured / analytic},
+    }
+
+
+def scoring_worker(method: str, L: int, T: int, repeats: int) -> dict:
+    """One measurement in a fresh process, so ru_maxrss is this method's peak alone."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding, apply_rotary_pos_emb
+    from mustdrop.adapters.llava import text_rows_attention
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=4096, num_attention_heads=32, num_key_value_heads=32, intermediate_size=64,
+                      max_position_embeddings=8192)
+    attn = LlamaAttention(cfg, 0).eval()
+    hidden = torch.randn(1, L, 4096) * 0.05
+    pos = torch.arange(L).unsqueeze(0)
+    cos, sin = LlamaRotaryEmbedding(cfg)(hidden, pos)
+    with torch.no_grad():
+        k = attn.k_proj(hidden).view(1, L, 32, 128).transpose(1, 2)
+        q_all = attn.q_proj(hidden).view(1, L, 32, 128).transpose(1, 2)
+        q_all, k = apply_rotary_pos_emb(q_all, k, cos, sin)
+    del q_all
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    def ours():
+        with torch.no_grad():
+            return text_rows_attention(attn, hidden, (cos, sin), k, T, apply_rotary_pos_emb)
+
+    def eager():   # what output_attentions gives: the full L x L map of every head, then the T rows
+        with torch.no_grad():
+            q = attn.q_proj(hidden).view(1, L, 32, 128).transpose(1, 2)
+            q, _ = apply_rotary_pos_emb(q, q, cos, sin)
+            scores = (q @ k.transpose(-1, -2)) * attn.scaling
+            scores = scores + torch.full((L, L), float("-inf")).triu(1)
+            return torch.softmax(scores, dim=-1)[:, :, L - T:]
+
+    fn = ours if method == "ours" else eager
+    t, out = timed(fn, repeats)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"time_s": t, "peak_extra_MB": (peak - base) / 1024, "rows": list(out.shape)}
+
+
+def bench_scoring(args):
+    rows = []
+    for L in args.lengths:
+        r = {}
+        for method in ("ours", "eager"):
+            p = subprocess.run([sys.executable, __file__, "--scoring-worker", method, str(L), str(args.text_rows),
+                                str(args.repeats), "--threads", str(args.threads)],
+                               capture_output=True, text=True, check=True)
+            r[method] = json.loads(p.stdout.strip().splitlines()[-1])
+        rows.append({"L": L, "T": args.text_rows, "ours": r["ours"], "eager": r["eager"],
+                     "time_ratio": r["ours"]["time_s"] / r["eager"]["time_s"]})
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--lengths", type=int, nargs="+", default=[640, 1280, 2560])
+    ap.add_argument("--text-rows", type=int, default=20)
+    ap.add_argument("--skip-model", action="store_true")
+    ap.add_argument("--scoring-worker", nargs=4, metavar=("METHOD", "L", "T", "REPEATS"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if args.scoring_worker:
+        m, L, T, rep = args.scoring_worker
+        print(json.dumps(scoring_worker(m, int(L), int(T), int(rep))))
+        return
+    print(f"torch {torch.__version__}, {args.threads} threads, device {args.device}")
+    if not args.skip_model:
+        r = bench_model(args)
+        print(f"model: {r['model_params_M']} M parameters; vision tokens per LLM layer at preset 64: "
+              f"{r['vision_tokens_per_layer']}")
+        o = r["record_overhead"]
+        print(f"1. trace recording overhead: {o['with_trace_s']:.3f} s / {o['without_s']:.3f} s = "
+              f"{o['ratio']:.3f}  (target <= 1.05)")
+        p = r["prefill"]
+        print(f"2. prefill: vanilla {p['vanilla_s']:.3f} s, MustDrop-64 {p['mustdrop64_s']:.3f} s -> speed-up "
+              f"{p['measured_speedup']:.2f}x; analytic (full-sequence FLOPs) {p['analytic_speedup_full_sequence']:.2f}x;"
+              f" ratio {p['ratio']:.2f}  (target >= 0.8)")
+    print("3. stage-2 scoring, 32 heads x 128, T text rows (each measured in a fresh process):")
+    print(f"   {'L':>6} {'ours s':>9} {'eager s':>9} {'time ratio':>10} {'ours MB':>9} {'eager MB':>9}")
+    for row in bench_scoring(args):
+        print(f"   {row['L']:>6} {row['ours']['time_s']:>9.4f} {row['eager']['time_s']:>9.4f} "
+              f"{row['time_ratio']:>10.3f} {row['ours']['peak_extra_MB']:>9.1f} {row['eager']['peak_extra_MB']:>9.1f}")
+    print("   analytic score tensors: ours H*T*L*4 B, eager H*L*L*4 B (+ the softmax copy)")
+
+
+if __name__ == "__main__":
+    main()
