@@ -27,6 +27,7 @@ PRESET_NAMES = ("off", "192", "128", "64")
 REFERENCE_PRUNE_LAYERS = (2, 6, 10, 14)
 REFERENCE_DEPTH = 32
 POSITION_MODES = ("reference", "original")
+METHODS = ("mustdrop", "fastv", "random", "pool")
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,9 @@ class MustDropConfig:
     filter: bool = True              # stage 2
     kv_trim: bool = True             # stage 3
     preset: str = "custom"           # the name this config came from, for captions
+    method: str = "mustdrop"         # or a same-budget baseline: "fastv", "random", "pool"
+    budget: float | None = None      # baselines: layer-averaged vision tokens (compute convention)
+    seed: int = 0                    # baseline "random": which tokens
 
     def __post_init__(self):
         object.__setattr__(self, "prune_layers", tuple(int(x) for x in self.prune_layers))
@@ -66,6 +70,13 @@ class MustDropConfig:
         stages.check_unit_interval("key keep rate", self.key_keep_rate)
         stages.check_unit_interval("global threshold", self.global_thr)
         stages.check_unit_interval("individual threshold", self.individual_thr)
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.method != "mustdrop":
+            if self.budget is None or not math.isfinite(float(self.budget)) or self.budget <= 0:
+                raise ValueError(f"baseline {self.method!r} needs a positive token budget, got {self.budget!r}")
+            if self.method in ("fastv", "random") and len(self.prune_layers) != 1:
+                raise ValueError(f"baseline {self.method!r} drops at one layer; got prune layers {list(self.prune_layers)}")
         if self.positions not in POSITION_MODES:
             raise ValueError(f"positions must be one of {POSITION_MODES}, got {self.positions!r}")
         if not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 2:
@@ -74,10 +85,26 @@ class MustDropConfig:
             raise ValueError(f"prune layers must be non-negative, strictly ascending, without duplicates; "
                              f"got {list(self.prune_layers)}")
 
+    @classmethod
+    def baseline(cls, method: str, budget: float, layer: int = 2, seed: int = 0,
+                 positions: str = "reference") -> "MustDropConfig":
+        """A same-budget baseline through the same adapter and trace format.
+
+        fastv / random: one drop after ``layer`` (FastV's K), keeping as many tokens as make the
+        layer-averaged count equal ``budget``; pool: the grid average-pooled to round(sqrt(budget))^2
+        tokens before the language model. Neither merges nor keeps a key set.
+        """
+        if method not in METHODS or method == "mustdrop":
+            raise ValueError(f"baseline method must be one of {METHODS[1:]}, got {method!r}")
+        single = method in ("fastv", "random")
+        return cls(method=method, budget=float(budget), seed=int(seed), merge=False, key_set=False,
+                   filter=single, kv_trim=single, prune_layers=(int(layer),) if single else (),
+                   positions=positions, preset=f"{method}@{float(budget):g}")
+
     @property
     def enabled(self) -> bool:
         """False when no stage can change anything: the run is the vanilla model."""
-        return self.merge or self.key_set or self.filter or self.kv_trim
+        return self.merge or self.key_set or self.filter or self.kv_trim or self.method == "pool"
 
     def validate_for(self, grid: int, num_llm_layers: int) -> None:
         """Check the knobs that depend on the model: the grid and the LLM depth."""

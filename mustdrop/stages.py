@@ -233,3 +233,64 @@ def kv_keep_indices(num_layers: int, prune_layers, S: int, T: int, N0: int,
         if stage < len(layers) and layer == layers[stage]:
             stage += 1
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Same-budget baselines. They return FilterResult too, so that the adapter, the trace and every
+# view treat them exactly like MustDrop's stage 2 (status: KEPT_BOTH or DROPPED).
+
+def keep_count_for_budget(budget: float, n0: int, layer: int, num_layers: int) -> int:
+    """Tokens to keep after a single drop at ``layer`` so that the mean over layers of the vision
+    tokens each layer processes (compute convention) equals ``budget``."""
+    if not math.isfinite(float(budget)) or budget < 0:
+        raise ValueError(f"token budget must be a finite number >= 0, got {budget!r}")
+    check_prune_layers([layer], num_layers)
+    after = num_layers - layer - 1
+    if after == 0:
+        return n0
+    lowest = (layer + 1) * n0 / num_layers
+    if budget < lowest - 1e-9:
+        raise ValueError(f"token budget {budget:g} cannot be reached by one drop after layer {layer}: the "
+                         f"{layer + 1} layers before it already average {lowest:.1f} tokens; drop earlier")
+    r = round((budget * num_layers - (layer + 1) * n0) / after)
+    return int(min(max(r, 0), n0))
+
+
+def _single_drop_result(kept: torch.Tensor, v: int, score: torch.Tensor) -> FilterResult:
+    kept = torch.sort(kept).values
+    status = torch.full((v,), DROPPED, dtype=torch.int8, device=score.device)
+    status[kept] = KEPT_BOTH
+    return FilterResult(kept, torch.zeros(0, dtype=torch.long, device=score.device), score, score, status,
+                        v - kept.numel())
+
+
+def fastv_keep(attn: torch.Tensor, keep: int) -> FilterResult:
+    """FastV: keep the ``keep`` vision tokens the LAST token attends to most (head mean)."""
+    if attn.dim() != 3:
+        raise ValueError(f"attn must be (heads, text rows, vision tokens), got {tuple(attn.shape)}")
+    score = attn[:, -1, :].float().mean(0)
+    keep = min(max(int(keep), 0), score.numel())
+    return _single_drop_result(torch.topk(score, keep).indices, score.numel(), score)
+
+
+def random_keep(attn: torch.Tensor, keep: int, seed: int) -> FilterResult:
+    """Random drop: a seeded uniform choice of ``keep`` tokens (scores recorded, not used)."""
+    v = attn.shape[-1]
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    kept = torch.randperm(v, generator=gen)[: min(max(int(keep), 0), v)].to(attn.device)
+    score = attn.float().mean(0).sum(0)
+    return _single_drop_result(kept, v, score / score.sum().clamp_min(1e-30))
+
+
+def pool_groups(grid: int, side: int) -> torch.Tensor:
+    """Spatial pooling baseline: the grid patches each cell of a side x side adaptive average pool
+    covers (the windows of torch's adaptive_avg_pool2d), (side*side, k) padded with -1."""
+    if not 1 <= side <= grid:
+        raise ValueError(f"pooled side must be in 1..{grid}, got {side}")
+    spans = [(math.floor(i * grid / side), math.ceil((i + 1) * grid / side)) for i in range(side)]
+    cells = [[r * grid + c for r in range(r0, r1) for c in range(c0, c1)] for r0, r1 in spans for c0, c1 in spans]
+    k = max(len(c) for c in cells)
+    out = torch.full((len(cells), k), -1, dtype=torch.long)
+    for i, c in enumerate(cells):
+        out[i, : len(c)] = torch.tensor(c)
+    return out

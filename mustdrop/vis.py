@@ -424,7 +424,7 @@ def _gradient(cmap, lo_label, hi_label):
             f'background:linear-gradient(to right, {stops})"></span>{html.escape(hi_label)}</span>')
 
 
-def legend_html(kind: str, trace=None, layer: int | None = None) -> str:
+def legend_html(kind: str, trace=None, layer: int | None = None, inspected: bool = True) -> str:
     """What each colour of a view means (HTML, shown under the view)."""
     parts = []
     if kind == "merge":
@@ -456,7 +456,8 @@ def legend_html(kind: str, trace=None, layer: int | None = None) -> str:
                  (KEPT_BOTH, KEPT_GLOBAL, KEPT_INDIVIDUAL, KEPT_KEY, DROPPED, NOT_ENTERING)]
     elif kind == "kv":
         parts = [_swatch(KV_COLOURS[k], KV_LABELS[k]) for k in (KV_CACHED, KV_TRIMMED, KV_ABSENT)]
-    parts.append(_swatch(SELECT_OUTLINE, "magenta outline: inspected patch"))
+    if inspected:
+        parts.append(_swatch(SELECT_OUTLINE, "magenta outline: inspected patch"))
     return '<div style="font-size:0.9em;line-height:1.6">' + "".join(parts) + "</div>"
 
 

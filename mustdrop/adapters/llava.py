@@ -237,6 +237,13 @@ class LlavaMustDrop:
             out = self.model.model.get_image_features(pixel_values=pixel_values)
         features = out.pooler_output[0]
         merge = merge_box.get("result")
+        if config.method == "pool":
+            side = max(1, min(self.grid, round(float(config.budget) ** 0.5)))
+            grid_features = features.view(self.grid, self.grid, -1).permute(2, 0, 1).unsqueeze(0)
+            pooled = torch.nn.functional.adaptive_avg_pool2d(grid_features.float(), side)
+            features = pooled[0].permute(1, 2, 0).reshape(side * side, -1).to(features.dtype)
+            merge = stages.MergeResult(None, None, torch.zeros(0, dtype=torch.long),
+                                       stages.pool_groups(self.grid, side).to(features.device))
         N0 = features.shape[0]
         cls_attn, key_tokens = None, torch.zeros(0, dtype=torch.long)
         if config.key_set:
@@ -292,7 +299,7 @@ class LlavaMustDrop:
                 res = None
                 kept = torch.zeros(0, dtype=torch.long, device=hidden.device)
             else:
-                res = stages.dual_attention_filter(attn, config.global_thr, config.individual_thr, state.key_pos)
+                res = self._decide(attn, state, layer, config)
                 kept = res.kept
             state.kept_positions.append(kept)
             state.records.append({"layer": layer, "tokens": state.vision_ids.clone(), "result": res})
@@ -313,6 +320,15 @@ class LlavaMustDrop:
             if i in prune:
                 hooks.post(f"llm.layer{i}.self_attn.text_rows", layer.self_attn, score_text_rows)
                 hooks.post(f"llm.layer{i}.stage2_filter", layer, drop)
+
+    def _decide(self, attn, state, layer, config):
+        """Stage 2's decision at one prune layer: MustDrop's filter, or a same-budget baseline's."""
+        if config.method == "mustdrop":
+            return stages.dual_attention_filter(attn, config.global_thr, config.individual_thr, state.key_pos)
+        keep = stages.keep_count_for_budget(config.budget, state.N0, layer, self.num_layers)
+        if config.method == "fastv":
+            return stages.fastv_keep(attn, keep)
+        return stages.random_keep(attn, keep, config.seed)
 
     # ------------------------------------------------------------------ stage 3
     def _trim(self, cache, state, config):
@@ -398,7 +414,8 @@ class LlavaMustDrop:
         arrays: dict[str, np.ndarray] = {}
         if merge is not None:
             groups = merge.groups.cpu().numpy()
-            arrays["stage1a.similarity"] = merge.similarity.cpu().numpy().astype(np.float32)
+            if merge.similarity is not None:
+                arrays["stage1a.similarity"] = merge.similarity.cpu().numpy().astype(np.float32)
             merged_windows = merge.merged_windows.cpu().tolist()
         else:
             groups = np.full((N0, 1), -1, dtype=np.int64)
@@ -457,6 +474,7 @@ class LlavaMustDrop:
                                  "num_layers": len(self.vision_layers), "has_cls": True},
                       "llm": tc_dict},
             "config": config.to_dict(),
+            "method": config.method,
             "defaults_source": self.defaults.source,
             "input": {"question": question, "prompt": prompt,
                       "image": {"width": img.width, "height": img.height,
