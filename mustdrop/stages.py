@@ -105,10 +105,12 @@ class MergeResult:
     groups: torch.Tensor          # (N0, w*w) original patch ids covered by each output token, -1 padded
 
 
-def local_spatial_merge(tokens: torch.Tensor, grid: int, window: int, threshold: float) -> MergeResult:
+def local_spatial_merge(tokens: torch.Tensor, grid: int, window: int, threshold: float,
+                        num_prefix: int = 1) -> MergeResult:
     """Stage 1a: merge each w x w window whose patches are similar into one token.
 
-    ``tokens`` is the output of vision encoder layer 0 for one image, (1 + G*G, C), CLS first.
+    ``tokens`` is the output of vision encoder layer 0 for one image, (num_prefix + G*G, C): the
+    CLS token first for CLIP (num_prefix 1), nothing before the patches for SigLIP (num_prefix 0).
     Windows with similarity >= threshold become the plain mean of their patches and move to the
     front of the vision block, most similar first; every other patch follows in ascending order.
     """
@@ -116,9 +118,9 @@ def local_spatial_merge(tokens: torch.Tensor, grid: int, window: int, threshold:
     threshold = float(threshold)
     if not math.isfinite(threshold):
         raise ValueError(f"merge threshold must be a finite number, got {threshold!r}")
-    if tokens.dim() != 2 or tokens.shape[0] != 1 + grid * grid:
-        raise ValueError(f"expected CLS + {grid * grid} tokens of shape (1 + N, C), got {tuple(tokens.shape)}")
-    patches = tokens[1:]
+    if tokens.dim() != 2 or tokens.shape[0] != num_prefix + grid * grid:
+        raise ValueError(f"expected {num_prefix} prefix + {grid * grid} patch tokens, got {tuple(tokens.shape)}")
+    patches = tokens[num_prefix:]
     sim = window_similarity(patches, grid, window)
     flat = sim.flatten()
     order = torch.sort(flat, descending=True, stable=True).indices
@@ -129,7 +131,7 @@ def local_spatial_merge(tokens: torch.Tensor, grid: int, window: int, threshold:
     is_merged_patch = torch.zeros(grid * grid, dtype=torch.bool, device=tokens.device)
     is_merged_patch[win_ids[merged].flatten()] = True
     rest = torch.nonzero(~is_merged_patch).flatten()
-    out = torch.cat([tokens[:1], merged_tokens.to(tokens.dtype), patches[rest]], dim=0)
+    out = torch.cat([tokens[:num_prefix], merged_tokens.to(tokens.dtype), patches[rest]], dim=0)
     w2 = window * window
     groups = torch.full((r + rest.numel(), w2), -1, dtype=torch.long, device=tokens.device)
     groups[:r] = win_ids[merged]
@@ -149,6 +151,15 @@ def key_token_set(cls_attn: torch.Tensor, keep_rate: float) -> torch.Tensor:
     score = cls_attn.float().mean(dim=0)
     k = min(math.ceil(keep_rate * score.numel()), score.numel())
     return torch.sort(torch.topk(score, k).indices).values
+
+
+def mean_received_attention(attn: torch.Tensor) -> torch.Tensor:
+    """Key-set score for towers without a CLS token (SigLIP): per head, the mean over all queries of
+    the attention each token receives, (H, N) from post-softmax (H, N, N). Documented substitute;
+    the authors' code cannot run without CLS at all."""
+    if attn.dim() != 3 or attn.shape[1] != attn.shape[2]:
+        raise ValueError(f"attn must be (heads, N, N), got {tuple(attn.shape)}")
+    return attn.float().mean(dim=1)
 
 
 @dataclass

@@ -79,3 +79,42 @@ def build_tiny_llava(folder, *, vision_hidden=32, vision_layers=3, vision_heads=
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
+
+
+def build_tiny_siglip_llava(folder, *, text_model="qwen2", vision_hidden=32, vision_layers=3, vision_heads=4,
+                            text_hidden=64, text_layers=6, text_heads=4, text_kv_heads=2, intermediate=128, seed=0):
+    """A LLaVA with a SigLIP tower (no CLS; 378 / 14 -> 27 x 27 = 729 tokens) and a Qwen2 or Llama decoder,
+    the llava-interleave / onevision-0.5B style layout, saved like a real checkpoint."""
+    from transformers import (LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, Qwen2Config,
+                              SiglipImageProcessor, SiglipVisionConfig)
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(folder)
+    image_processor = SiglipImageProcessor(size={"height": 378, "width": 378}, do_resize=True, do_normalize=True,
+                                           image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+                               vision_feature_select_strategy="full", num_additional_image_tokens=0,
+                               chat_template=CHAT_TEMPLATE)
+    text_cls = Qwen2Config if text_model == "qwen2" else LlamaConfig
+    config = LlavaConfig(
+        vision_config=SiglipVisionConfig(image_size=378, patch_size=14, hidden_size=vision_hidden,
+                                         intermediate_size=vision_hidden * 4, num_hidden_layers=vision_layers,
+                                         num_attention_heads=vision_heads, vision_use_head=False),
+        text_config=text_cls(vocab_size=len(tokenizer), hidden_size=text_hidden, intermediate_size=intermediate,
+                             num_hidden_layers=text_layers, num_attention_heads=text_heads,
+                             num_key_value_heads=text_kv_heads, max_position_embeddings=2048,
+                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
+        vision_feature_select_strategy="full", projector_hidden_act="gelu", image_seq_length=729,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                p.mul_(3.0)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder

@@ -99,10 +99,13 @@ class LlavaMustDrop:
         cfg = model.config
         self.text_config = cfg.text_config
         self.vision_config = cfg.vision_config
-        if getattr(cfg, "vision_feature_select_strategy", "default") != "default":
-            raise ModelLoadError("MustDrop needs the CLS token of the vision tower "
-                                 "(vision_feature_select_strategy 'default'); this model uses "
-                                 f"{cfg.vision_feature_select_strategy!r}")
+        strategy = getattr(cfg, "vision_feature_select_strategy", "default")
+        self.has_cls = self.vision_config.model_type != "siglip_vision_model"
+        expected = "default" if self.has_cls else "full"
+        if strategy != expected:
+            raise ModelLoadError(f"a {self.vision_config.model_type} tower needs vision_feature_select_strategy "
+                                 f"{expected!r} (CLS {'dropped' if self.has_cls else 'absent'}); this model uses "
+                                 f"{strategy!r}")
         if not isinstance(cfg.vision_feature_layer, int):
             raise ModelLoadError("models that concatenate several vision feature layers are not supported")
         self.grid = self.vision_config.image_size // self.vision_config.patch_size
@@ -219,7 +222,8 @@ class LlavaMustDrop:
         if config.merge:
             def merge_hook(module, args, kwargs):
                 hidden = args[0] if args else kwargs["hidden_states"]
-                res = stages.local_spatial_merge(hidden[0], self.grid, config.window, config.merge_threshold)
+                res = stages.local_spatial_merge(hidden[0], self.grid, config.window, config.merge_threshold,
+                                                 num_prefix=1 if self.has_cls else 0)
                 merge_box["result"] = res
                 if res.merged_windows.numel() == 0:
                     return None
@@ -231,7 +235,7 @@ class LlavaMustDrop:
             hooks.pre("vision.layer1.stage1a_merge", self.vision_layers[1], merge_hook)
         if config.key_set:
             attn = self.vision_layers[-1].self_attn
-            hooks.post("vision.last.q_proj", attn.q_proj, lambda m, a, k, o: qk.__setitem__("q", o[0, 0]))
+            hooks.post("vision.last.q_proj", attn.q_proj, lambda m, a, k, o: qk.__setitem__("q", o[0]))
             hooks.post("vision.last.k_proj", attn.k_proj, lambda m, a, k, o: qk.__setitem__("k", o[0]))
         with attached(hooks):
             out = self.model.model.get_image_features(pixel_values=pixel_values)
@@ -249,10 +253,13 @@ class LlavaMustDrop:
         if config.key_set:
             attn = self.vision_layers[-1].self_attn
             h, hd = attn.num_heads, attn.head_dim
-            q = qk["q"].float().view(h, 1, hd)
-            k = qk["k"].float().view(-1, h, hd).transpose(0, 1)          # (H, 1 + N0, hd)
-            probs = torch.softmax((q @ k.transpose(1, 2)) * attn.scale, dim=-1)[:, 0, 1:]
-            cls_attn = probs                                              # (H, N0), CLS->CLS removed
+            k = qk["k"].float().view(-1, h, hd).transpose(0, 1)          # (H, prefix + N0, hd)
+            if self.has_cls:    # the CLS query's row only; CLS->CLS removed, not renormalised
+                q = qk["q"][:1].float().view(1, h, hd).transpose(0, 1)
+                cls_attn = torch.softmax((q @ k.transpose(1, 2)) * attn.scale, dim=-1)[:, 0, 1:]
+            else:               # no CLS (SigLIP): mean attention each token receives over all queries
+                q = qk["q"].float().view(-1, h, hd).transpose(0, 1)
+                cls_attn = stages.mean_received_attention(torch.softmax((q @ k.transpose(1, 2)) * attn.scale, -1))
             key_tokens = stages.key_token_set(cls_attn, config.key_keep_rate)
         return features, merge, cls_attn, key_tokens.to(features.device)
 
@@ -471,7 +478,8 @@ class LlavaMustDrop:
             "model": {"id": self.model_id, "family": "llava", "dtype": str(self.model.dtype).replace("torch.", ""),
                       "device": str(self.model.device),
                       "vision": {"image_size": vc.image_size, "patch_size": vc.patch_size, "grid": G,
-                                 "num_layers": len(self.vision_layers), "has_cls": True},
+                                 "num_layers": len(self.vision_layers), "has_cls": self.has_cls,
+                                 "model_type": vc.model_type},
                       "llm": tc_dict},
             "config": config.to_dict(),
             "method": config.method,
@@ -484,6 +492,9 @@ class LlavaMustDrop:
             "stage1a": {"enabled": config.merge, "window": w, "threshold": config.merge_threshold,
                         "merged_windows": merged_windows},
             "stage1b": {"enabled": config.key_set, "keep_rate": config.key_keep_rate,
+                        "score": ("CLS attention of the last vision layer (head mean)" if self.has_cls else
+                                  "mean attention received in the last vision layer, all queries, head mean "
+                                  "(no CLS token: documented substitute)"),
                         "key_tokens": key_tokens.cpu().tolist()},
             "stage2": stage2,
             "vision_tokens_per_layer": vision_per_layer,
@@ -525,19 +536,30 @@ def input_hash(image_sha256: str, question: str) -> str:
 
 
 def image_mapping(processor, width: int, height: int, size: int) -> dict:
-    """How the processor turned the W x H image into the size x size input (for drawing overlays)."""
+    """How the processor turned the W x H image into the size x size input (for drawing overlays).
+
+    processed (u, v) = (x * scale_xy[0] + offset[0], y * scale_xy[1] + offset[1]); ``scale`` is
+    scale_xy[0], kept for the aspect-preserving kinds where both are equal.
+    """
     ip = getattr(processor, "image_processor", processor)
+    sz = getattr(ip, "size", None) or {}
+    sz = sz if isinstance(sz, dict) else dict(sz)
     if getattr(ip, "do_pad", False):
         side = max(width, height)
         scale = size / side
-        return {"kind": "pad_resize", "scale": scale, "resized": [size, size],
+        return {"kind": "pad_resize", "scale": scale, "scale_xy": [scale, scale], "resized": [size, size],
                 "offset": [(side - width) / 2 * scale, (side - height) / 2 * scale], "processed": size}
+    if "shortest_edge" not in sz and sz.get("height") and sz.get("width"):
+        sx, sy = size / width, size / height          # resized to a square, aspect not kept (SigLIP)
+        return {"kind": "resize", "scale": sx, "scale_xy": [sx, sy], "resized": [size, size],
+                "offset": [0, 0], "processed": size}
     short = min(width, height)
     scale = size / short
     rw, rh = (size, int(size * height / width)) if width <= height else (int(size * width / height), size)
     crop = getattr(ip, "do_center_crop", True)
     off = [-((rw - size) // 2), -((rh - size) // 2)] if crop else [0, 0]
-    return {"kind": "resize_center_crop", "scale": scale, "resized": [rw, rh], "offset": off, "processed": size}
+    return {"kind": "resize_center_crop", "scale": scale, "scale_xy": [scale, scale], "resized": [rw, rh],
+            "offset": off, "processed": size}
 
 
 def _choose(logits, sampling: Sampling, gen) -> int:
