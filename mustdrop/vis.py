@@ -15,6 +15,7 @@ decision back from the pixels: :func:`decode_dots` does that. Colours are colour
 
 from __future__ import annotations
 
+import hashlib
 import html
 import math
 from dataclasses import dataclass
@@ -252,20 +253,38 @@ def _gt(img, geom, gt_masks):
     """Outline ground-truth objects given as (k, G, G) patch-coverage masks or (k, H, W) boolean masks."""
     if gt_masks is None:
         return img
+    dark, light = _gt_rings(geom, np.asarray(gt_masks))
+    img = img.copy()
+    img[dark] = (0, 0, 0)
+    img[light] = GT_OUTLINE
+    return img
+
+
+_GT_CACHE: dict = {}
+
+
+def _gt_rings(geom: Geometry, masks: np.ndarray):
+    """Pixel masks of the dark (4 px) and light (2 px) contour lines of every object (memoised)."""
     import cv2
 
-    masks = np.asarray(gt_masks)
+    key = (geom, masks.shape, hashlib.sha1(np.ascontiguousarray(masks).tobytes()).hexdigest())
+    if key in _GT_CACHE:
+        return _GT_CACHE[key]
     if masks.ndim == 2:
         masks = masks[None]
-    img = np.ascontiguousarray(img.copy())
+    dark = np.zeros((geom.size, geom.size), np.uint8)
+    light = np.zeros_like(dark)
     for m in masks:
         m = np.asarray(m, np.float32)
         m = cv2.resize((m > (0.25 if m.shape[0] == geom.grid else 0.5)).astype(np.uint8) * 255,
                        (geom.size, geom.size), interpolation=cv2.INTER_NEAREST)
         contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        cv2.drawContours(img, contours, -1, (0, 0, 0), 4)
-        cv2.drawContours(img, contours, -1, GT_OUTLINE, 2)
-    return img
+        cv2.drawContours(dark, contours, -1, 1, 4)
+        cv2.drawContours(light, contours, -1, 1, 2)
+    if len(_GT_CACHE) > 64:
+        _GT_CACHE.clear()
+    _GT_CACHE[key] = (dark.astype(bool), light.astype(bool))
+    return _GT_CACHE[key]
 
 
 def _prepare(trace, image, base):
@@ -686,21 +705,42 @@ def slide_figure(trace, image=None, vanilla=None, layer: int | None = None, gt_m
     geom = geometry(trace, target=336)
     base = base_canvas(image, trace, geom, view=view)
     prune = trace.prune_layers
-    pl = layer if layer in prune else (prune[-1] if prune else None)
+    pl = prune_layer_for(trace, layer) if layer is not None else None
+    if pl is None and prune:   # the prune layer that dropped the most
+        pl = max(trace.meta["stage2"], key=lambda s: s["dropped"])["layer"]
     kv_layer = layer if layer is not None and 0 <= layer < trace.num_layers else (prune[0] if prune else 0)
     panels = [("1a  local spatial merge", merge_overlay(trace, base=base, gt_masks=gt_masks)),
               ("1b  CLS attention + key set", key_overlay(trace, base=base, gt_masks=gt_masks))]
     if pl is not None:
-        panels.append((f"2  dual-attention filter, layer {pl}", filter_overlay(trace, pl, base=base, gt_masks=gt_masks)))
+        s2 = next(s for s in trace.meta["stage2"] if s["layer"] == pl)
+        panels.append((f"2  filter after layer {pl}: {s2['dropped']} of {s2['entering']} dropped",
+                       filter_overlay(trace, pl, base=base, gt_masks=gt_masks)))
     else:
         panels.append(("2  dual-attention filter: off", base))
     panels.append((f"3  KV cache of layer {kv_layer}", kv_overlay(trace, kv_layer, base=base, gt_masks=gt_masks)))
+    from matplotlib.patches import Patch
+
+    def handles(pairs):
+        return [Patch(facecolor=np.array(rgb) / 255, edgecolor="0.2", label=lab) for rgb, lab in pairs]
+
+    short = {KEPT_BOTH: "kept: both high", KEPT_GLOBAL: "kept: global share", KEPT_INDIVIDUAL: "kept: individual max",
+             KEPT_KEY: "kept: key token", DROPPED: "dropped here", NOT_ENTERING: "dropped earlier"}
+    legends = [
+        handles([(group_colour(3), "merged window (group colour)"), (UNMERGED_DOT, "unmerged patch (white dot)")]),
+        handles([(lut("cividis")[30], "low CLS attention"), (lut("cividis")[230], "high CLS attention"),
+                 (KEY_OUTLINE, "white outline: key token")]),
+        handles([(STATUS_COLOURS[k], short[k]) for k in short]),
+        handles([(KV_COLOURS[KV_CACHED], "cached"), (KV_COLOURS[KV_TRIMMED], "trimmed (stage 3)"),
+                 (KV_COLOURS[KV_ABSENT], "dropped in prefill")]),
+    ]
     fig, axes = plt.subplots(2, 3, figsize=(19.2, 10.8), dpi=100)
     flat = axes.ravel()
-    for ax, (title, img) in zip(flat, panels):
+    for ax, (title, img), hs in zip(flat, panels, legends):
         ax.imshow(img)
         ax.set_title(title)
         ax.set_axis_off()
+        ax.legend(handles=hs, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=2, fontsize=11,
+                  frameon=False, handlelength=1.2, columnspacing=1.0)
     ax = flat[4]
     L = trace.num_layers
     if vanilla is not None:
@@ -718,6 +758,8 @@ def slide_figure(trace, image=None, vanilla=None, layer: int | None = None, gt_m
     ax.set_ylim(bottom=0)
     ax = flat[5]
     ax.set_axis_off()
+    if gt_masks is not None:
+        ax.text(0.0, 0.02, "white contours: ground-truth objects", fontsize=12, transform=ax.transAxes)
     s = accounting.summarize(trace)
     e, f = s["equivalent_tokens"], s["flops"]
     va = vanilla.answer if vanilla is not None else "(no vanilla run)"
@@ -733,7 +775,7 @@ def slide_figure(trace, image=None, vanilla=None, layer: int | None = None, gt_m
                  f"positions '{cfg['positions']}', prune layers {prune or 'none'}\n"
                  "equivalent tokens: authors' = printed convention, compute = mean vision tokens per layer; "
                  "FLOPs: 4nd²+2n²d+3ndm per layer", fontsize=16)
-    fig.tight_layout(rect=(0, 0, 1, 0.92))
+    fig.tight_layout(rect=(0, 0, 1, 0.92), h_pad=2.5)
     return fig
 
 

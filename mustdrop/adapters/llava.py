@@ -523,8 +523,10 @@ def text_rows_attention(attn_module, hidden, position_embeddings, keys, T: int, 
     hd = attn_module.head_dim
     q = attn_module.q_proj(hidden[:, L - T:]).view(1, T, -1, hd).transpose(1, 2)
     q, _ = rope(q, q, cos[:, L - T:], sin[:, L - T:])
-    keys = keys.repeat_interleave(q.shape[1] // keys.shape[1], dim=1)
-    scores = (q.float() @ keys.float().transpose(-1, -2)) * attn_module.scaling
+    b, h, kv_heads = q.shape[0], q.shape[1], keys.shape[1]
+    # grouped-query heads broadcast against their shared key head: no copy of the keys
+    q = q.reshape(b, kv_heads, h // kv_heads, T, hd).float()
+    scores = (q @ keys.float().unsqueeze(2).transpose(-1, -2)).reshape(b, h, T, -1) * attn_module.scaling
     rows = torch.arange(L - T, L, device=q.device).unsqueeze(1)
     future = torch.arange(keys.shape[-2], device=q.device).unsqueeze(0) > rows
     return torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
