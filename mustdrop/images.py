@@ -30,6 +30,9 @@ def load_image(source) -> Image.Image:
     else:
         if isinstance(source, (bytes, bytearray)):
             data, name = bytes(source), "the uploaded data"
+        elif not isinstance(source, (str, Path)):
+            raise ImageInputError(f"cannot use a {type(source).__name__} as an image: give a file path, bytes, "
+                                  "a numpy array or a PIL image")
         else:
             path = Path(source)
             if not path.is_file():

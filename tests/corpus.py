@@ -1,0 +1,151 @@
+"""The bad-input corpus: files and values a public demo or a long batch run meets.
+
+Each entry builds its input inside a folder given by the test and names the words the error
+message must contain. Used by the library, CLI and app tests alike.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def _png_header_only(path: Path, w: int, h: int):
+    """A PNG whose header claims w x h pixels, with almost no data (a decompression-bomb probe)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 10))
+                     + chunk(b"IEND", b""))
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _bomb(path: Path) -> Path:
+    _png_header_only(path, 12000, 12000)
+    return path
+
+
+def _save(img: Image.Image, path: Path, **kw):
+    img.save(path, **kw)
+    return path
+
+
+def _scene(w=336, h=336, seed=0):
+    rng = np.random.default_rng(seed)
+    a = np.full((h, w, 3), 200, np.uint8)
+    a[: h // 2, : w // 2] = rng.integers(0, 255, (h // 2, w // 2, 3))
+    return Image.fromarray(a)
+
+
+# name -> (builder(folder) -> path, words the message must contain)
+BAD_IMAGES = {
+    "text_renamed_png": (lambda d: _write(d / "a.png", b"just text, renamed to .png"), ["not an image"]),
+    "zero_bytes": (lambda d: _write(d / "z.png", b""), ["empty"]),
+    "truncated_png": (lambda d: _truncate(_save(_scene(), d / "t.png"), 0.5), ["truncated"]),
+    "truncated_jpeg": (lambda d: _truncate(_save(_scene(), d / "t.jpg", quality=90), 0.4), ["truncated"]),
+    "one_by_one": (lambda d: _save(Image.new("RGB", (1, 1)), d / "1.png"), ["1 x 1", "at least"]),
+    "bomb_12000": (lambda d: _bomb(d / "bomb.png"), ["too large"]),
+}
+GOOD_ODD_IMAGES = {   # must be accepted (converted), not refused
+    "rgba": lambda d: _save(Image.new("RGBA", (200, 120), (255, 0, 0, 100)), d / "rgba.png"),
+    "grayscale": lambda d: _save(_scene().convert("L"), d / "l.png"),
+    "palette": lambda d: _save(_scene().convert("P"), d / "p.png"),
+    "cmyk": lambda d: _save(_scene().convert("CMYK"), d / "c.jpg"),
+    "sixteen_bit": lambda d: _save(Image.fromarray((np.arange(300 * 200).reshape(200, 300) % 65535)
+                                                   .astype(np.uint16)), d / "16.png"),
+    "thin_13x4000": lambda d: _save(_scene(13, 4000), d / "thin.png"),
+    "animated_gif": lambda d: _gif(d / "anim.gif"),
+    "exif_rotated": lambda d: exif_rotated(d / "rot.jpg"),
+}
+
+
+def _truncate(path: Path, keep: float) -> Path:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    return path
+
+
+def _gif(path: Path) -> Path:
+    frames = [Image.new("P", (120, 80), i * 40) for i in range(3)]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    return path
+
+
+def exif_rotated(path: Path) -> Path:
+    """A 200 x 100 landscape JPEG stored sideways with EXIF orientation 6 (rotate 90 CW to view).
+
+    Viewed upright it is 100 wide x 200 tall with a red band along its TOP edge."""
+    upright = np.full((200, 100, 3), 220, np.uint8)
+    upright[:30] = (255, 0, 0)
+    stored = Image.fromarray(np.rot90(upright, k=1))          # rotated 90 CCW as a camera stores it
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(path, exif=exif.tobytes(), quality=95)
+    return path
+
+
+BAD_QUESTIONS = {
+    "empty": ("", ["empty"]),
+    "whitespace": ("   \n\t ", ["empty"]),
+    "very_long": ("why " * 1250, ["characters", "limit"]),
+    "image_token": ("what is <image> in this", ["image placeholder"]),
+}
+
+BAD_KNOBS = {   # MustDropConfig.replace(**kw) -> words
+    "global_nan": ({"global_thr": float("nan")}, ["global threshold"]),
+    "global_inf": ({"global_thr": float("inf")}, ["global threshold"]),
+    "individual_negative": ({"individual_thr": -0.5}, ["individual threshold"]),
+    "individual_above_one": ({"individual_thr": 1.5}, ["individual threshold"]),
+    "key_rate_above_one": ({"key_keep_rate": 2.0}, ["key keep rate"]),
+    "window_zero": ({"window": 0}, ["window"]),
+    "window_larger_than_grid": ({"window": 48}, ["larger than"]),
+    "window_not_dividing": ({"window": 5}, ["does not divide"]),
+    "prune_out_of_order": ({"prune_layers": (3, 1)}, ["ascending"]),
+    "prune_duplicated": ({"prune_layers": (1, 1, 2)}, ["ascending"]),
+    "prune_beyond_depth": ({"prune_layers": (1, 99)}, ["prune layer 99"]),
+}
+
+BAD_MAX_NEW_TOKENS = {"zero": 0, "huge": 100000}
+
+
+def bad_trace_files(folder: Path, good) -> dict:
+    """name -> (path, words): hostile or broken trace files, made from a good Trace."""
+    from safetensors.numpy import save_file
+
+    def write(name, meta, arrays):
+        p = folder / f"{name}.safetensors"
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(p),
+                  metadata={"mustdrop_trace": meta if isinstance(meta, str) else json.dumps(meta)})
+        return p
+
+    meta = json.loads(json.dumps(good.meta))
+    out = {}
+    out["malformed_json"] = (write("malformed", "{not json", good.arrays), ["malformed JSON"])
+    m = json.loads(json.dumps(meta)); m["schema"] = "mustdrop-trace/0"
+    out["unknown_schema"] = (write("schema", m, good.arrays), ["unknown trace schema"])
+    m = json.loads(json.dumps(meta)); m["stage1b"]["key_tokens"] = [99999]
+    out["index_out_of_range"] = (write("range", m, good.arrays), ["outside"])
+    arrays = dict(good.arrays); layer = good.prune_layers[0]
+    arrays[f"stage2.L{layer}.global_share"] = np.zeros(3, np.float32)
+    out["mismatched_shapes"] = (write("shapes", meta, arrays), ["entries, expected"])
+    m = json.loads(json.dumps(meta)); m["model"]["id"] = "../../../../etc/passwd"
+    m["input"]["question"] = "../../x"
+    out["path_traversal_names"] = (write("traversal", m, good.arrays), None)   # loads; names are never paths
+    huge = folder / "huge.safetensors"
+    with open(huge, "wb") as f:
+        f.truncate(70 * 1024 * 1024)
+    out["huge"] = (huge, ["limited"])
+    junk = folder / "junk.safetensors"
+    junk.write_bytes(b"PK\x03\x04 pickle? no")
+    out["not_safetensors"] = (junk, ["not a MustDrop trace"])
+    return out
