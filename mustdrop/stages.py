@@ -24,12 +24,14 @@ KEPT_GLOBAL = 1        # only the global share is at/above its threshold
 KEPT_INDIVIDUAL = 2    # only the individual max is at/above its threshold
 KEPT_KEY = 3           # both conditions said drop, but it is in the key token set
 DROPPED = 4            # both conditions held: dropped
+KEPT_PROTECTED = 5     # a layout marker that is never dropped (LLaVA-NeXT newline row)
 STATUS_NAMES = {
     KEPT_BOTH: "kept: both scores above threshold",
     KEPT_GLOBAL: "kept: global share above threshold",
     KEPT_INDIVIDUAL: "kept: individual max above threshold",
     KEPT_KEY: "kept: key token (both scores below threshold)",
     DROPPED: "dropped: global share AND individual max below threshold",
+    KEPT_PROTECTED: "kept: newline row marker (never dropped)",
 }
 
 

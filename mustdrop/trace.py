@@ -16,7 +16,9 @@ JSON document (``meta``), schema "mustdrop-trace/1":
   sequence    S (tokens before the image), T (tokens after it), N (patches, G*G), N0 (vision
               tokens entering the LLM after stage 1a)
   stage1a     enabled, window, threshold, merged_windows (most similar first)
-  stage1b     enabled, keep_rate, key_tokens (ids in the merged numbering 0..N0-1)
+  stage1b     enabled, keep_rate, score (which score ranks the key set), key_tokens (ids in the
+              merged numbering 0..N0-1)
+  crops       per crop: name, mapping (as input.mapping, for that crop), merged_windows
   stage2      one entry per prune layer: layer, entering, kept, dropped
   vision_tokens_per_layer   vision tokens each LLM layer processed in prefill
   kv          entries_per_layer and vision_entries_per_layer after the trim, bytes_per_entry (K+V)
@@ -36,6 +38,11 @@ Arrays. "Token ids" are the merged numbering 0..N0-1 (the order the LLM sees the
   patch.cls_attention (float32, NaN without stage 1b), patch.dropped_after_layer (int64, -1 = never),
   patch.stage2.L{l}.status (int8, -1 = not entering), patch.stage2.L{l}.global_share /
   .individual_max (float32, NaN = not entering), patch.kv_cached (num_layers, G, G) uint8.
+  A patch with patch.token -1 reaches the LLM in no token (a LLaVA-NeXT tile's unpadded border).
+Several crops (LLaVA-NeXT: base image + any-res tiles): meta "crops" lists each crop's name,
+mapping and merged windows; tokens.groups then holds global ids crop * G*G + patch; crop 0's maps
+are patch.*, crop c's are patch.c{c}.*; stage1a.c{c}.similarity per crop; tokens.newline (N0,)
+uint8 marks the newline-row tokens (never dropped, cover no patch).
 """
 
 from __future__ import annotations
@@ -162,8 +169,11 @@ class Trace:
             m["input"]["question"], m["config"]
         except (KeyError, TypeError) as e:
             raise TraceError(f"trace metadata lacks a required field: {e}") from None
-        if N != G * G:
-            raise TraceError(f"sequence N = {N} does not match the {G} x {G} grid")
+        crops = m.get("crops", [{}])
+        if not isinstance(crops, list) or not crops:
+            raise TraceError("crops must be a non-empty list")
+        if N != G * G * len(crops):
+            raise TraceError(f"sequence N = {N} does not match {len(crops)} crop(s) of a {G} x {G} grid")
         if N0 > N:
             raise TraceError(f"N0 = {N0} vision tokens exceed the {N} patches")
         if not isinstance(per_layer, list) or len(per_layer) != L:
@@ -204,10 +214,11 @@ class Trace:
         if "stage1b.cls_attention" in a and a["stage1b.cls_attention"].shape != (N0,):
             raise TraceError(f"stage1b.cls_attention must have N0 = {N0} entries")
         for k, v in a.items():
-            if k.startswith("patch.") and k != "patch.kv_cached" and v.shape != (G, G):
-                raise TraceError(f"{k} has shape {v.shape}, expected ({G}, {G})")
-        if "patch.kv_cached" in a and a["patch.kv_cached"].shape != (L, G, G):
-            raise TraceError(f"patch.kv_cached has shape {a['patch.kv_cached'].shape}, expected ({L}, {G}, {G})")
+            if not k.startswith("patch."):
+                continue
+            want = (L, G, G) if k.endswith("kv_cached") else (G, G)
+            if v.shape != want:
+                raise TraceError(f"{k} has shape {v.shape}, expected {want}")
 
     def _array(self, name, dtype, ndim):
         if name not in self.arrays:
@@ -233,35 +244,37 @@ def _index_list(v, n, name):
         raise TraceError(f"{name} holds indices outside 0..{n - 1}")
 
 
+def crop_prefix(c: int) -> str:
+    """Array-name prefix of crop c's patch maps: "patch." for the first (only) crop, "patch.c{c}." after."""
+    return "patch." if c == 0 else f"patch.c{c}."
+
+
 def patch_maps(t: Trace) -> dict:
-    """Every decision in original-patch coordinates (G x G), from the token-level records."""
+    """Every decision in original-patch coordinates (G x G per crop), from the token-level records."""
     m, a = t.meta, t.arrays
     G, L = t.grid, t.num_layers
-    S, N0 = m["sequence"]["S"], m["sequence"]["N0"]
+    S, N0, N = m["sequence"]["S"], m["sequence"]["N0"], m["sequence"]["N"]
+    n_crops = N // (G * G)
     groups = a["tokens.groups"]
-    token_of_patch = np.full(G * G, -1, dtype=np.int64)
+    token_of_patch = np.full(N, -1, dtype=np.int64)
     for tok, row in enumerate(groups):
         token_of_patch[row[row >= 0]] = tok
-    out = {"patch.token": token_of_patch.reshape(G, G)}
     sizes = (groups >= 0).sum(1)
-    out["patch.merged"] = (sizes[token_of_patch] > 1).astype(np.uint8).reshape(G, G)
+    have = token_of_patch >= 0
+    out = {}
 
     def spread(values, fill=np.nan, dtype=np.float32):
-        res = np.full(G * G, fill, dtype=dtype)
-        have = token_of_patch >= 0
+        res = np.full(N, fill, dtype=dtype)
         res[have] = np.asarray(values)[token_of_patch[have]]
-        return res.reshape(G, G)
+        return res
 
-    w = m["stage1a"]["window"]
-    if "stage1a.similarity" in a:
-        sim = a["stage1a.similarity"]
-        rows, cols = np.divmod(np.arange(G * G), G)
-        out["patch.similarity"] = sim[rows // w, cols // w].astype(np.float32).reshape(G, G)
+    maps = {"token": token_of_patch,
+            "merged": (have & (sizes[np.maximum(token_of_patch, 0)] > 1)).astype(np.uint8)}
     is_key = np.zeros(N0, dtype=np.uint8)
     is_key[m["stage1b"]["key_tokens"]] = 1
-    out["patch.key"] = spread(is_key, 0, np.uint8)
+    maps["key"] = spread(is_key, 0, np.uint8)
     if "stage1b.cls_attention" in a:
-        out["patch.cls_attention"] = spread(a["stage1b.cls_attention"])
+        maps["cls_attention"] = spread(a["stage1b.cls_attention"])
     dropped_after = np.full(N0, -1, dtype=np.int64)
     for s in m["stage2"]:
         p = f"stage2.L{s['layer']}"
@@ -274,16 +287,25 @@ def patch_maps(t: Trace) -> dict:
             g_tok[toks] = a[f"{p}.global_share"]
             i_tok[toks] = a[f"{p}.individual_max"]
             dropped_after[toks[a[f"{p}.status"] == 4]] = s["layer"]
-        out[f"patch.{p}.status"] = spread(status_tok, -1, np.int8)
-        out[f"patch.{p}.global_share"] = spread(g_tok)
-        out[f"patch.{p}.individual_max"] = spread(i_tok)
-    out["patch.dropped_after_layer"] = spread(dropped_after, -1, np.int64)
-    cached = np.zeros((L, G, G), dtype=np.uint8)
+        maps[f"{p}.status"] = spread(status_tok, -1, np.int8)
+        maps[f"{p}.global_share"] = spread(g_tok)
+        maps[f"{p}.individual_max"] = spread(i_tok)
+    maps["dropped_after_layer"] = spread(dropped_after, -1, np.int64)
+    cached = np.zeros((L, N), dtype=np.uint8)
     for layer in range(L):
         idx = a[f"kv.L{layer}"]
         tok = idx[(idx >= S) & (idx < S + N0)] - S
         in_cache = np.zeros(N0, dtype=np.uint8)
         in_cache[tok] = 1
         cached[layer] = spread(in_cache, 0, np.uint8)
-    out["patch.kv_cached"] = cached
+    w = m["stage1a"]["window"]
+    rows, cols = np.divmod(np.arange(G * G), G)
+    for c in range(n_crops):
+        pre, sl = crop_prefix(c), slice(c * G * G, (c + 1) * G * G)
+        for name, v in maps.items():
+            out[f"{pre}{name}"] = v[sl].reshape(G, G)
+        out[f"{pre}kv_cached"] = cached[:, sl].reshape(L, G, G)
+        sim = a.get("stage1a.similarity" if c == 0 else f"stage1a.c{c}.similarity")
+        if sim is not None:
+            out[f"{pre}similarity"] = sim[rows // w, cols // w].astype(np.float32).reshape(G, G)
     return out

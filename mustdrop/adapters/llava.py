@@ -67,11 +67,30 @@ class RunResult:
     inputs_embeds: torch.Tensor | None = None           # what entered the language model
 
 
+@dataclass
+class VisionResult:
+    """What stage 1 hands the language model, with provenance for the trace.
+
+    ``groups`` holds, for each vision token in the order the LLM sees it, the patches it covers as
+    global ids ``crop * G*G + patch`` (one crop for LLaVA-1.5; base + tiles for LLaVA-NeXT), -1
+    padded; a row of -1 is a token that covers no patch (a LLaVA-NeXT newline row marker).
+    """
+
+    features: torch.Tensor                 # (N0, D) projected features entering the LLM
+    groups: torch.Tensor                   # (N0, k) global patch ids, -1 padded
+    key_tokens: torch.Tensor               # positions of the key set in the vision block, ascending
+    key_score: torch.Tensor | None         # (N0,) the key-set score of each token (head mean)
+    protected: torch.Tensor                # positions never dropped that are not key tokens (newlines)
+    crops: list                            # per crop: {"name", "mapping", "merged_windows"}
+    similarity: list                       # per crop: (G/w, G/w) window similarity or None
+
+
 class _Prefill:
     """Mutable state of one prefill: which tokens of the sequence are still alive."""
 
-    def __init__(self, S, N0, T, key_tokens, device):
+    def __init__(self, S, N0, T, key_tokens, device, protected=None):
         self.S, self.N0, self.T = S, N0, T
+        self.protected_pos = (protected if protected is not None else torch.zeros(0, dtype=torch.long)).to(device)
         self.L0 = S + N0 + T
         self.alive = torch.arange(self.L0, device=device)           # original sequence indices
         self.vision_ids = torch.arange(N0, device=device)           # merged-token ids in the block
@@ -148,14 +167,15 @@ class LlavaMustDrop:
             raise ValueError("MustDrop runs one image and one prompt at a time (batch size 1)")
         say("vision encoder (stage 1a merge, stage 1b key set)")
         t_vis = time.perf_counter()
-        features, merge, cls_attn, key_tokens = self._encode(inputs["pixel_values"], config)
+        vision = self._encode(inputs, img, config)
+        features = vision.features
         t_vis = time.perf_counter() - t_vis
         N0 = features.shape[0]
-        input_ids, S, T = self._cut_placeholders(inputs["input_ids"], N0)
+        input_ids, S, T = self._set_placeholders(inputs["input_ids"], N0)
 
         say("prefill (stage 2 dual-attention filter)")
         t_pre = time.perf_counter()
-        state = _Prefill(S, N0, T, key_tokens, features.device)
+        state = _Prefill(S, N0, T, vision.key_tokens, features.device, vision.protected)
         cache = DynamicCache(config=self.text_config)
         hooks = HookSet()
         with attached(hooks):
@@ -177,8 +197,8 @@ class LlavaMustDrop:
                    "total_s": time.perf_counter() - t0}
         trace = None
         if record:
-            trace = self._trace(img, question, prompt, config, sampling, max_new_tokens, state, merge,
-                                cls_attn, key_tokens, kv_indices, cache, gen, timings)
+            trace = self._trace(img, question, prompt, config, sampling, max_new_tokens, state, vision,
+                                kv_indices, gen, timings)
         embeds = None
         if keep_internals:
             embeds = self.model.get_input_embeddings()(input_ids)
@@ -196,27 +216,35 @@ class LlavaMustDrop:
         inputs = self.processor(images=img, text=prompt, return_tensors="pt")
         device = self.model.device
         dtype = self.model.dtype
-        return {"input_ids": inputs["input_ids"].to(device),
-                "pixel_values": inputs["pixel_values"].to(device=device, dtype=dtype)}, prompt
+        out = {"input_ids": inputs["input_ids"].to(device),
+               "pixel_values": inputs["pixel_values"].to(device=device, dtype=dtype)}
+        if "image_sizes" in inputs:
+            out["image_sizes"] = inputs["image_sizes"].to(device)
+        return out, prompt
 
-    def _cut_placeholders(self, input_ids, N0):
-        """Keep exactly N0 <image> ids (one per vision token after merging); return ids, S, T."""
+    def expected_placeholders(self, inputs) -> int:
+        """How many <image> ids the stock processor writes for this input (one per stock feature row)."""
+        return self.grid * self.grid
+
+    def _set_placeholders(self, input_ids, N0):
+        """Replace the one block of <image> ids by exactly N0 of them (one per vision token after
+        stage 1); return ids, S (tokens before the image) and T (tokens after it)."""
         ids = input_ids[0]
         pos = torch.nonzero(ids == self.image_token_id).flatten()
         if pos.numel() == 0:
             raise ValueError("the prompt holds no <image> placeholder")
-        if pos.numel() != self.grid * self.grid or int(pos[-1] - pos[0]) + 1 != pos.numel():
-            raise ValueError(f"expected one contiguous block of {self.grid * self.grid} <image> tokens, "
-                             f"found {pos.numel()}: the question may contain the image token string")
+        if int(pos[-1] - pos[0]) + 1 != pos.numel():
+            raise ValueError(f"expected one contiguous block of <image> tokens, found {pos.numel()} scattered: "
+                             "the question may contain the image token string")
         S = int(pos[0])
-        keep = torch.ones_like(ids, dtype=torch.bool)
-        keep[pos[N0:]] = False
-        ids = ids[keep].unsqueeze(0)
+        block = torch.full((N0,), self.image_token_id, dtype=ids.dtype, device=ids.device)
+        ids = torch.cat([ids[:S], block, ids[int(pos[-1]) + 1:]]).unsqueeze(0)
         return ids, S, ids.shape[1] - S - N0
 
     # ------------------------------------------------------------------ stage 1
-    def _encode(self, pixel_values, config):
-        """Run the hooked vision tower; return features (N0, D), merge result, CLS attention, key set."""
+    def _encode(self, inputs, img, config) -> VisionResult:
+        """Run the hooked vision tower: stage 1a merge after layer 0, stage 1b key set at the end."""
+        pixel_values = inputs["pixel_values"]
         hooks = HookSet()
         merge_box, qk = {}, {}
         if config.merge:
@@ -234,34 +262,49 @@ class LlavaMustDrop:
                 return args, kwargs
             hooks.pre("vision.layer1.stage1a_merge", self.vision_layers[1], merge_hook)
         if config.key_set:
-            attn = self.vision_layers[-1].self_attn
-            hooks.post("vision.last.q_proj", attn.q_proj, lambda m, a, k, o: qk.__setitem__("q", o[0]))
-            hooks.post("vision.last.k_proj", attn.k_proj, lambda m, a, k, o: qk.__setitem__("k", o[0]))
+            self._hook_last_qk(hooks, qk)
         with attached(hooks):
             out = self.model.model.get_image_features(pixel_values=pixel_values)
         features = out.pooler_output[0]
         merge = merge_box.get("result")
+        if merge is not None:
+            groups, similarity, merged = merge.groups, merge.similarity, merge.merged_windows.cpu().tolist()
+        else:
+            groups = torch.arange(features.shape[0], device=features.device).unsqueeze(1)
+            similarity, merged = None, []
         if config.method == "pool":
             side = max(1, min(self.grid, round(float(config.budget) ** 0.5)))
             grid_features = features.view(self.grid, self.grid, -1).permute(2, 0, 1).unsqueeze(0)
             pooled = torch.nn.functional.adaptive_avg_pool2d(grid_features.float(), side)
             features = pooled[0].permute(1, 2, 0).reshape(side * side, -1).to(features.dtype)
-            merge = stages.MergeResult(None, None, torch.zeros(0, dtype=torch.long),
-                                       stages.pool_groups(self.grid, side).to(features.device))
-        N0 = features.shape[0]
-        cls_attn, key_tokens = None, torch.zeros(0, dtype=torch.long)
+            groups = stages.pool_groups(self.grid, side).to(features.device)
+        key_score, key_tokens = None, torch.zeros(0, dtype=torch.long, device=features.device)
         if config.key_set:
-            attn = self.vision_layers[-1].self_attn
-            h, hd = attn.num_heads, attn.head_dim
-            k = qk["k"].float().view(-1, h, hd).transpose(0, 1)          # (H, prefix + N0, hd)
-            if self.has_cls:    # the CLS query's row only; CLS->CLS removed, not renormalised
-                q = qk["q"][:1].float().view(1, h, hd).transpose(0, 1)
-                cls_attn = torch.softmax((q @ k.transpose(1, 2)) * attn.scale, dim=-1)[:, 0, 1:]
-            else:               # no CLS (SigLIP): mean attention each token receives over all queries
-                q = qk["q"].float().view(-1, h, hd).transpose(0, 1)
-                cls_attn = stages.mean_received_attention(torch.softmax((q @ k.transpose(1, 2)) * attn.scale, -1))
-            key_tokens = stages.key_token_set(cls_attn, config.key_keep_rate)
-        return features, merge, cls_attn, key_tokens.to(features.device)
+            scores = self._key_scores(qk)[0]                             # (H, N0)
+            key_score = scores.mean(0)
+            key_tokens = stages.key_token_set(scores, config.key_keep_rate).to(features.device)
+        mapping = image_mapping(self.processor, img.width, img.height, self.vision_config.image_size)
+        return VisionResult(features, groups, key_tokens, key_score, torch.zeros(0, dtype=torch.long),
+                            [{"name": "image", "mapping": mapping, "merged_windows": merged}], [similarity])
+
+    def _hook_last_qk(self, hooks, qk):
+        attn = self.vision_layers[-1].self_attn
+        hooks.post("vision.last.q_proj", attn.q_proj, lambda m, a, k, o: qk.__setitem__("q", o))
+        hooks.post("vision.last.k_proj", attn.k_proj, lambda m, a, k, o: qk.__setitem__("k", o))
+
+    def _key_scores(self, qk) -> torch.Tensor:
+        """Stage 1b's score per crop, (B, H, N): the CLS query's attention to the patches (CLS->CLS
+        removed, not renormalised), or without CLS the mean attention each patch receives."""
+        attn = self.vision_layers[-1].self_attn
+        h, hd = attn.num_heads, attn.head_dim
+        b = qk["k"].shape[0]
+        k = qk["k"].float().view(b, -1, h, hd).transpose(1, 2)           # (B, H, prefix + N, hd)
+        if self.has_cls:
+            q = qk["q"][:, :1].float().view(b, 1, h, hd).transpose(1, 2)
+            return torch.softmax((q @ k.transpose(-1, -2)) * attn.scale, dim=-1)[:, :, 0, 1:]
+        q = qk["q"].float().view(b, -1, h, hd).transpose(1, 2)
+        probs = torch.softmax((q @ k.transpose(-1, -2)) * attn.scale, dim=-1)
+        return torch.stack([stages.mean_received_attention(p) for p in probs])
 
     # ------------------------------------------------------------------ stage 2
     def _attach_prefill(self, hooks, state, config, record):
@@ -317,7 +360,8 @@ class LlavaMustDrop:
                              torch.arange(S + V, hidden.shape[1], device=kept.device)])
             state.alive = state.alive[sel]
             state.vision_ids = state.vision_ids[kept]
-            state.key_pos = res.key_after if res is not None else state.key_pos
+            state.key_pos = torch.searchsorted(kept, state.key_pos)
+            state.protected_pos = torch.searchsorted(kept, state.protected_pos)
             new = hidden[:, sel]
             return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
 
@@ -329,13 +373,25 @@ class LlavaMustDrop:
                 hooks.post(f"llm.layer{i}.stage2_filter", layer, drop)
 
     def _decide(self, attn, state, layer, config):
-        """Stage 2's decision at one prune layer: MustDrop's filter, or a same-budget baseline's."""
+        """Stage 2's decision at one prune layer: MustDrop's filter, or a same-budget baseline's.
+        Protected positions (LLaVA-NeXT newline rows) are kept whatever the scores say."""
+        prot = state.protected_pos
         if config.method == "mustdrop":
-            return stages.dual_attention_filter(attn, config.global_thr, config.individual_thr, state.key_pos)
-        keep = stages.keep_count_for_budget(config.budget, state.N0, layer, self.num_layers)
-        if config.method == "fastv":
-            return stages.fastv_keep(attn, keep)
-        return stages.random_keep(attn, keep, config.seed)
+            res = stages.dual_attention_filter(attn, config.global_thr, config.individual_thr,
+                                               torch.cat([state.key_pos, prot]))
+        else:
+            keep = stages.keep_count_for_budget(config.budget, state.N0, layer, self.num_layers)
+            if config.method == "fastv":
+                res = stages.fastv_keep(attn, keep)
+            else:
+                res = stages.random_keep(attn, keep, config.seed)
+            if prot.numel():
+                kept = torch.unique(torch.cat([res.kept, prot]))
+                res.status[prot] = stages.KEPT_BOTH
+                res.kept, res.dropped_by_filter_only = kept, int((res.status == stages.DROPPED).sum())
+        if prot.numel():
+            res.status[prot] = stages.KEPT_PROTECTED
+        return res
 
     # ------------------------------------------------------------------ stage 3
     def _trim(self, cache, state, config):
@@ -412,25 +468,25 @@ class LlavaMustDrop:
         return {"token_ids": tokens, "probs": probs, "stop": stop}, step_logits
 
     # ------------------------------------------------------------------ trace
-    def _trace(self, img, question, prompt, config, sampling, max_new_tokens, state, merge, cls_attn,
-               key_tokens, kv_indices, cache, gen, timings) -> Trace:
+    def _trace(self, img, question, prompt, config, sampling, max_new_tokens, state, vision: VisionResult,
+               kv_indices, gen, timings) -> Trace:
         G = self.grid
         w = config.window
         N = G * G
         N0, S, T = state.N0, state.S, state.T
-        arrays: dict[str, np.ndarray] = {}
-        if merge is not None:
-            groups = merge.groups.cpu().numpy()
-            if merge.similarity is not None:
-                arrays["stage1a.similarity"] = merge.similarity.cpu().numpy().astype(np.float32)
-            merged_windows = merge.merged_windows.cpu().tolist()
-        else:
-            groups = np.full((N0, 1), -1, dtype=np.int64)
-            groups[:, 0] = np.arange(N0)
-            merged_windows = []
-        arrays["tokens.groups"] = groups.astype(np.int64)
-        if cls_attn is not None:
-            arrays["stage1b.cls_attention"] = cls_attn.mean(0).cpu().numpy().astype(np.float32)
+        arrays: dict[str, np.ndarray] = {"tokens.groups": vision.groups.cpu().numpy().astype(np.int64)}
+        for c, sim in enumerate(vision.similarity):
+            if sim is not None:
+                arrays["stage1a.similarity" if c == 0 else f"stage1a.c{c}.similarity"] = \
+                    sim.cpu().numpy().astype(np.float32)
+        if vision.protected.numel():
+            newline = np.zeros(N0, np.uint8)
+            newline[vision.protected.cpu().numpy()] = 1
+            arrays["tokens.newline"] = newline
+        if vision.key_score is not None:
+            arrays["stage1b.cls_attention"] = vision.key_score.cpu().numpy().astype(np.float32)
+        merged_windows = vision.crops[0]["merged_windows"]
+        key_tokens = vision.key_tokens
         tc = self.text_config
         head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
         n_kv = getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads
@@ -487,8 +543,9 @@ class LlavaMustDrop:
             "input": {"question": question, "prompt": prompt,
                       "image": {"width": img.width, "height": img.height,
                                 "sha256": hashlib.sha256(pixels.tobytes()).hexdigest()},
-                      "mapping": image_mapping(self.processor, img.width, img.height, vc.image_size)},
-            "sequence": {"S": S, "T": T, "N": N, "N0": N0},
+                      "mapping": vision.crops[0]["mapping"]},
+            "crops": vision.crops,
+            "sequence": {"S": S, "T": T, "N": N * len(vision.crops), "N0": N0},
             "stage1a": {"enabled": config.merge, "window": w, "threshold": config.merge_threshold,
                         "merged_windows": merged_windows},
             "stage1b": {"enabled": config.key_set, "keep_rate": config.key_keep_rate,
