@@ -20,6 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--preset", default="64", choices=PRESET_NAMES)
     r.add_argument("--positions", choices=("reference", "original"), default=None,
                    help="RoPE positions after dropping (default: reference, as the authors' code)")
+    r.add_argument("--layout", choices=("stock", "reference"), default="stock",
+                   help="LLaVA-NeXT only: transformers' packing (stock) or the authors' flat crops (reference)")
     r.add_argument("--max-new-tokens", type=int, default=16)
     r.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     r.add_argument("--top-p", type=float, default=1.0)
@@ -45,8 +47,8 @@ def summary_lines(trace) -> list[str]:
              f"thresholds (global {cfg['global_thr']}, individual {cfg['individual_thr']}), positions {cfg['positions']}",
              f"question  {m['input']['question']}",
              f"answer    {m['generation']['answer']!r}",
-             f"stage 1a  {seq['N']} patches -> {seq['N0']} vision tokens "
-             f"({len(m['stage1a']['merged_windows'])} windows merged)",
+             f"stage 1a  {seq['N']} patches -> {seq['N0']} vision tokens ("
+             + ", ".join(f"{c['name']}: {len(c['merged_windows'])} windows merged" for c in m["crops"]) + ")",
              f"stage 1b  {len(m['stage1b']['key_tokens'])} key tokens"]
     for s in m["stage2"]:
         lines.append(f"stage 2   layer {s['layer']:>2}: {s['entering']} -> {s['kept']} ({s['dropped']} dropped)")
@@ -66,7 +68,7 @@ def summary_lines(trace) -> list[str]:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from .adapters import LlavaMustDrop, ModelLoadError, Sampling, load_llava
+    from .adapters import ModelLoadError, Sampling, load_llava, make_runner
     from .images import ImageInputError
     from .trace import Trace, TraceError
 
@@ -75,7 +77,7 @@ def main(argv=None) -> int:
             print("\n".join(summary_lines(Trace.load(args.trace))))
             return 0
         model, processor = load_llava(args.model, args.device, args.dtype)
-        runner = LlavaMustDrop(model, processor, args.model)
+        runner = make_runner(model, processor, args.model, layout=args.layout)
         config = runner.config_for(args.preset)
         if args.positions:
             config = config.replace(positions=args.positions)

@@ -127,7 +127,26 @@ def local_spatial_merge(tokens: torch.Tensor, grid: int, window: int, threshold:
     flat = sim.flatten()
     order = torch.sort(flat, descending=True, stable=True).indices
     r = int((flat >= threshold).sum())
-    merged = order[:r]
+    return _merge_windows(tokens, grid, window, sim, order[:r], num_prefix)
+
+
+def local_spatial_merge_batch(tokens: torch.Tensor, grid: int, window: int, threshold: float,
+                              num_prefix: int = 1) -> list[MergeResult]:
+    """Stage 1a on a batch (the authors' code on LLaVA-NeXT crops): r is the MINIMUM over the batch
+    of the windows at/above threshold, and every item merges its own r most similar windows, so
+    that all items keep one length."""
+    check_grid(grid, window)
+    if tokens.dim() != 3:
+        raise ValueError(f"expected a batch (B, prefix + N, C), got {tuple(tokens.shape)}")
+    sims = [window_similarity(t[num_prefix:], grid, window) for t in tokens]
+    r = min(int((s.flatten() >= float(threshold)).sum()) for s in sims)
+    return [_merge_windows(t, grid, window, s, torch.sort(s.flatten(), descending=True, stable=True).indices[:r],
+                           num_prefix) for t, s in zip(tokens, sims)]
+
+
+def _merge_windows(tokens, grid, window, sim, merged, num_prefix) -> MergeResult:
+    patches = tokens[num_prefix:]
+    r = merged.numel()
     win_ids = window_patch_ids(grid, window).to(tokens.device)
     merged_tokens = patches[win_ids[merged]].mean(dim=1)           # plain mean, sizes not carried
     is_merged_patch = torch.zeros(grid * grid, dtype=torch.bool, device=tokens.device)

@@ -118,3 +118,46 @@ def build_tiny_siglip_llava(folder, *, text_model="qwen2", vision_hidden=32, vis
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
+
+
+def build_tiny_llava_next(folder, *, vision_hidden=32, vision_layers=3, vision_heads=4, text_hidden=64,
+                          text_layers=6, text_heads=4, text_kv_heads=2, intermediate=128, seed=0,
+                          pinpoints=((336, 672), (672, 336), (672, 672))):
+    """A LLaVA-NeXT (any-res: base 336 x 336 + tiles of 336, each a 24 x 24 grid with CLS, newline
+    rows, unpadding) with a Llama decoder, saved like a real checkpoint."""
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
+                              LlavaNextImageProcessor, LlavaNextProcessor)
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(folder)
+    pins = [list(p) for p in pinpoints]
+    image_processor = LlavaNextImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
+                                              image_grid_pinpoints=pins, do_center_crop=True,
+                                              image_mean=[0.48145466, 0.4578275, 0.40821073],
+                                              image_std=[0.26862954, 0.26130258, 0.27577711])
+    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+                                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                   chat_template=CHAT_TEMPLATE)
+    config = LlavaNextConfig(
+        vision_config=CLIPVisionConfig(image_size=336, patch_size=14, hidden_size=vision_hidden,
+                                       intermediate_size=vision_hidden * 4, num_hidden_layers=vision_layers,
+                                       num_attention_heads=vision_heads, projection_dim=vision_hidden),
+        text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=text_hidden, intermediate_size=intermediate,
+                                num_hidden_layers=text_layers, num_attention_heads=text_heads,
+                                num_key_value_heads=text_kv_heads, max_position_embeddings=8192,
+                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                pad_token_id=tokenizer.pad_token_id),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
+        vision_feature_select_strategy="default", projector_hidden_act="gelu", image_grid_pinpoints=pins,
+    )
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                p.mul_(3.0)
+        model.model.image_newline.normal_()
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder

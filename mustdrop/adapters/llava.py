@@ -111,6 +111,9 @@ class _Prefill:
 class LlavaMustDrop:
     """A loaded LLaVA model + processor that runs MustDrop and records a trace."""
 
+    family = "llava"
+    layout = "single"
+
     def __init__(self, model, processor, model_id: str = "", defaults: ModelDefaults | None = None):
         self.model = model.eval()
         self.processor = processor
@@ -531,7 +534,7 @@ class LlavaMustDrop:
         pixels = np.asarray(img)
         meta = {
             "schema": SCHEMA_VERSION,
-            "model": {"id": self.model_id, "family": "llava", "dtype": str(self.model.dtype).replace("torch.", ""),
+            "model": {"id": self.model_id, "family": self.family, "layout": self.layout, "dtype": str(self.model.dtype).replace("torch.", ""),
                       "device": str(self.model.device),
                       "vision": {"image_size": vc.image_size, "patch_size": vc.patch_size, "grid": G,
                                  "num_layers": len(self.vision_layers), "has_cls": self.has_cls,

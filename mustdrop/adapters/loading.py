@@ -34,7 +34,9 @@ def pick_dtype(dtype: str | None, device: str) -> torch.dtype:
 
 def load_llava(model: str, device: str | None = None, dtype: str | None = None):
     """Load (model, processor) with transformers' own classes; the shipped model, a folder or a hub id."""
-    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+
+    classes = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration}
 
     device = pick_device(device)
     torch_dtype = pick_dtype(dtype, device)
@@ -49,12 +51,12 @@ def load_llava(model: str, device: str | None = None, dtype: str | None = None):
         hint = (" The model hub cannot be reached from here (offline): pass a local folder such as "
                 "assets/toy-llava, or run on a machine with internet access." if offline or not local else "")
         raise ModelLoadError(f"cannot load model {model!r}: {str(e).splitlines()[0]}.{hint}") from None
-    if getattr(config, "model_type", None) != "llava":
+    if getattr(config, "model_type", None) not in classes:
         raise ModelLoadError(f"{model!r} is a {getattr(config, 'model_type', 'unknown')!r} model; MustDrop Lens "
-                             "runs LLaVA checkpoints (LlavaForConditionalGeneration, model_type 'llava')")
+                             "runs LLaVA checkpoints (model_type 'llava' or 'llava_next')")
     try:
         processor = AutoProcessor.from_pretrained(model)
-        llava = LlavaForConditionalGeneration.from_pretrained(model, dtype=torch_dtype)
+        llava = classes[config.model_type].from_pretrained(model, dtype=torch_dtype)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load the weights or processor of {model!r}: {str(e).splitlines()[0]}") from None
     return llava.to(device).eval(), processor
