@@ -14,10 +14,10 @@ class HookSet:
         self._handles: list[tuple[str, torch.utils.hooks.RemovableHandle]] = []
 
     def pre(self, name: str, module: torch.nn.Module, fn) -> None:
-        self._handles.append((name, module.register_forward_pre_hook(fn, with_kwargs=True)))
+        self._handles.append((name, module.register_forward_pre_hook(_tag(fn, name), with_kwargs=True)))
 
     def post(self, name: str, module: torch.nn.Module, fn) -> None:
-        self._handles.append((name, module.register_forward_hook(fn, with_kwargs=True)))
+        self._handles.append((name, module.register_forward_hook(_tag(fn, name), with_kwargs=True)))
 
     @property
     def names(self) -> list[str]:
@@ -36,9 +36,19 @@ def attached(hooks: HookSet):
         hooks.remove()
 
 
+def _tag(fn, name):
+    """Mark a hook as ours, so that it can be told apart from transformers' own (permanent) ones."""
+    def hook(*args, **kwargs):
+        return fn(*args, **kwargs)
+    hook.mustdrop_hook = name
+    return hook
+
+
 def count_hooks(model: torch.nn.Module) -> int:
-    """How many forward / pre-forward hooks are attached anywhere in ``model`` (tests use it)."""
+    """How many MustDrop hooks are attached anywhere in ``model`` (0 outside a run). Transformers'
+    own output-capturing hooks, installed once and kept by design, are not counted."""
     n = 0
     for m in model.modules():
-        n += len(m._forward_hooks) + len(m._forward_pre_hooks)
+        for fn in list(m._forward_hooks.values()) + list(m._forward_pre_hooks.values()):
+            n += hasattr(fn, "mustdrop_hook")
     return n

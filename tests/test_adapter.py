@@ -173,20 +173,34 @@ def test_same_input_same_trace(tiny, image):
         np.testing.assert_array_equal(a.arrays[k], b.arrays[k], err_msg=k)
 
 
-def test_hooks_removed_after_a_run_that_raises(tiny, image, monkeypatch):
+@pytest.mark.parametrize("where", ["local_spatial_merge", "dual_attention_filter", "kv_keep_indices",
+                                   "decode"])
+def test_fault_inside_a_hook_leaves_the_model_clean(tiny, tiny_dir, image, monkeypatch, where):
+    """An exception mid-run reaches the caller, every hook is removed, and the next run on the same
+    loaded model equals a run on a freshly loaded model."""
+    from mustdrop.adapters import LlavaMustDrop, load_llava
+    from mustdrop.adapters import llava as llava_module
     before = count_hooks(tiny.model)
+    assert before == 0
 
     def boom(*a, **k):
-        raise RuntimeError("injected fault in stage 2")
-    monkeypatch.setattr(stages, "dual_attention_filter", boom)
+        raise RuntimeError(f"injected fault in {where}")
+    if where == "decode":
+        monkeypatch.setattr(llava_module, "_choose", boom)
+    else:
+        monkeypatch.setattr(stages, where, boom)
     with pytest.raises(RuntimeError, match="injected fault"):
-        tiny.run(image, QUESTION, tiny.config_for("64"), max_new_tokens=2)
+        tiny.run(image, QUESTION, tiny.config_for("64"), max_new_tokens=3)
     assert count_hooks(tiny.model) == before
     monkeypatch.undo()
     cfg = tiny.config_for("64")
-    again = tiny.run(image, QUESTION, cfg, max_new_tokens=2).trace
+    again = tiny.run(image, QUESTION, cfg, max_new_tokens=3).trace
     assert count_hooks(tiny.model) == before
-    assert again.meta["stage2"]
+    model, proc = load_llava(str(tiny_dir))
+    fresh = LlavaMustDrop(model, proc, str(tiny_dir)).run(image, QUESTION, cfg, max_new_tokens=3).trace
+    assert strip_timings(again) == strip_timings(fresh)
+    for k in fresh.arrays:
+        np.testing.assert_array_equal(again.arrays[k], fresh.arrays[k], err_msg=k)
 
 
 @pytest.mark.parametrize("positions", ["reference", "original"])

@@ -141,3 +141,23 @@ def test_non_trace_files_are_refused(tmp_path):
         Trace.load(junk)
     with pytest.raises(TraceError, match="not found"):
         Trace.load(tmp_path / "missing.safetensors")
+
+
+def test_trace_write_is_atomic(trace, tmp_path, monkeypatch):
+    """A crash while writing leaves neither a half-written trace nor a temporary file."""
+    import safetensors.numpy as stnp
+    path = tmp_path / "t.safetensors"
+    trace.save(path)
+    good = path.read_bytes()
+
+    def crash(arrays, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+    monkeypatch.setattr(stnp, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        trace.save(path)
+    assert path.read_bytes() == good, "the previous trace is untouched"
+    with pytest.raises(OSError):
+        trace.save(tmp_path / "new.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.safetensors"]
