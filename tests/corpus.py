@@ -149,3 +149,58 @@ def bad_trace_files(folder: Path, good) -> dict:
     junk.write_bytes(b"PK\x03\x04 pickle? no")
     out["not_safetensors"] = (junk, ["not a MustDrop trace"])
     return out
+
+
+def markdown_table() -> str:
+    """Run every corpus entry through the library and list what each gets (for the README)."""
+    import tempfile
+
+    from mustdrop.adapters import LlavaMustDrop, ModelLoadError, load_llava
+    from mustdrop.images import load_image
+    from mustdrop.testing import build_tiny_llava
+    from mustdrop.trace import Trace
+
+    rows = []
+
+    def attempt(kind, name, fn):
+        try:
+            fn()
+            rows.append((kind, name, "accepted"))
+        except Exception as e:  # noqa: BLE001 - the table shows whatever message a user would see
+            rows.append((kind, name, f"{type(e).__name__}: {e}"))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        for name, (build, _) in BAD_IMAGES.items():
+            attempt("image", name, lambda b=build: load_image(b(d)))
+        for name, build in GOOD_ODD_IMAGES.items():
+            attempt("image", name, lambda b=build: load_image(b(d)))
+        folder = build_tiny_llava(d / "tiny")
+        model, proc = load_llava(str(folder))
+        runner = LlavaMustDrop(model, proc, str(folder))
+        img = _scene()
+        for name, (q, _) in BAD_QUESTIONS.items():
+            attempt("question", name, lambda q=q: runner.run(img, q, runner.config_for("64"), max_new_tokens=1))
+        for name, (kw, _) in BAD_KNOBS.items():
+            attempt("knob", name, lambda kw=kw: runner.run(img, "q?", runner.config_for("64").replace(**kw),
+                                                            max_new_tokens=1))
+        for name, n in BAD_MAX_NEW_TOKENS.items():
+            attempt("max new tokens", name, lambda n=n: runner.run(img, "q?", runner.config_for("64"), n))
+        attempt("model", "unknown hub id offline", lambda: load_llava("llava-hf/no-such-model"))
+        (d / "empty").mkdir()
+        attempt("model", "folder without config.json", lambda: load_llava(str(d / "empty")))
+        good = runner.run(img, "what colour is the square?", runner.config_for("64"), max_new_tokens=1).trace
+        (d / "traces").mkdir()
+        for name, (path, _) in bad_trace_files(d / "traces", good).items():
+            attempt("trace", name, lambda p=path: Trace.load(p))
+    lines = ["| input | case | what it gets |", "|---|---|---|"]
+    lines += [f"| {k} | {n} | {m.replace('|', '/')} |" for k, n, m in rows]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import os
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    print(markdown_table())
