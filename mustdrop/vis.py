@@ -5,12 +5,17 @@ run saw); nothing touches a model. The ``patch.*`` maps of the trace are already
 coordinates (G x G), so no view re-maps token ids.
 
 Canvas geometry (every overlay): the image as the model saw it (the processor's resize + crop/pad,
-taken from ``trace.meta["input"]["mapping"]``), scaled to a square of ``G * cell`` pixels, patch
+taken from the crop's mapping record, ``meta["crops"][c]["mapping"]`` or ``meta["input"]["mapping"]``;
+LLaVA-NeXT traces hold a base image and tiles, every view takes ``crop=``), scaled to a square of
+``G * cell`` pixels, patch
 (row, col) occupying ``[row*cell, (row+1)*cell) x [col*cell, (col+1)*cell)``. Each patch cell is
 tinted with its category colour (alpha blended) and carries a centre dot of ``dot`` x ``dot``
 pixels painted in the EXACT category colour, so a test (or a curious user) can read every
 decision back from the pixels: :func:`decode_dots` does that. Colours are colour-blind-safe
 (Okabe-Ito for categories, viridis / cividis for scores).
+
+From the shell: ``python -m mustdrop.vis TRACE [--vanilla V] [--image IMG] --out DIR`` writes the
+slide figure (PNG + PDF) of a stored trace.
 """
 
 from __future__ import annotations
@@ -39,6 +44,10 @@ STATUS_COLOURS: dict[int, tuple[int, int, int]] = {
 }
 STATUS_LABELS = dict(STATUS_NAMES)
 STATUS_LABELS[NOT_ENTERING] = "not entering: dropped at an earlier prune layer"
+
+NO_TOKEN_CODE = -2
+NO_TOKEN = (0, 0, 0)                   # black: the patch reaches the LLM in no token (LLaVA-NeXT tile padding)
+NO_TOKEN_LABEL = "no token: padding the processor removed (LLaVA-NeXT unpadding)"
 
 KV_CACHED, KV_TRIMMED, KV_ABSENT = 1, 2, 0
 KV_COLOURS = {
@@ -126,7 +135,46 @@ def geometry(trace, target: int = 672) -> Geometry:
     return Geometry(g, max(8, int(round(target / g))))
 
 
-def model_view(image, trace, size: int | None = None) -> np.ndarray:
+def n_crops(trace) -> int:
+    """How many crops (images the vision tower saw) the trace holds: 1, or base + tiles for LLaVA-NeXT."""
+    crops = trace.meta.get("crops")
+    return len(crops) if isinstance(crops, list) and crops else 1
+
+
+def crop_name(trace, crop: int = 0) -> str:
+    crops = trace.meta.get("crops")
+    if isinstance(crops, list) and 0 <= crop < len(crops) and isinstance(crops[crop], dict):
+        return str(crops[crop].get("name", f"crop {crop}"))
+    return "image"
+
+
+def crop_mapping(trace, crop: int = 0) -> dict:
+    """processed (u, v) = (x * sx + ox, y * sy + oy) of one crop, from the trace's mapping record."""
+    crops = trace.meta.get("crops")
+    if isinstance(crops, list) and 0 <= crop < len(crops) and isinstance(crops[crop], dict) \
+            and isinstance(crops[crop].get("mapping"), dict):
+        return crops[crop]["mapping"]
+    return trace.meta["input"]["mapping"]
+
+
+def _scale_xy(m: dict) -> tuple[float, float]:
+    sxy = m.get("scale_xy")
+    if isinstance(sxy, (list, tuple)) and len(sxy) == 2:
+        return float(sxy[0]), float(sxy[1])
+    return float(m["scale"]), float(m["scale"])
+
+
+def pmap(trace, name: str, crop: int = 0) -> np.ndarray:
+    """A patch map (G x G, or L x G x G for kv_cached) of one crop: ``patch.NAME`` or ``patch.c{crop}.NAME``."""
+    pre = "patch." if crop == 0 else f"patch.c{crop}."
+    return trace.arrays[pre + name]
+
+
+def has_pmap(trace, name: str, crop: int = 0) -> bool:
+    return (("patch." if crop == 0 else f"patch.c{crop}.") + name) in trace.arrays
+
+
+def model_view(image, trace, size: int | None = None, crop: int = 0) -> np.ndarray:
     """The image as the model saw it (processor resize + centre crop or pad), as a size x size RGB array.
 
     ``image`` is a PIL image or an (H, W, 3) uint8 array of the ORIGINAL image of the run; None gives
@@ -134,7 +182,7 @@ def model_view(image, trace, size: int | None = None) -> np.ndarray:
     """
     import cv2
 
-    m = trace.meta["input"]["mapping"]
+    m = crop_mapping(trace, crop)
     processed = int(m.get("processed") or trace.meta["model"]["vision"]["image_size"])
     size = size or processed
     if image is None:
@@ -144,15 +192,16 @@ def model_view(image, trace, size: int | None = None) -> np.ndarray:
         a = np.repeat(a[:, :, None], 3, axis=2)
     a = np.ascontiguousarray(a[:, :, :3]).astype(np.uint8)
     k = size / processed
-    s = float(m["scale"]) * k
+    sx, sy = (v * k for v in _scale_xy(m))
     ox, oy = (float(v) * k for v in m["offset"])
-    M = np.array([[s, 0, ox], [0, s, oy]], np.float64)
-    interp = cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR
+    M = np.array([[sx, 0, ox], [0, sy, oy]], np.float64)
+    interp = cv2.INTER_AREA if min(sx, sy) < 1 else cv2.INTER_LINEAR
     return cv2.warpAffine(a, M, (size, size), flags=interp, borderMode=cv2.BORDER_CONSTANT,
                           borderValue=BACKGROUND)
 
 
-def base_canvas(image, trace, geom: Geometry | None = None, view: np.ndarray | None = None) -> np.ndarray:
+def base_canvas(image, trace, geom: Geometry | None = None, view: np.ndarray | None = None,
+                crop: int = 0) -> np.ndarray:
     """The model-view image at canvas size, slightly dimmed so overlay colours read well.
 
     ``view`` is a ready model view (from :func:`model_view`) to use instead of ``image``.
@@ -164,7 +213,7 @@ def base_canvas(image, trace, geom: Geometry | None = None, view: np.ndarray | N
         v = cv2.resize(np.ascontiguousarray(view[:, :, :3]).astype(np.uint8), (geom.size, geom.size),
                        interpolation=cv2.INTER_AREA if view.shape[0] > geom.size else cv2.INTER_LINEAR)
     else:
-        v = model_view(image, trace, geom.size)
+        v = model_view(image, trace, geom.size, crop)
     return (v.astype(np.float32) * 0.85).astype(np.uint8)
 
 
@@ -249,14 +298,35 @@ def _select(img, geom, selected):
     return outline(img, geom, cells, SELECT_OUTLINE, width=3)
 
 
+@dataclass(frozen=True, eq=False)
+class GroundTruth:
+    """Object masks of a scene: (k, G, G) patch coverage or (k, H, W) boolean pixel masks, and the
+    ids of the objects the question asks about (outlined in GT_TARGET instead of GT_OUTLINE)."""
+
+    masks: np.ndarray
+    targets: tuple = ()
+
+
+GT_TARGET = (240, 228, 66)
+
+
 def _gt(img, geom, gt_masks):
-    """Outline ground-truth objects given as (k, G, G) patch-coverage masks or (k, H, W) boolean masks."""
+    """Outline ground-truth objects: a GroundTruth, or bare (k, G, G) / (k, H, W) masks."""
     if gt_masks is None:
         return img
-    dark, light = _gt_rings(geom, np.asarray(gt_masks))
+    gt = gt_masks if isinstance(gt_masks, GroundTruth) else GroundTruth(np.asarray(gt_masks))
+    masks = np.asarray(gt.masks)
+    if masks.ndim == 2:
+        masks = masks[None]
+    targets = [int(i) for i in gt.targets if 0 <= int(i) < len(masks)]
+    others = [i for i in range(len(masks)) if i not in targets]
     img = img.copy()
-    img[dark] = (0, 0, 0)
-    img[light] = GT_OUTLINE
+    for ids, colour in ((others, GT_OUTLINE), (targets, GT_TARGET)):
+        if not ids:
+            continue
+        dark, light = _gt_rings(geom, masks[ids])
+        img[dark] = (0, 0, 0)
+        img[light] = colour
     return img
 
 
@@ -287,12 +357,12 @@ def _gt_rings(geom: Geometry, masks: np.ndarray):
     return _GT_CACHE[key]
 
 
-def _prepare(trace, image, base):
+def _prepare(trace, image, base, crop=0):
     """Geometry and background: from a ready canvas (its size sets the cell) or from the image."""
     if base is not None:
         return Geometry(trace.grid, max(1, base.shape[0] // trace.grid)), base
     geom = geometry(trace)
-    return geom, base_canvas(image, trace, geom)
+    return geom, base_canvas(image, trace, geom, crop=crop)
 
 
 def _finish(img, geom, selected=None, gt_masks=None):
@@ -300,18 +370,20 @@ def _finish(img, geom, selected=None, gt_masks=None):
 
 
 # ----------------------------------------------------------------------------- stage views
-def merge_overlay(trace, image=None, *, selected=None, gt_masks=None, base=None) -> np.ndarray:
+def merge_overlay(trace, image=None, *, selected=None, gt_masks=None, base=None,
+        crop: int = 0) -> np.ndarray:
     """Stage 1a: each merged window tinted with its group's random colour (exact colour dot);
     unmerged patches keep the image and a white dot."""
-    geom, base = _prepare(trace, image, base)
+    geom, base = _prepare(trace, image, base, crop)
     G = trace.grid
-    token = trace.patch("token")
-    merged = trace.patch("merged").astype(bool)
+    token = pmap(trace, "token", crop)
+    merged = pmap(trace, "merged", crop).astype(bool)
     colours = np.empty((G, G, 3), np.uint8)
     colours[:] = UNMERGED_DOT
     for t in np.unique(token[merged]):
         colours[token == t] = group_colour(int(t))
-    alpha = np.where(merged, 0.55, 0.0).astype(np.float32)
+    colours[token < 0] = NO_TOKEN
+    alpha = np.where(merged, 0.55, np.where(token < 0, 0.7, 0.0)).astype(np.float32)
     return _finish(paint(base, geom, colours, alpha), geom, selected, gt_masks)
 
 
@@ -337,21 +409,21 @@ def heat_colours(values: np.ndarray, cmap: str, log: bool, vmin=None, vmax=None)
     return colours, (float(lo), float(hi)), finite
 
 
-def heatmap_values(trace, name: str, layer: int | None = None) -> np.ndarray | None:
+def heatmap_values(trace, name: str, layer: int | None = None, crop: int = 0) -> np.ndarray | None:
     """The (G, G) values a heatmap shows, or None when the trace has none (stage off)."""
     if name in ("global_share", "individual_max"):
         if layer is None or layer not in trace.prune_layers:
             return None
-        return trace.patch(f"stage2.L{layer}.{name}")
-    key = f"patch.{HEATMAPS[name][0]}"
-    return trace.arrays.get(key)
+        return pmap(trace, f"stage2.L{layer}.{name}", crop)
+    key = HEATMAPS[name][0]
+    return pmap(trace, key, crop) if has_pmap(trace, key, crop) else None
 
 
 def heatmap_overlay(trace, name: str, image=None, layer: int | None = None, *, selected=None,
-                    gt_masks=None, base=None, outline_key: bool | None = None) -> np.ndarray:
+                    gt_masks=None, base=None, outline_key: bool | None = None, crop: int = 0) -> np.ndarray:
     """A score as a colour-blind-safe heatmap over the image; key patches outlined on the CLS map."""
-    geom, base = _prepare(trace, image, base)
-    values = heatmap_values(trace, name, layer)
+    geom, base = _prepare(trace, image, base, crop)
+    values = heatmap_values(trace, name, layer, crop)
     G = trace.grid
     if values is None:
         colours = np.full((G, G, 3), NAN_COLOUR, np.uint8)
@@ -361,7 +433,7 @@ def heatmap_overlay(trace, name: str, image=None, layer: int | None = None, *, s
         colours, _, finite = heat_colours(values, cmap, log)
         img = paint(base, geom, colours, np.where(finite, 0.6, 0.3).astype(np.float32))
     if outline_key or (outline_key is None and name == "cls_attention"):
-        img = outline(img, geom, trace.patch("key").astype(bool), KEY_OUTLINE, width=2)
+        img = outline(img, geom, pmap(trace, "key", crop).astype(bool), KEY_OUTLINE, width=2)
     return _finish(img, geom, selected, gt_masks)
 
 
@@ -370,15 +442,18 @@ def key_overlay(trace, image=None, **kw) -> np.ndarray:
     return heatmap_overlay(trace, "cls_attention", image, outline_key=True, **kw)
 
 
-def status_map(trace, layer: int) -> np.ndarray:
-    """(G, G) stage-2 status codes at a prune layer (NOT_ENTERING where the patch's token had gone)."""
-    return trace.patch(f"stage2.L{layer}.status").astype(np.int64)
+def status_map(trace, layer: int, crop: int = 0) -> np.ndarray:
+    """(G, G) stage-2 status codes at a prune layer (NOT_ENTERING where the patch's token had gone,
+    NO_TOKEN_CODE where the patch reaches the LLM in no token)."""
+    out = pmap(trace, f"stage2.L{layer}.status", crop).astype(np.int64)
+    out[pmap(trace, "token", crop) < 0] = NO_TOKEN_CODE
+    return out
 
 
-def processed_map(trace, layer: int) -> np.ndarray:
+def processed_map(trace, layer: int, crop: int = 0) -> np.ndarray:
     """(G, G) bool: the patch's token was still in the sequence when ``layer`` ran in prefill."""
-    d = trace.patch("dropped_after_layer")
-    return (d < 0) | (d >= layer)
+    d = pmap(trace, "dropped_after_layer", crop)
+    return ((d < 0) | (d >= layer)) & (pmap(trace, "token", crop) >= 0)
 
 
 def prune_layer_for(trace, layer: int) -> int | None:
@@ -387,45 +462,54 @@ def prune_layer_for(trace, layer: int) -> int | None:
     return before[-1] if before else None
 
 
-def filter_overlay(trace, layer: int, image=None, *, selected=None, gt_masks=None, base=None) -> np.ndarray:
+def filter_overlay(trace, layer: int, image=None, *, selected=None, gt_masks=None, base=None,
+        crop: int = 0) -> np.ndarray:
     """Stage 2 at prune layer ``layer``: kept (and why) vs dropped, exact colours in STATUS_COLOURS."""
-    geom, base = _prepare(trace, image, base)
-    codes = status_map(trace, layer)
+    geom, base = _prepare(trace, image, base, crop)
+    codes = status_map(trace, layer, crop)
     colours = np.zeros(codes.shape + (3,), np.uint8)
     for code, rgb in STATUS_COLOURS.items():
         colours[codes == code] = rgb
-    alpha = np.where(codes == DROPPED, 0.65, np.where(codes == NOT_ENTERING, 0.75, 0.35)).astype(np.float32)
+    colours[codes == NO_TOKEN_CODE] = NO_TOKEN
+    alpha = np.where(codes == DROPPED, 0.65, np.where(codes < 0, 0.75, 0.35)).astype(np.float32)
     return _finish(paint(base, geom, colours, alpha), geom, selected, gt_masks)
 
 
-def kv_map(trace, layer: int) -> np.ndarray:
-    """(G, G) KV_CACHED / KV_TRIMMED / KV_ABSENT for one LLM layer."""
-    cached = trace.patch("kv_cached")[layer].astype(bool)
-    processed = processed_map(trace, layer)
+def kv_map(trace, layer: int, crop: int = 0) -> np.ndarray:
+    """(G, G) KV_CACHED / KV_TRIMMED / KV_ABSENT (/ NO_TOKEN_CODE) for one LLM layer."""
+    cached = pmap(trace, "kv_cached", crop)[layer].astype(bool)
+    processed = processed_map(trace, layer, crop)
     out = np.full(cached.shape, KV_ABSENT, np.int64)
     out[processed] = KV_TRIMMED
     out[cached] = KV_CACHED
+    out[pmap(trace, "token", crop) < 0] = NO_TOKEN_CODE
     return out
 
 
-def kv_overlay(trace, layer: int, image=None, *, selected=None, gt_masks=None, base=None) -> np.ndarray:
+def kv_overlay(trace, layer: int, image=None, *, selected=None, gt_masks=None, base=None,
+        crop: int = 0) -> np.ndarray:
     """Stage 3: which image patches LLM layer ``layer`` still holds in its KV cache after prefill."""
-    geom, base = _prepare(trace, image, base)
-    codes = kv_map(trace, layer)
+    geom, base = _prepare(trace, image, base, crop)
+    codes = kv_map(trace, layer, crop)
     colours = np.zeros(codes.shape + (3,), np.uint8)
     for code, rgb in KV_COLOURS.items():
         colours[codes == code] = rgb
+    colours[codes == NO_TOKEN_CODE] = NO_TOKEN
     alpha = np.where(codes == KV_CACHED, 0.3, 0.7).astype(np.float32)
     return _finish(paint(base, geom, colours, alpha), geom, selected, gt_masks)
 
 
-def kept_patches(trace, layer: int) -> np.ndarray:
-    """(G, G) bool: patches whose token survives prune layer ``layer`` (the truth views are tested against)."""
+def kept_patches(trace, layer: int, crop: int = 0) -> np.ndarray:
+    """(G, G) bool: patches whose token survives prune layer ``layer``, from the token-level records."""
     toks = trace.arrays[f"stage2.L{layer}.tokens"]
     status = trace.arrays[f"stage2.L{layer}.status"]
-    kept_tokens = set(int(t) for t, s in zip(toks, status) if s != DROPPED)
-    token = trace.patch("token")
-    return np.isin(token, list(kept_tokens)) if kept_tokens else np.zeros(token.shape, bool)
+    groups = trace.arrays["tokens.groups"]
+    G = trace.grid
+    kept = np.zeros(G * G, bool)
+    for t in toks[status != DROPPED]:
+        ids = groups[t][groups[t] >= 0] - crop * G * G
+        kept[ids[(ids >= 0) & (ids < G * G)]] = True
+    return kept.reshape(G, G)
 
 
 # ----------------------------------------------------------------------------- legends
@@ -443,7 +527,29 @@ def _gradient(cmap, lo_label, hi_label):
             f'background:linear-gradient(to right, {stops})"></span>{html.escape(hi_label)}</span>')
 
 
-def legend_html(kind: str, trace=None, layer: int | None = None, inspected: bool = True) -> str:
+def object_coverage(trace, gt, layer: int, crop: int = 0) -> dict | None:
+    """How many patches of the asked-about objects (a GroundTruth with targets, patch-level masks) the
+    given LLM layer still processes in prefill and still holds in its KV cache."""
+    if not isinstance(gt, GroundTruth) or not gt.targets:
+        return None
+    masks = np.asarray(gt.masks)
+    if masks.ndim != 3 or masks.shape[1:] != (trace.grid, trace.grid):
+        return None
+    ids = [int(i) for i in gt.targets if 0 <= int(i) < len(masks)]
+    if not ids:
+        return None
+    obj = (masks[ids] > 0.25).any(0)
+    n = int(obj.sum())
+    return {"patches": n, "processed": int((processed_map(trace, layer, crop) & obj).sum()),
+            "cached": int(((kv_map(trace, layer, crop) == KV_CACHED) & obj).sum())}
+
+
+def has_untokened(trace) -> bool:
+    """Whether some patch reaches the LLM in no token (LLaVA-NeXT tiles' unpadded borders)."""
+    return any((pmap(trace, "token", c) < 0).any() for c in range(n_crops(trace)))
+
+
+def legend_html(kind: str, trace=None, layer: int | None = None, inspected: bool = True, crop: int = 0) -> str:
     """What each colour of a view means (HTML, shown under the view)."""
     parts = []
     if kind == "merge":
@@ -457,13 +563,15 @@ def legend_html(kind: str, trace=None, layer: int | None = None, inspected: bool
         _, cmap, log, title = HEATMAPS[kind]
         lo, hi = "low", "high"
         if trace is not None:
-            v = heatmap_values(trace, kind, layer)
+            v = heatmap_values(trace, kind, layer, crop)
             if v is not None and np.isfinite(v).any():
                 _, (a, b), _ = heat_colours(v, cmap, log)
                 lo, hi = (f"{10 ** a:.2g}", f"{10 ** b:.2g}") if log else (f"{a:.3g}", f"{b:.3g}")
         parts = [html.escape(title) + ": ", _gradient(cmap, lo, hi), _swatch(NAN_COLOUR, "no value (stage off or not entering)")]
         if kind == "cls_attention":
             parts.append(_swatch(KEY_OUTLINE, "white outline: key token set (never dropped)"))
+            if trace is not None and trace.meta["stage1b"].get("score"):
+                parts.append(f"key score: {html.escape(str(trace.meta['stage1b']['score']))}")
         if trace is not None and kind in ("global_share", "individual_max"):
             c = trace.meta["config"]
             thr = c["global_thr"] if kind == "global_share" else c["individual_thr"]
@@ -475,58 +583,93 @@ def legend_html(kind: str, trace=None, layer: int | None = None, inspected: bool
                  (KEPT_BOTH, KEPT_GLOBAL, KEPT_INDIVIDUAL, KEPT_KEY, DROPPED, NOT_ENTERING)]
     elif kind == "kv":
         parts = [_swatch(KV_COLOURS[k], KV_LABELS[k]) for k in (KV_CACHED, KV_TRIMMED, KV_ABSENT)]
+    if kind in ("merge", "filter", "kv") and trace is not None and has_untokened(trace):
+        parts.append(_swatch(NO_TOKEN, NO_TOKEN_LABEL))
     if inspected:
         parts.append(_swatch(SELECT_OUTLINE, "magenta outline: inspected patch"))
     return '<div style="font-size:0.9em;line-height:1.6">' + "".join(parts) + "</div>"
 
 
 # ----------------------------------------------------------------------------- lifecycle
-def patch_lifecycle(trace, row: int, col: int) -> dict:
+def patch_lifecycle(trace, row: int, col: int, crop: int = 0) -> dict:
     """Everything the trace knows about one original patch, stage by stage (plain data)."""
     G = trace.grid
     if not (isinstance(row, (int, np.integer)) and isinstance(col, (int, np.integer))):
         raise ValueError(f"row and column must be integers, got {row!r}, {col!r}")
     if not (0 <= row < G and 0 <= col < G):
         raise ValueError(f"patch ({row}, {col}) is outside the {G} x {G} grid (rows and columns 0..{G - 1})")
+    if not 0 <= crop < n_crops(trace):
+        raise ValueError(f"crop {crop} is outside the trace's {n_crops(trace)} crop(s)")
     m = trace.meta
-    tok = int(trace.patch("token")[row, col])
+
+    def at(name):
+        return pmap(trace, name, crop)[row, col]
+
+    tok = int(at("token"))
     groups = trace.arrays["tokens.groups"]
-    members = [int(x) for x in groups[tok] if x >= 0] if tok >= 0 else []
-    out = {"patch": int(row * G + col), "row": int(row), "col": int(col), "token": tok,
-           "merged": bool(trace.patch("merged")[row, col]), "group": members,
-           "key": bool(trace.patch("key")[row, col]),
-           "dropped_after_layer": int(trace.patch("dropped_after_layer")[row, col])}
-    if "patch.similarity" in trace.arrays:
-        out["window_similarity"] = float(trace.patch("similarity")[row, col])
-    if "patch.cls_attention" in trace.arrays:
-        v = float(trace.patch("cls_attention")[row, col])
+    members = [int(x) for x in groups[tok] if x >= 0] if 0 <= tok < len(groups) else []
+    out = {"patch": int(crop * G * G + row * G + col), "row": int(row), "col": int(col), "crop": int(crop),
+           "crop_name": crop_name(trace, crop), "token": tok,
+           "merged": bool(at("merged")), "group": members, "key": bool(at("key")),
+           "dropped_after_layer": int(at("dropped_after_layer"))}
+    if has_pmap(trace, "similarity", crop):
+        out["window_similarity"] = float(at("similarity"))
+    if has_pmap(trace, "cls_attention", crop):
+        v = float(at("cls_attention"))
         out["cls_attention"] = None if math.isnan(v) else v
     cfg = m["config"]
     stages2 = []
     for layer in trace.prune_layers:
-        s = int(trace.patch(f"stage2.L{layer}.status")[row, col])
-        g = float(trace.patch(f"stage2.L{layer}.global_share")[row, col])
-        i = float(trace.patch(f"stage2.L{layer}.individual_max")[row, col])
+        s = int(at(f"stage2.L{layer}.status"))
+        g = float(at(f"stage2.L{layer}.global_share"))
+        i = float(at(f"stage2.L{layer}.individual_max"))
         stages2.append({"layer": layer, "status": s, "status_name": STATUS_LABELS.get(s, str(s)),
                         "global_share": None if math.isnan(g) else g,
                         "individual_max": None if math.isnan(i) else i,
                         "global_thr": cfg["global_thr"], "individual_thr": cfg["individual_thr"]})
     out["stage2"] = stages2
-    cached = trace.patch("kv_cached")[:, row, col].astype(bool)
+    cached = pmap(trace, "kv_cached", crop)[:, row, col].astype(bool)
     out["kv_cached_layers"] = [int(x) for x in np.nonzero(cached)[0]]
     return out
+
+
+def original_box(trace, row: int, col: int, crop: int = 0):
+    """(x0, y0, x1, y1) of a patch in the original image's pixels (clipped to it), from the mapping."""
+    try:
+        m = crop_mapping(trace, crop)
+        p = float(m["processed"]) / trace.grid
+        sx, sy = _scale_xy(m)
+        ox, oy = (float(v) for v in m["offset"])
+        w, h = trace.meta["input"]["image"]["width"], trace.meta["input"]["image"]["height"]
+    except (KeyError, TypeError, ValueError):
+        return None
+    if sx <= 0 or sy <= 0:
+        return None
+    x0, x1 = (col * p - ox) / sx, ((col + 1) * p - ox) / sx
+    y0, y1 = (row * p - oy) / sy, ((row + 1) * p - oy) / sy
+    x0, y0, x1, y1 = max(0.0, x0), max(0.0, y0), min(float(w), x1), min(float(h), y1)
+    return None if x1 <= x0 or y1 <= y0 else (x0, y0, x1, y1)
 
 
 def _fmt(v):
     return "–" if v is None else f"{v:.3g}"
 
 
-def lifecycle_markdown(trace, row: int, col: int) -> str:
+def lifecycle_markdown(trace, row: int, col: int, crop: int = 0) -> str:
     """The lifecycle of one patch as Markdown for the patch inspector."""
-    d = patch_lifecycle(trace, row, col)
+    d = patch_lifecycle(trace, row, col, crop)
     m = trace.meta
     L = trace.num_layers
-    lines = [f"### Patch ({d['row']}, {d['col']}) — patch id {d['patch']}"]
+    where = f" of {d['crop_name']}" if n_crops(trace) > 1 else ""
+    lines = [f"### Patch ({d['row']}, {d['col']}){where} — patch id {d['patch']}"]
+    box = original_box(trace, row, col, crop)
+    if box is not None:
+        x0, y0, x1, y1 = box
+        lines.append(f"Covers original-image pixels x {x0:.0f}–{x1:.0f}, y {y0:.0f}–{y1:.0f} "
+                     f"({m['input']['image']['width']} x {m['input']['image']['height']} image).")
+    if d["token"] < 0:
+        lines.append(f"- **No token:** {NO_TOKEN_LABEL}; the language model never sees this patch.")
+        return "\n".join(lines)
     s1a = m["stage1a"]
     if not s1a["enabled"]:
         lines.append("- **Stage 1a (local spatial merge):** off")
@@ -541,7 +684,8 @@ def lifecycle_markdown(trace, row: int, col: int) -> str:
     if not m["stage1b"]["enabled"]:
         lines.append("- **Stage 1b (key token set):** off")
     else:
-        lines.append(f"- **Stage 1b:** CLS attention {_fmt(d.get('cls_attention'))}; "
+        score = m["stage1b"].get("score", "CLS attention")
+        lines.append(f"- **Stage 1b:** key score {_fmt(d.get('cls_attention'))} ({score}); "
                      + ("**key token** — protected from every later drop" if d["key"] else "not a key token"))
     if not d["stage2"]:
         lines.append("- **Stage 2 (dual-attention filter):** off / no prune layers")
@@ -653,6 +797,22 @@ def summary_markdown(trace, vanilla=None) -> str:
 
 
 # ----------------------------------------------------------------------------- answers
+def display_pieces(gen: dict) -> list[str]:
+    """Token pieces with the spaces the answer text has between them (SentencePiece pieces decoded one
+    by one lose their leading space): each piece is found in the answer and given the gap before it."""
+    answer = str(gen.get("answer", ""))
+    out, pos = [], 0
+    for p in gen.get("tokens", []):
+        p = str(p)
+        core = p.strip()
+        j = answer.find(core, pos) if core else -1
+        if j >= 0 and answer[pos:j].strip() == "":
+            out.append(answer[pos:j] + core if not p.startswith(" ") else p)
+            pos = j + len(core)
+        else:
+            out.append(p)
+    return out
+
 def answer_diff(vanilla, trace) -> dict:
     """Token-level comparison of the two answers: highlighted pieces, first divergence, probabilities."""
     va = vanilla.meta["generation"] if vanilla is not None else {"token_ids": [], "tokens": [], "probs": []}
@@ -668,7 +828,7 @@ def answer_diff(vanilla, trace) -> dict:
 
     def pieces(gen):
         out = []
-        for i, p in enumerate(gen["tokens"]):
+        for i, p in enumerate(display_pieces(gen)):
             label = None if first is None or i < first else "differs"
             out.append((p, label))
         return out
@@ -694,30 +854,41 @@ def answer_diff(vanilla, trace) -> dict:
 
 
 # ----------------------------------------------------------------------------- slides
-def slide_figure(trace, image=None, vanilla=None, layer: int | None = None, gt_masks=None, view=None):
+SLIDE_RC = {"font.size": 15, "axes.titlesize": 17, "axes.labelsize": 15, "legend.fontsize": 12,
+            "savefig.bbox": "standard", "savefig.dpi": 100, "figure.dpi": 100}
+
+
+def slide_figure(trace, image=None, vanilla=None, layer: int | None = None, gt_masks=None, view=None,
+                 crop: int = 0):
     """A projector-readable multi-panel matplotlib figure: one panel per stage plus the count curve."""
     import matplotlib
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    with matplotlib.rc_context(SLIDE_RC):
+        return _slide_figure(trace, image, vanilla, layer, gt_masks, view, crop)
 
-    plt.rcParams.update({"font.size": 15, "axes.titlesize": 17, "axes.labelsize": 15, "legend.fontsize": 12})
+
+def _slide_figure(trace, image, vanilla, layer, gt_masks, view, crop=0):
+    """A projector-readable multi-panel matplotlib figure: one panel per stage plus the count curve."""
+    from matplotlib.figure import Figure    # no pyplot: thread-safe in a server, no backend switching
+
     geom = geometry(trace, target=336)
-    base = base_canvas(image, trace, geom, view=view)
+    base = base_canvas(image, trace, geom, view=view, crop=crop)
     prune = trace.prune_layers
     pl = prune_layer_for(trace, layer) if layer is not None else None
     if pl is None and prune:   # the prune layer that dropped the most
         pl = max(trace.meta["stage2"], key=lambda s: s["dropped"])["layer"]
     kv_layer = layer if layer is not None and 0 <= layer < trace.num_layers else (prune[0] if prune else 0)
-    panels = [("1a  local spatial merge", merge_overlay(trace, base=base, gt_masks=gt_masks)),
-              ("1b  CLS attention + key set", key_overlay(trace, base=base, gt_masks=gt_masks))]
+    kw = dict(base=base, gt_masks=gt_masks if crop == 0 else None, crop=crop)
+    where = f" ({crop_name(trace, crop)})" if n_crops(trace) > 1 else ""
+    panels = [("1a  local spatial merge" + where, merge_overlay(trace, **kw)),
+              ("1b  key score + key set", key_overlay(trace, **kw))]
     if pl is not None:
         s2 = next(s for s in trace.meta["stage2"] if s["layer"] == pl)
         panels.append((f"2  filter after layer {pl}: {s2['dropped']} of {s2['entering']} dropped",
-                       filter_overlay(trace, pl, base=base, gt_masks=gt_masks)))
+                       filter_overlay(trace, pl, **kw)))
     else:
         panels.append(("2  dual-attention filter: off", base))
-    panels.append((f"3  KV cache of layer {kv_layer}", kv_overlay(trace, kv_layer, base=base, gt_masks=gt_masks)))
+    panels.append((f"3  KV cache of layer {kv_layer}", kv_overlay(trace, kv_layer, **kw)))
     from matplotlib.patches import Patch
 
     def handles(pairs):
@@ -733,7 +904,8 @@ def slide_figure(trace, image=None, vanilla=None, layer: int | None = None, gt_m
         handles([(KV_COLOURS[KV_CACHED], "cached"), (KV_COLOURS[KV_TRIMMED], "trimmed (stage 3)"),
                  (KV_COLOURS[KV_ABSENT], "dropped in prefill")]),
     ]
-    fig, axes = plt.subplots(2, 3, figsize=(19.2, 10.8), dpi=100)
+    fig = Figure(figsize=(19.2, 10.8), dpi=100)
+    axes = fig.subplots(2, 3)
     flat = axes.ravel()
     for ax, (title, img), hs in zip(flat, panels, legends):
         ax.imshow(img)
@@ -759,7 +931,8 @@ def slide_figure(trace, image=None, vanilla=None, layer: int | None = None, gt_m
     ax = flat[5]
     ax.set_axis_off()
     if gt_masks is not None:
-        ax.text(0.0, 0.02, "white contours: ground-truth objects", fontsize=12, transform=ax.transAxes)
+        ax.text(0.0, 0.02, "contours: ground-truth objects (yellow: the one asked about)", fontsize=12,
+                transform=ax.transAxes)
     s = accounting.summarize(trace)
     e, f = s["equivalent_tokens"], s["flops"]
     va = vanilla.answer if vanilla is not None else "(no vanilla run)"
@@ -785,17 +958,50 @@ def _clip(s, n):
 
 
 def save_slides(trace, folder, image=None, vanilla=None, layer=None, gt_masks=None, stem="mustdrop-slides",
-                view=None):
+                view=None, crop: int = 0):
     """Write the slide figure as PNG and PDF into ``folder``; return both paths."""
-    import matplotlib.pyplot as plt
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    fig = slide_figure(trace, image, vanilla, layer, gt_masks, view=view)
+    import matplotlib
+
     png, pdf = folder / f"{stem}.png", folder / f"{stem}.pdf"
-    try:
-        fig.savefig(png, dpi=100)
-        fig.savefig(pdf)
-    finally:
-        plt.close(fig)
+    with matplotlib.rc_context(SLIDE_RC):      # never touches the global rcParams of other figures
+        fig = _slide_figure(trace, image, vanilla, layer, gt_masks, view, crop)
+        fig.savefig(png, dpi=100, bbox_inches=None)
+        fig.savefig(pdf, bbox_inches=None)
     return png, pdf
+
+
+def main(argv=None) -> int:
+    """python -m mustdrop.vis TRACE [--vanilla TRACE] [--image IMAGE] [--layer L] [--crop C] --out DIR"""
+    import argparse
+
+    from .images import load_image
+    from .trace import Trace, TraceError
+
+    ap = argparse.ArgumentParser(prog="python -m mustdrop.vis",
+                                 description="Slide figure (PNG + PDF) of a stored MustDrop trace, no model needed.")
+    ap.add_argument("trace")
+    ap.add_argument("--vanilla", help="the vanilla trace of the same input (for the count curve and answers)")
+    ap.add_argument("--image", help="the run's image, drawn under the overlays (grey without it)")
+    ap.add_argument("--layer", type=int, default=None, help="LLM layer for the stage-2/3 panels")
+    ap.add_argument("--crop", type=int, default=0, help="crop to draw (LLaVA-NeXT: 0 = base image, then tiles)")
+    ap.add_argument("--out", default=".", help="folder for mustdrop-slides.png / .pdf")
+    a = ap.parse_args(argv)
+    try:
+        t = Trace.load(a.trace)
+        va = Trace.load(a.vanilla) if a.vanilla else None
+        img = load_image(a.image) if a.image else None
+        if not 0 <= a.crop < n_crops(t):
+            raise ValueError(f"--crop {a.crop}: the trace holds {n_crops(t)} crop(s)")
+        png, pdf = save_slides(t, a.out, image=img, vanilla=va, layer=a.layer, crop=a.crop)
+    except (TraceError, ValueError, OSError) as e:
+        print(f"error: {e}")
+        return 2
+    print(png)
+    print(pdf)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

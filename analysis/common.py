@@ -1,0 +1,373 @@
+"""What every analysis command shares: the model runner, samples, config specs, answer matching.
+
+Why one module: evaluate, batch, sweep and calibrate must read samples, name configs and judge
+answers in exactly the same way, or their numbers are not comparable.
+
+Config specs (strings, so that a command line, a table column and a trace folder all name a run
+the same way):
+
+    off | 192 | 128 | 64            a preset of the model (its mustdrop.json, else the reference)
+    64-no-merge                     the preset with one stage switched off
+                                    (no-merge, no-key_set, no-filter, no-kv_trim)
+    fastv@64 | random@64 | pool@64  a same-budget baseline: its budget is, per sample, the
+                                    layer-averaged vision tokens (compute convention) of that
+                                    sample's run of the named spec ("64" here)
+    fastv=150                       a baseline at a fixed budget of 150 tokens
+    SPEC+key=value+...              any MustDropConfig field overridden, e.g.
+                                    64+global_thr=0.02+individual_thr=0.02, 64+prune_layers=1,3
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+STAGES = ("merge", "key_set", "filter", "kv_trim")
+BASELINES = ("fastv", "random", "pool")
+TIMING_COLUMNS = ("vision_s", "prefill_s", "decode_s", "total_s", "wall_s")
+TOKEN_CONVENTIONS = ("authors' convention: (p0 N0 + (p1-p0) N1 + ... + (L-p_last) Nk) / L, as the paper "
+                     "prints and quotes its budgets; compute convention: mean over layers of the vision "
+                     "tokens each layer processed")
+
+
+# --------------------------------------------------------------------------- answers
+_PUNCT = str.maketrans({c: " " for c in string.punctuation})
+
+
+def normalise_answer(text: str | None) -> str:
+    """Lower case, punctuation removed, whitespace collapsed: 'Red.' and ' red' match 'red'."""
+    if text is None:
+        return ""
+    return " ".join(str(text).lower().translate(_PUNCT).split())
+
+
+def is_correct(prediction: str | None, answer: str | None) -> float:
+    """1.0 / 0.0 after normalisation; NaN when the sample has no reference answer."""
+    if answer is None or (isinstance(answer, float) and math.isnan(answer)):
+        return float("nan")
+    return float(normalise_answer(prediction) == normalise_answer(answer))
+
+
+# --------------------------------------------------------------------------- samples
+@dataclass
+class Item:
+    """One sample: an image (loaded on demand), a question, maybe an answer and scene ground truth."""
+
+    id: str
+    order: int
+    question: str
+    load_image: Callable = field(repr=False)
+    answer: str | None = None
+    qtype: str | None = None
+    scene: object = field(default=None, repr=False)      # analysis.toyworld.Scene when known
+    targets: tuple[int, ...] | None = None
+
+
+SEED_BLOCK = 10_000      # questions per seed block; the scene world has 100,000 indices per split
+SEED_BLOCKS = 10
+
+
+def scene_start(seed: int) -> int:
+    """First index of a seed's block of a split: seeds pick disjoint blocks, and within one seed a
+    run with n questions is a prefix of a run with more (so small runs are comparable to big ones)."""
+    if not 0 <= int(seed) < SEED_BLOCKS:
+        raise ValueError(f"seed must be in 0..{SEED_BLOCKS - 1} (the scene world has {SEED_BLOCKS} blocks of "
+                         f"{SEED_BLOCK} questions per split)")
+    return int(seed) * SEED_BLOCK
+
+
+def scene_items(split: str, n: int, seed: int = 0, start: int | None = None) -> list[Item]:
+    """n consecutive questions of a scene-world split (question types cycle, so types are balanced)."""
+    first = scene_start(seed) if start is None else int(start)
+    if n > SEED_BLOCK:
+        raise ValueError(f"at most {SEED_BLOCK} questions per seed block, got n = {n}")
+    items = []
+    for k in range(n):
+        index = first + k
+        items.append(_LazySceneItem(f"{split}-{index:07d}", k, split, index))
+    return items
+
+
+class _LazySceneItem(Item):
+    """A scene-world item that renders its scene only when a run needs it (resumed runs need not)."""
+
+    def __init__(self, id: str, order: int, split: str, index: int):
+        self.id, self.order, self.split, self.index = id, order, split, index
+        self._sample = None
+
+    def __repr__(self):
+        return f"SceneItem({self.id})"
+
+    def _get(self):
+        if self._sample is None:
+            from analysis.toyworld import make_sample
+            self._sample = make_sample(self.split, self.index)
+        return self._sample
+
+    question = property(lambda self: self._get().question)
+    answer = property(lambda self: self._get().answer)
+    qtype = property(lambda self: self._get().qtype)
+    scene = property(lambda self: self._get().scene)
+    targets = property(lambda self: tuple(self._get().targets))
+    load_image = property(lambda self: (lambda: self._get().image))
+
+
+def folder_items(images: str | Path, questions: str | Path) -> list[Item]:
+    """A folder of images + a JSONL file, one object per line:
+    {"image": "name.png", "question": "...", "answer": "..." (optional), "id": "..." (optional)}."""
+    from mustdrop.images import load_image
+
+    images = Path(images)
+    items = []
+    for k, line in enumerate(Path(questions).read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{questions}: line {k + 1} is not JSON ({e})") from None
+        if not isinstance(rec, dict) or "image" not in rec or "question" not in rec:
+            raise ValueError(f"{questions}: line {k + 1} needs at least 'image' and 'question'")
+        path = images / rec["image"]
+        sid = str(rec.get("id", f"{k:06d}-{Path(rec['image']).stem}"))
+        items.append(Item(safe_name(sid), len(items), str(rec["question"]), (lambda p=path: load_image(p)),
+                          rec.get("answer"), rec.get("type")))
+    return items
+
+
+def hf_items(path: str | Path, image_column="image", question_column="question", answer_column="answer",
+             split: str | None = None, n: int | None = None) -> list[Item]:
+    """A local HuggingFace ``datasets`` dataset saved with save_to_disk (read offline)."""
+    try:
+        import datasets  # noqa: F401 - optional dependency, imported only for this input kind
+    except ImportError:
+        raise SystemExit("reading a HuggingFace dataset needs the 'datasets' package, which is not installed "
+                         "here: pip install datasets (or export it to a folder of images + JSONL and use "
+                         "--images/--questions)") from None
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        if split is None:
+            raise SystemExit(f"{path} holds splits {list(ds)}; choose one with --hf-split")
+        ds = ds[split]
+    for col in (image_column, question_column):
+        if col not in ds.column_names:
+            raise SystemExit(f"{path} has no column {col!r}; columns: {ds.column_names}")
+    rows = range(len(ds) if n is None else min(n, len(ds)))
+    items = []
+    for k in rows:
+        def img(k=k):
+            return ds[k][image_column]
+        rec = ds[k]
+        ans = rec.get(answer_column) if answer_column in ds.column_names else None
+        items.append(Item(f"{k:07d}", k, str(rec[question_column]), img, None if ans is None else str(ans)))
+    return items
+
+
+def shard(items: list[Item], spec: str | None) -> list[Item]:
+    """``i/n``: every n-th item starting at i (0-based), so shards are balanced and disjoint."""
+    if not spec:
+        return items
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", spec)
+    if not m or not 0 <= int(m.group(1)) < int(m.group(2)):
+        raise ValueError(f"--shard must be i/n with 0 <= i < n, got {spec!r}")
+    i, n = int(m.group(1)), int(m.group(2))
+    return [it for it in items if it.order % n == i]
+
+
+# --------------------------------------------------------------------------- configs
+@dataclass(frozen=True)
+class Spec:
+    """A parsed config spec. ``match`` names the spec whose run sets a baseline's budget."""
+
+    text: str
+    base: str                     # preset name, or baseline method
+    off_stage: str | None = None
+    budget: float | None = None
+    match: str | None = None
+    overrides: tuple = ()
+
+    @property
+    def needs(self) -> list[str]:
+        return [self.match] if self.match else []
+
+
+def parse_spec(text: str) -> Spec:
+    from mustdrop.config import PRESET_NAMES
+
+    head, *over = str(text).strip().split("+")
+    overrides = []
+    for o in over:
+        if "=" not in o:
+            raise ValueError(f"config spec {text!r}: override {o!r} must be key=value")
+        k, v = o.split("=", 1)
+        overrides.append((k.strip(), v.strip()))
+    m = re.fullmatch(r"(fastv|random|pool)(@|=)(.+)", head)
+    if m:
+        method, how, arg = m.groups()
+        if how == "@":
+            parse_spec(arg)
+            return Spec(text, method, match=arg, overrides=tuple(overrides))
+        return Spec(text, method, budget=float(arg), overrides=tuple(overrides))
+    m = re.fullmatch(r"(off|192|128|64)(?:-no-(merge|key_set|filter|kv_trim))?", head)
+    if not m:
+        raise ValueError(f"unknown config spec {text!r}: use a preset ({', '.join(PRESET_NAMES)}), PRESET-no-STAGE, "
+                         f"fastv@SPEC / random@SPEC / pool@SPEC, METHOD=BUDGET, each optionally +key=value")
+    return Spec(text, m.group(1), off_stage=m.group(2), overrides=tuple(overrides))
+
+
+def _coerce(key: str, value: str):
+    from dataclasses import fields
+
+    from mustdrop.config import MustDropConfig
+
+    types = {f.name: f.type for f in fields(MustDropConfig)}
+    if key not in types:
+        raise ValueError(f"unknown MustDrop config key {key!r}; known: {sorted(types)}")
+    t = str(types[key])
+    if key == "prune_layers":
+        return tuple(int(x) for x in value.replace(";", ",").split(",") if x.strip() != "")
+    if "bool" in t:
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"{key} must be true or false, got {value!r}")
+        return value.lower() in ("true", "1")
+    if "int" in t and "float" not in t:
+        return int(value)
+    if "float" in t:
+        return float(value)
+    return value
+
+
+def build_config(runner, spec: Spec, budget: float | None = None, baseline_layer: int | None = None, seed: int = 0):
+    """The MustDropConfig of a spec for this model; ``budget`` for baselines matched to another run."""
+    from mustdrop.config import MustDropConfig
+
+    if spec.base in BASELINES:
+        b = spec.budget if spec.budget is not None else budget
+        if b is None:
+            raise ValueError(f"{spec.text}: a matched baseline needs the budget of its {spec.match!r} run")
+        layer = baseline_layer if baseline_layer is not None else auto_baseline_layer(runner, b)
+        cfg = MustDropConfig.baseline(spec.base, b, layer=layer, seed=seed)
+    else:
+        cfg = runner.config_for(spec.base)
+        if spec.off_stage:
+            cfg = cfg.replace(**{spec.off_stage: False})
+    if spec.overrides:
+        cfg = cfg.replace(**{k: _coerce(k, v) for k, v in spec.overrides})
+    return cfg.replace(preset=spec.text)
+
+
+def auto_baseline_layer(runner, budget: float) -> int:
+    """FastV / random drop layer K when none is given: the model's first prune layer (FastV's K = 2
+    on LLaVA-1.5-7B), moved earlier when the layers up to K alone already average more vision tokens
+    than the budget (a shallow model at a small budget); 0 when even that is too many (the adapter
+    then refuses the budget as unreachable, and the batch records the row as failed)."""
+    first = runner.defaults.prune_layers[0] if runner.defaults.prune_layers else 2
+    n, L = runner.grid * runner.grid, runner.num_layers
+    deepest = math.floor(budget * L / n + 1e-9) - 1          # (K + 1) n / L <= budget
+    return int(max(0, min(first, deepest, L - 2)))
+
+
+def order_specs(texts: list[str]) -> list[Spec]:
+    """Parsed specs with every matched spec run before the baselines that need it ("off" first)."""
+    specs = {t: parse_spec(t) for t in texts}
+    for s in list(specs.values()):
+        for need in s.needs:
+            specs.setdefault(need, parse_spec(need))
+    specs.setdefault("off", parse_spec("off"))
+    out, seen = [], set()
+
+    def visit(t):
+        if t in seen:
+            return
+        seen.add(t)
+        for need in specs[t].needs:
+            visit(need)
+        out.append(specs[t])
+
+    visit("off")
+    for t in texts:
+        visit(t)
+    for t in specs:
+        visit(t)
+    return out
+
+
+def safe_name(text: str) -> str:
+    """A file-system-safe folder name for a spec or sample id (a short hash keeps it unique)."""
+    slug = re.sub(r"[^A-Za-z0-9._@-]+", "_", text).strip("._") or "x"
+    if slug != text:
+        slug += "-" + hashlib.sha1(text.encode()).hexdigest()[:6]
+    return slug
+
+
+# --------------------------------------------------------------------------- model
+def load_runner(model: str, device: str | None = None, dtype: str | None = None, threads: int | None = None):
+    """Load a LLaVA checkpoint into the MustDrop adapter (offline; the same code path as the app)."""
+    import torch
+
+    from mustdrop.adapters import LlavaMustDrop, load_llava
+
+    if threads:
+        torch.set_num_threads(int(threads))
+    m, p = load_llava(model, device, dtype)
+    return LlavaMustDrop(m, p, str(model))
+
+
+def write_json_atomic(path: str | Path, obj) -> Path:
+    """Write JSON through a temporary file in the same folder, then rename (never half a file)."""
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1, allow_nan=False, default=_json_default)
+            f.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _json_default(o):
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def clean_for_json(obj):
+    """NaN -> None recursively, so that the JSON is strict (other tools choke on NaN)."""
+    if isinstance(obj, dict):
+        return {k: clean_for_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [clean_for_json(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    try:
+        import numpy as np
+        if isinstance(obj, np.generic):
+            return clean_for_json(obj.item())
+    except ImportError:
+        pass
+    return obj
+
+
+def iter_progress(iterable, total: int | None = None, desc: str = "", disable: bool | None = None) -> Iterator:
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, disable=disable, dynamic_ncols=True)

@@ -1,0 +1,153 @@
+"""Packing several questions about one image into one training sequence, exactly equivalent to
+single-turn inference.
+
+Sequence: [<s> USER :] [576 image tokens] [block 1] [block 2] ... where each block is one question's
+post-image prompt ("what color is the star ? ASSISTANT :") followed by its answer and </s>. A 4-D
+boolean attention mask lets each block see only the prefix, the (kept) image tokens and itself,
+and every block's position ids restart right after the image, so each block computes exactly what
+a single-turn prompt would. The image tokens, the costly part, are processed once for K questions.
+
+The same builder applies token-dropping augmentation: dropped image tokens are left out of the
+sequence, optionally with positions compacted the way MustDrop's reference re-numbers them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from analysis.toyworld import COLOR_NAMES, GRID, SHAPES, Question, Scene
+
+N_IMG = GRID * GRID
+ATTRIBUTE_WORDS = set(COLOR_NAMES) | set(SHAPES)
+
+
+@dataclass
+class Block:
+    """Token ids of one question block and what is supervised in it."""
+    ids: list[int]          # prompt ids after the image, then answer id, then eos id
+    n_prompt: int           # number of prompt ids (the answer is predicted at row n_prompt - 1)
+    focus_from: int         # prompt rows from this index on are supervised toward the targets
+    qtype: str
+    answer_id: int
+    target: np.ndarray      # (576,) normalised patch coverage of the question's target objects
+
+
+@dataclass
+class Packed:
+    embeds_ids: torch.Tensor     # (B, L) token ids, image slots hold the image token id
+    position_ids: torch.Tensor   # (B, L)
+    mask: torch.Tensor           # (B, 1, L, L) bool, True = may attend
+    img_index: torch.Tensor      # (B, V) which of the 576 image tokens fill the V image slots
+    answer_rows: torch.Tensor    # (N, 2) [b, row] rows that predict the answer
+    answer_ids: torch.Tensor     # (N,)
+    eos_rows: torch.Tensor       # (N, 2) rows that predict eos (the answer token's row)
+    qtypes: list[str]
+    sup_rows: list[torch.Tensor]     # per sample: prompt rows whose attention is supervised
+    sup_targets: list[torch.Tensor]  # per sample: (R_b, V) target distributions over image slots
+    sup_weights: list[torch.Tensor]  # per sample: (R_b,)
+
+
+class PromptCache:
+    """Token ids of a question's post-image prompt, taken from the real chat template once."""
+
+    def __init__(self, processor):
+        self.processor = processor
+        self.tok = processor.tokenizer
+        self.image_id = self.tok.convert_tokens_to_ids("<image>")
+        self._cache: dict[str, list[int]] = {}
+        from analysis.toy_model import prompt
+        ids = self.tok(prompt(processor, "what"), add_special_tokens=False)["input_ids"]
+        self.prefix = ids[: ids.index(self.image_id)]
+
+    def after_image(self, question: str) -> list[int]:
+        if question not in self._cache:
+            from analysis.toy_model import prompt
+            ids = self.tok(prompt(self.processor, question), add_special_tokens=False)["input_ids"]
+            self._cache[question] = ids[ids.index(self.image_id) + 1:]
+        return self._cache[question]
+
+    def block(self, scene: Scene, q: Question) -> Block:
+        ids = self.after_image(q.text)
+        toks = self.tok.convert_ids_to_tokens(ids)
+        attr = [i for i, t in enumerate(toks) if t in ATTRIBUTE_WORDS]
+        focus_from = attr[-1] if attr else 0
+        ans = self.tok.convert_tokens_to_ids(q.answer)
+        tgt = scene.union_patch_mask(list(q.targets)).reshape(-1)
+        tgt = tgt / max(tgt.sum(), 1e-9)
+        return Block(ids + [ans, self.tok.eos_token_id], len(ids), focus_from, q.qtype, ans,
+                     tgt.astype(np.float32))
+
+
+def pack(cache: PromptCache, scenes: list[Scene], blocks: list[list[Block]],
+         keeps: list[np.ndarray | None] | None = None, compact: list[bool] | None = None,
+         focus_weight: float = 1.0, context_weight: float = 0.3) -> Packed:
+    """Build one batch. keeps[b] is a (576,) bool of the image tokens left in (None = all).
+
+    Dropped image tokens are removed from the sequence, which is exactly equivalent to masking
+    them out as keys everywhere, and cheaper. Kept tokens keep their original positions, or with
+    compact[b] are re-numbered consecutively as in MustDrop's reference.
+    """
+    B = len(scenes)
+    P = len(cache.prefix)
+    kept = [np.arange(N_IMG) if keeps is None or keeps[b] is None else np.flatnonzero(keeps[b])
+            for b in range(B)]
+    V = max(len(k) for k in kept)
+    base = P + V
+    L = base + max(sum(len(k.ids) for k in bl) for bl in blocks)
+    ids = np.full((B, L), cache.tok.pad_token_id, np.int64)
+    pos = np.zeros((B, L), np.int64)
+    seg = np.full((B, L), -1, np.int64)
+    img_index = np.zeros((B, V), np.int64)
+    ans_rows, ans_ids, eos_rows, qtypes = [], [], [], []
+    sup_rows, sup_t, sup_w = [], [], []
+    for b in range(B):
+        kb, n_kept = kept[b], len(kept[b])
+        is_compact = compact is not None and compact[b]
+        ids[b, :P] = cache.prefix
+        ids[b, P:P + n_kept] = cache.image_id
+        seg[b, :P + n_kept] = 0
+        pos[b, :P] = np.arange(P)
+        pos[b, P:P + n_kept] = P + (np.arange(n_kept) if is_compact else kb)
+        img_index[b, :n_kept] = kb
+        after = P + (n_kept if is_compact else N_IMG)
+
+        def restrict(t):
+            out = np.zeros(V, np.float32)
+            out[:n_kept] = t[kb]
+            return out / max(out.sum(), 1e-9)
+
+        all_t = restrict(scenes[b].union_patch_mask().reshape(-1))
+        start = base
+        rows, tg, wt = [], [], []
+        for k, blk in enumerate(blocks[b]):
+            n = len(blk.ids)
+            ids[b, start:start + n] = blk.ids
+            seg[b, start:start + n] = k + 1
+            pos[b, start:start + n] = after + np.arange(n)
+            r_ans = start + blk.n_prompt - 1
+            ans_rows.append((b, r_ans)); ans_ids.append(blk.answer_id); qtypes.append(blk.qtype)
+            eos_rows.append((b, r_ans + 1))
+            focus_t = restrict(blk.target)
+            for i in range(blk.n_prompt):
+                rows.append(start + i)
+                if i >= blk.focus_from:
+                    tg.append(focus_t); wt.append(focus_weight)
+                else:
+                    tg.append(all_t); wt.append(context_weight)
+            start += n
+        sup_rows.append(torch.tensor(rows))
+        sup_t.append(torch.from_numpy(np.stack(tg)))
+        sup_w.append(torch.tensor(wt))
+    r = np.arange(L)
+    causal = r[None, :] <= r[:, None]
+    same = (seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None])
+    mask = causal[None] & same & (seg[:, :, None] >= 0)
+    pad = seg < 0
+    mask[:, :, 0] |= pad  # padding rows attend to <s> and themselves only
+    mask |= np.eye(L, dtype=bool)[None]
+    return Packed(torch.from_numpy(ids), torch.from_numpy(pos), torch.from_numpy(mask)[:, None],
+                  torch.from_numpy(img_index), torch.tensor(ans_rows), torch.tensor(ans_ids),
+                  torch.tensor(eos_rows), qtypes, sup_rows, sup_t, sup_w)

@@ -1,0 +1,347 @@
+"""Train the toy LLaVA from scratch on the scene world, on CPU, within a wall-clock budget.
+
+    python -m analysis.train_toy --out assets/toy-llava --minutes 85 --seed 0 --log runs/train_toy.log
+
+Recipe (why each part is there; measured probes are in shared/docs/toy-model-notes.md):
+- Packed questions: K questions per image share one pass over the 576 image tokens (see
+  analysis/packing.py), so each step supervises B*K answers for the cost of B images.
+- Answer loss: cross-entropy on the one-word answer and on the </s> after it.
+- Text->vision attention supervision: at the decoder's MustDrop pruning layers, the mean attention
+  of half the heads (the other half stays free to read the question) of the post-image prompt rows is pulled (cross-entropy over the image columns of the
+  full softmax) toward the normalised patch mask of the objects the question is about; rows before
+  the question's last attribute word are pulled toward all objects. This teaches the look-up that
+  plain answer loss learns too slowly, and it is exactly the attention MustDrop's stage 2 reads.
+  The probabilities are computed from q/k forward hooks for those rows only; the model runs sdpa.
+- CLS attention supervision: in the last vision layer, the CLS query's head-mean attention is
+  pulled toward all object patches, which is what MustDrop's stage 1b key set reads.
+- Per-patch auxiliary heads (discarded at save) on the projected features: colour, shape, object
+  centre, patch position. They make the vision side learn in a few hundred steps.
+- Token-dropping augmentation: a share of batches leave out most background tokens (object tokens
+  are mostly kept), with positions compacted or not, so answers survive pruning; dropping is
+  total at first (only object tokens: a curriculum that lets the answer rows find the question
+  words and the objects among few distractors) and background tokens are phased in over the
+  budget; dropped tokens are physically removed, so those steps are also cheaper.
+The saved model is a stock LlavaForConditionalGeneration checkpoint; checkpoints are written every
+time validation accuracy improves, so a usable model exists even if the run is cut short.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from analysis.packing import N_IMG, PromptCache, pack
+from analysis.toy_model import MUSTDROP_DEFAULTS, build_model, pixel_values, save
+from analysis.toyworld import (COLOR_NAMES, GRID, QUESTION_TYPES, SHAPES, generate_scene, make_sample,
+                               scene_questions, scene_seed)
+
+
+class QKRecorder:
+    """Forward hooks that keep the q_proj / k_proj outputs of chosen attention modules."""
+
+    def __init__(self, attns):
+        self.store: dict[int, dict[str, torch.Tensor]] = {}
+        self.handles = []
+        for i, attn in enumerate(attns):
+            self.store[i] = {}
+            for name in ("q_proj", "k_proj"):
+                h = getattr(attn, name).register_forward_hook(self._hook(i, name))
+                self.handles.append(h)
+
+    def _hook(self, i, name):
+        def fn(module, args, output):
+            self.store[i][name] = output
+        return fn
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def patch_labels(scenes) -> dict[str, torch.Tensor]:
+    """Per-patch targets for the auxiliary heads: colour, shape, centre flag (B, 576)."""
+    B = len(scenes)
+    color = np.zeros((B, N_IMG), np.int64)
+    shape = np.zeros((B, N_IMG), np.int64)
+    centre = np.zeros((B, N_IMG), np.float32)
+    for b, sc in enumerate(scenes):
+        cov = np.stack([o.patch_mask.reshape(-1) for o in sc.objects])
+        best, arg = cov.max(0), cov.argmax(0)
+        cidx = np.array([COLOR_NAMES.index(o.color) + 1 for o in sc.objects])
+        sidx = np.array([SHAPES.index(o.shape) + 1 for o in sc.objects])
+        color[b] = np.where(best >= 0.3, cidx[arg], np.where(best > 0, -100, 0))
+        shape[b] = np.where(best >= 0.3, sidx[arg], np.where(best > 0, -100, 0))
+        for o in sc.objects:
+            cx, cy = o.center
+            centre[b, int(cy // 14) * GRID + int(cx // 14)] = 1.0
+    return {"color": torch.from_numpy(color), "shape": torch.from_numpy(shape),
+            "centre": torch.from_numpy(centre)}
+
+
+class Trainer:
+    def __init__(self, args):
+        self.args = args
+        self.model, self.processor = build_model(args.seed)
+        self.cache = PromptCache(self.processor)
+        lm = self.model.model.language_model
+        self.lm = lm
+        self.sup_layers = list(MUSTDROP_DEFAULTS["prune_layers"])
+        self.text_rec = QKRecorder([lm.layers[i].self_attn for i in self.sup_layers])
+        self.vis_rec = QKRecorder([self.model.model.vision_tower.encoder.layers[-1].self_attn])
+        d = self.model.config.text_config.hidden_size
+        self.aux = torch.nn.Linear(d, 7 + 5 + 1 + 2)
+        torch.manual_seed(args.seed)
+        params = list(self.model.parameters()) + list(self.aux.parameters())
+        self.opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+        self.rng = np.random.default_rng(args.seed)
+        self.train_index = 0
+        pos = np.stack(np.meshgrid(np.arange(GRID), np.arange(GRID), indexing="ij"), -1).reshape(-1, 2)
+        self.patch_pos = torch.from_numpy(pos / (GRID - 1)).float()
+
+    # ---- data -------------------------------------------------------------------------------
+    def train_batch(self, frac: float):
+        a = self.args
+        scenes, blocks, keeps, compact = [], [], [], []
+        # Curriculum: object tokens only at first, background tokens phased in from 15% to 60% of
+        # the budget; after that a share of batches stays dropped as pruning augmentation.
+        ramp = min(1.0, max(0.0, (frac - a.ramp_start) / (a.ramp_end - a.ramp_start)))
+        p_drop = 1.0 - (1.0 - a.drop_late) * ramp
+        keep_max = a.keep_early + (a.drop_keep_max - a.keep_early) * ramp
+        drop = self.rng.random() < p_drop  # per batch: a dropped batch is physically shorter
+        for _ in range(a.batch):
+            sc = generate_scene(scene_seed("train", self.train_index))
+            self.train_index += 1
+            qs = scene_questions(sc, a.k, self.rng)
+            scenes.append(sc)
+            blocks.append([self.cache.block(sc, q) for q in qs])
+            if drop:
+                on_obj = sc.union_patch_mask().reshape(-1) > 0
+                f = self.rng.uniform(0.0, keep_max)
+                keep = np.where(on_obj, self.rng.random(N_IMG) < 0.95, self.rng.random(N_IMG) < f)
+                keeps.append(keep)
+                compact.append(bool(self.rng.random() < 0.5))
+            else:
+                keeps.append(None)
+                compact.append(False)
+        return scenes, pack(self.cache, scenes, blocks, keeps, compact)
+
+    # ---- model ------------------------------------------------------------------------------
+    def forward(self, images: np.ndarray, pk, with_aux: bool = True):
+        m = self.model.model
+        vis = m.vision_tower(pixel_values(images), output_hidden_states=True)
+        img = m.multi_modal_projector(vis.hidden_states[-2][:, 1:])
+        P = len(self.cache.prefix)
+        V = pk.img_index.shape[1]
+        slots = torch.gather(img, 1, pk.img_index[..., None].expand(-1, -1, img.shape[-1]))
+        emb = self.lm.embed_tokens(pk.embeds_ids)
+        emb = torch.cat([emb[:, :P], slots, emb[:, P + V:]], dim=1)
+        out = self.lm(inputs_embeds=emb, attention_mask=pk.mask, position_ids=pk.position_ids,
+                      use_cache=False)
+        h = out.last_hidden_state
+        head = self.model.lm_head
+        ans_logits = head(h[pk.answer_rows[:, 0], pk.answer_rows[:, 1]])
+        eos_logits = head(h[pk.eos_rows[:, 0], pk.eos_rows[:, 1]])
+        return img, emb, ans_logits, eos_logits
+
+    def text_attention_loss(self, emb, pk) -> torch.Tensor:
+        cfg = self.model.config.text_config
+        H, hd = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
+        Hs = self.args.sup_heads
+        cos, sin = self.lm.rotary_emb(emb, pk.position_ids)
+        P = len(self.cache.prefix)
+        V = pk.img_index.shape[1]
+        losses = []
+        for li in range(len(self.sup_layers)):
+            q_all = self.text_rec.store[li]["q_proj"]
+            k_all = self.text_rec.store[li]["k_proj"]
+            B, L, _ = q_all.shape
+            for b in range(B):
+                rows = pk.sup_rows[b]
+                q = q_all[b, rows].view(-1, H, hd)[:, :Hs].transpose(0, 1)[None]  # (1,Hs,R,hd)
+                k = k_all[b].view(L, H, hd)[:, :Hs].transpose(0, 1)[None]         # (1,Hs,L,hd)
+                q, _ = apply_rotary_pos_emb(q, q, cos[b:b + 1, rows], sin[b:b + 1, rows])
+                _, k = apply_rotary_pos_emb(k, k, cos[b:b + 1], sin[b:b + 1])
+                s = (q @ k.transpose(-1, -2))[0] * hd ** -0.5                # (H,R,L)
+                s = s.masked_fill(~pk.mask[b, 0, rows][None], float("-inf"))
+                p = s.softmax(-1).mean(0)[:, P:P + V]                        # (R,V)
+                ce = -(pk.sup_targets[b] * torch.log(p + 1e-6)).sum(-1)
+                losses.append((ce * pk.sup_weights[b]).sum() / pk.sup_weights[b].sum())
+        return torch.stack(losses).mean()
+
+    def cls_attention_loss(self, scenes) -> torch.Tensor:
+        cfg = self.model.config.vision_config
+        H, hd = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
+        q = self.vis_rec.store[0]["q_proj"][:, 0].view(-1, H, 1, hd)
+        k = self.vis_rec.store[0]["k_proj"]
+        B, L, _ = k.shape
+        k = k.view(B, L, H, hd).transpose(1, 2)
+        p = ((q @ k.transpose(-1, -2)) * hd ** -0.5).softmax(-1).mean(1)[:, 0, 1:]   # (B,576)
+        t = np.stack([sc.union_patch_mask().reshape(-1) for sc in scenes])
+        t = torch.from_numpy(t / t.sum(1, keepdims=True))
+        return -(t * torch.log(p + 1e-6)).sum(-1).mean()
+
+    def aux_loss(self, img, scenes) -> torch.Tensor:
+        lab = patch_labels(scenes)
+        o = self.aux(img)
+        lc = F.cross_entropy(o[..., :7].reshape(-1, 7), lab["color"].reshape(-1), ignore_index=-100)
+        ls = F.cross_entropy(o[..., 7:12].reshape(-1, 5), lab["shape"].reshape(-1), ignore_index=-100)
+        lz = F.binary_cross_entropy_with_logits(o[..., 12], lab["centre"], pos_weight=torch.tensor(20.0))
+        lp = F.mse_loss(o[..., 13:15], self.patch_pos.expand(len(scenes), -1, -1))
+        return lc + ls + 0.5 * lz + lp
+
+    # ---- loop -------------------------------------------------------------------------------
+    def lr_at(self, step: int, frac: float) -> float:
+        warm = min(1.0, (step + 1) / self.args.warmup)
+        return self.args.lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+    def step(self, frac: float, step: int) -> dict:
+        a = self.args
+        scenes, pk = self.train_batch(frac)
+        images = np.stack([sc.image for sc in scenes])
+        img, emb, ans_logits, eos_logits = self.forward(images, pk)
+        l_ans = F.cross_entropy(ans_logits, pk.answer_ids)
+        l_eos = F.cross_entropy(eos_logits, torch.full_like(pk.answer_ids, self.processor.tokenizer.eos_token_id))
+        l_att = self.text_attention_loss(emb, pk)
+        l_cls = self.cls_attention_loss(scenes)
+        l_aux = self.aux_loss(img, scenes)
+        loss = l_ans + 0.5 * l_eos + a.w_att * l_att + a.w_cls * l_cls + a.w_aux * l_aux
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr_at(step, frac)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 2.0)
+        self.opt.step()
+        acc = (ans_logits.argmax(-1) == pk.answer_ids).float().mean().item()
+        return {"loss": loss.item(), "ans": l_ans.item(), "eos": l_eos.item(), "att": l_att.item(),
+                "cls": l_cls.item(), "aux": l_aux.item(), "acc": acc}
+
+    @torch.no_grad()
+    def validate(self, val) -> dict:
+        """Greedy first-token accuracy on fixed validation questions (one question per image)."""
+        self.model.eval()
+        correct: dict[str, list[int]] = {t: [] for t in QUESTION_TYPES}
+        bs = 25
+        for i in range(0, len(val), bs):
+            chunk = val[i:i + bs]
+            scenes = [s.scene for s in chunk]
+            blocks = [[blk] for blk in (v_blk for _, v_blk in ((s, s.block) for s in chunk))]
+            pk = pack(self.cache, scenes, blocks)
+            _, _, logits, eos_logits = self.forward(np.stack([sc.image for sc in scenes]), pk)
+            ok = (logits.argmax(-1) == pk.answer_ids).tolist()
+            for t, o in zip(pk.qtypes, ok):
+                correct[t].append(int(o))
+        self.model.train()
+        per = {t: float(np.mean(v)) for t, v in correct.items() if v}
+        per["all"] = float(np.mean([o for v in correct.values() for o in v]))
+        return per
+
+
+class ValSample:
+    def __init__(self, sample, cache):
+        self.scene = sample.scene
+        from analysis.toyworld import Question
+        self.block = cache.block(sample.scene, Question(sample.qtype, sample.question, sample.answer,
+                                                        sample.targets))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="assets/toy-llava")
+    ap.add_argument("--minutes", type=float, default=85.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--log", default="runs/train_toy.log")
+    ap.add_argument("--batch", type=int, default=6, help="images per step")
+    ap.add_argument("--k", type=int, default=8, help="questions packed per image")
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--warmup", type=int, default=50)
+    ap.add_argument("--w-att", type=float, default=1.5)
+    ap.add_argument("--sup-heads", type=int, default=2,
+                    help="decoder heads whose attention is supervised (the others stay free)")
+    ap.add_argument("--w-cls", type=float, default=0.3)
+    ap.add_argument("--w-aux", type=float, default=1.0)
+    ap.add_argument("--keep-early", type=float, default=0.05,
+                    help="at the start a dropped image keeps at most this share of background tokens")
+    ap.add_argument("--drop-keep-max", type=float, default=0.5,
+                    help="after the ramp a dropped image keeps a U(0, this) share of background tokens")
+    ap.add_argument("--drop-late", type=float, default=0.3, help="share of dropped batches after the ramp")
+    ap.add_argument("--ramp-start", type=float, default=0.15, help="budget fraction where background phases in")
+    ap.add_argument("--ramp-end", type=float, default=0.6)
+    ap.add_argument("--val-n", type=int, default=150)
+    ap.add_argument("--val-every", type=float, default=6.0, help="minutes between validations")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    Path(args.log).parent.mkdir(parents=True, exist_ok=True)
+    logf = open(args.log, "a", buffering=1)
+
+    def log(msg):
+        line = f"{time.strftime('%H:%M:%S')} {msg}"
+        print(line, flush=True)
+        logf.write(line + "\n")
+
+    log(f"args {json.dumps(vars(args))}")
+    tr = Trainer(args)
+    n_params = sum(p.numel() for p in tr.model.parameters())
+    log(f"model params {n_params / 1e6:.2f}M")
+    val = [ValSample(make_sample("val", i), tr.cache) for i in range(args.val_n)]
+    out = Path(args.out)
+    budget = args.minutes * 60
+    t0 = time.time()
+    best, curve, step = -1.0, [], 0
+    next_val = args.val_every * 60
+    stats: dict[str, list[float]] = {}
+    while True:
+        elapsed = time.time() - t0
+        if elapsed >= budget:
+            break
+        s = tr.step(elapsed / budget, step)
+        for k, v in s.items():
+            stats.setdefault(k, []).append(v)
+        step += 1
+        if step % 20 == 0:
+            mean = {k: np.mean(v) for k, v in stats.items()}
+            stats = {}
+            log(f"step {step} t {elapsed / 60:.1f}m lr {tr.lr_at(step, elapsed / budget):.2e} "
+                + " ".join(f"{k} {v:.3f}" for k, v in mean.items())
+                + f" s/step {(time.time() - t0) / step:.2f}")
+        if time.time() - t0 >= next_val:
+            next_val += args.val_every * 60
+            best = _validate_and_save(tr, val, out, step, t0, best, curve, log)
+    best = _validate_and_save(tr, val, out, step, t0, best, curve, log)
+    log(f"done steps {step} best val {best:.3f}")
+
+
+def _validate_and_save(tr, val, out, step, t0, best, curve, log) -> float:
+    v = tr.validate(val)
+    minutes = (time.time() - t0) / 60
+    curve.append({"step": step, "minutes": round(minutes, 2), **{k: round(x, 4) for k, x in v.items()}})
+    log(f"VAL step {step} t {minutes:.1f}m acc {v['all']:.3f} "
+        + " ".join(f"{k} {x:.2f}" for k, x in v.items() if k != "all"))
+    if v["all"] > best:
+        best = v["all"]
+        tmp = out.with_name(out.name + ".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        save(tr.model, tr.processor, tmp)
+        out.mkdir(parents=True, exist_ok=True)
+        for f in tmp.iterdir():
+            os.replace(f, out / f.name)
+        tmp.rmdir()
+        log(f"saved {out} (val {best:.3f})")
+    (out.parent / (out.name + ".curve.json")).write_text(json.dumps(curve, indent=1))
+    return best
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,306 @@
+"""The app in Debian's chromium, driven by Playwright: the whole visitor path on the tiny model.
+
+Run: pytest -m browser tests/test_browser.py
+Screenshots for docs/: python tests/test_browser.py --screenshots [--model assets/toy-llava]
+"""
+
+import io
+import json
+import os
+import re
+import socket
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import viz_app  # noqa: E402
+from mustdrop import vis  # noqa: E402
+from mustdrop.stages import DROPPED  # noqa: E402
+from mustdrop.trace import Trace  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+pytestmark = [pytest.mark.browser,
+              pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium not installed")]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_examples(folder: Path):
+    """A scene-world-like example: an image, questions, and object patch masks."""
+    from conftest import half_textured_image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    half_textured_image().save(folder / "scene.png")
+    masks = np.zeros((1, 24, 24), np.float32)
+    masks[0, 14:20, 15:21] = 1.0                      # the yellow square (pixels 200-280, 220-300)
+    np.savez_compressed(folder / "scene.npz", patch_masks=masks,
+                        meta=np.array(json.dumps({"objects": [{"color": "yellow", "shape": "square"}]})))
+    (folder / "examples.json").write_text(json.dumps(
+        [{"image": "scene.png", "questions": ["what color is the square?"], "scene": "scene.npz", "target_ids": [0]}]))
+    return viz_app.load_examples(folder)
+
+
+def start(lens, examples):
+    demo = viz_app.build_app(lens, examples=examples)
+    port = free_port()
+    viz_app.launch(demo, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
+    return demo, f"http://127.0.0.1:{port}/"
+
+
+@pytest.fixture(scope="module")
+def app(tiny, tmp_path_factory):
+    examples = make_examples(tmp_path_factory.mktemp("examples"))
+    demo, url = start(viz_app.Lens(runner=tiny), examples)
+    yield url
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+def image_pixels(page, elem_id):
+    """The PNG the app rendered into an output image (fetched from its src, decoded losslessly)."""
+    src = page.locator(f"#{elem_id} img").first.get_attribute("src")
+    assert src, f"{elem_id} shows no image"
+    body = page.request.get(src).body()
+    return np.asarray(Image.open(io.BytesIO(body)).convert("RGB")), src
+
+
+def wait_status(page, text, timeout=90_000):
+    page.wait_for_function(
+        "t => { const e = document.querySelector('#status'); return e && e.innerText.includes(t); }",
+        arg=text, timeout=timeout)
+
+
+def open_tab(page, name):
+    page.get_by_role("tab", name=name).click()
+
+
+def kept_from_records(trace, layer):
+    toks = trace.arrays[f"stage2.L{layer}.tokens"]
+    status = trace.arrays[f"stage2.L{layer}.status"]
+    groups = trace.arrays["tokens.groups"]
+    kept = np.zeros(trace.grid * trace.grid, bool)
+    for t in toks[status != DROPPED]:
+        kept[groups[t][groups[t] >= 0]] = True
+    return kept.reshape(trace.grid, trace.grid)
+
+
+def run_example(page):
+    page.locator("#examples").get_by_text("what color is the square?").first.click()
+    page.wait_for_function("() => document.querySelector('#image_in img') !== null", timeout=30_000)
+    page.click("#run_btn")
+    wait_status(page, "Done:")
+
+
+def test_visitor_path(app, browser, tmp_path):
+    page = browser.new_page(viewport={"width": 1500, "height": 1300}, accept_downloads=True)
+    page.goto(app)
+    page.wait_for_selector("#run_btn")
+    run_example(page)
+    assert "ground-truth outlines available" in page.locator("#status").inner_text()
+    assert "The object the question asks about covers 36 patches" in page.locator("#layer_md").inner_text()
+
+    # download both traces
+    links = page.locator("#trace_files a")
+    links.first.wait_for()
+    paths = []
+    for i in range(links.count()):
+        with page.expect_download() as dl:
+            links.nth(i).click()
+        p = tmp_path / dl.value.suggested_filename
+        dl.value.save_as(p)
+        paths.append(p)
+    traces = [Trace.load(p) for p in paths]
+    md = next(t for t in traces if t.meta["config"]["filter"])
+    assert len(traces) == 2
+    geom = vis.geometry(md, viz_app.CANVAS)
+
+    # every stage overlay is there
+    for tab, ids in [("1a merge", ["img_merge", "img_sim"]), ("1b key set", ["img_key"]),
+                     ("2 filter", ["img_filter", "img_gs", "img_im"]), ("3 KV cache", ["img_kv"])]:
+        open_tab(page, tab)
+        for elem in ids:
+            page.locator(f"#{elem} img").first.wait_for(state="visible")
+            px, _ = image_pixels(page, elem)
+            assert px.shape == (geom.size, geom.size, 3), elem
+    open_tab(page, "Counts and cost")
+    page.locator("#plot_curve .js-plotly-plot").first.wait_for(timeout=30_000)
+    assert "compute convention" in page.locator("#summary_md").inner_text()
+
+    # the kept mask drawn for the prune layer shown equals the trace's kept set
+    layer = md.prune_layers[0]
+    open_tab(page, "2 filter")
+    px, _ = image_pixels(page, "img_filter")
+    codes = vis.decode_categories(px, geom, vis.STATUS_COLOURS)
+    assert np.array_equal(np.isin(codes, [0, 1, 2, 3]), kept_from_records(md, layer))
+
+    # move the layer slider: KV view and the layer caption follow, from the trace alone
+    target = md.prune_layers[-1] + 1 if md.prune_layers[-1] + 1 < md.num_layers else md.num_layers - 1
+    open_tab(page, "3 KV cache")
+    box = page.locator("#layer_slider input[type=number]")
+    box.fill(str(target))
+    box.press("Enter")
+    page.wait_for_function("t => document.querySelector('#layer_md').innerText.includes(t)",
+                           arg=f"LLM layer {target} of", timeout=20_000)
+    expected = vis.kv_map(md, target)
+    assert not np.array_equal(expected, vis.kv_map(md, 0)), "pick a layer whose KV view differs"
+    deadline = time.time() + 20
+    while True:   # the caption and the images arrive in one response; allow the <img> a moment
+        px, _ = image_pixels(page, "img_kv")
+        codes = vis.decode_categories(px, geom, vis.KV_COLOURS)
+        if np.array_equal(codes, expected) or time.time() > deadline:
+            break
+        time.sleep(0.2)
+    assert np.array_equal(codes, expected)
+    ms = float(re.search(r"drawn from the trace in (\d+) ms", page.locator("#layer_md").inner_text()).group(1))
+    assert ms < 500
+
+    # inspect a patch by clicking it on the stage-2 overlay
+    open_tab(page, "2 filter")
+    img = page.locator("#img_filter img").first
+    bb = img.bounding_box()
+    r, c = 5, 7
+    img.click(position={"x": (c + 0.5) / md.grid * bb["width"], "y": (r + 0.5) / md.grid * bb["height"]})
+    page.wait_for_function("t => document.querySelector('#inspect_md').innerText.includes(t)",
+                           arg=f"Patch ({r}, {c})", timeout=20_000)
+    text = page.locator("#inspect_md").inner_text()
+    assert "Stage 1a" in text and "Stage 3" in text
+    # ... or by row / column
+    page.locator("#row_in input").fill("20")
+    page.locator("#col_in input").fill("3")
+    page.click("#inspect_btn")
+    page.wait_for_function("t => document.querySelector('#inspect_md').innerText.includes(t)",
+                           arg="Patch (20, 3)", timeout=20_000)
+
+    # export slides
+    page.click("#slides_btn")
+    wait_status(page, "slides exported")
+    names = page.locator("#slides_files").inner_text()
+    assert ".png" in names and ".pdf" in names
+
+    # upload the downloaded traces again: every view replays, no model call
+    page.locator("#trace_upload input[type=file]").set_input_files([str(p) for p in paths])
+    wait_status(page, "Replaying")
+    open_tab(page, "2 filter")
+    page.wait_for_function("t => document.querySelector('#layer_md').innerText.includes(t)",
+                           arg=f"LLM layer {layer} of", timeout=20_000)
+    px, _ = image_pixels(page, "img_filter")
+    codes = vis.decode_categories(px, geom, vis.STATUS_COLOURS)
+    assert np.array_equal(np.isin(codes, [0, 1, 2, 3]), kept_from_records(md, layer))
+    assert "matching image" in page.locator("#status").inner_text()
+
+    # a hostile file: a clear message, and the app keeps working
+    bad = tmp_path / "evil.safetensors"
+    bad.write_bytes(b"\xff" * 100)
+    page.locator("#trace_upload input[type=file]").set_input_files([str(bad)])
+    wait_status(page, "not a MustDrop trace")
+    assert "Traceback" not in page.content()
+    page.close()
+
+
+# ----------------------------------------------------------------------------- screenshots
+def screenshots(model: str, out: Path, examples_dir: Path | None = None):
+    """Take the docs/ screenshots of the main views with the given model."""
+    from playwright.sync_api import sync_playwright
+
+    lens = viz_app.Lens(model)
+    lens.load()
+    import tempfile
+    examples = viz_app.load_examples(examples_dir) if examples_dir and examples_dir.exists() \
+        else make_examples(Path(tempfile.mkdtemp()))
+    demo, url = start(lens, examples)
+    try:
+        with sync_playwright() as p:
+            b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = b.new_page(viewport={"width": 1500, "height": 1100})
+            page.goto(url)
+            page.wait_for_selector("#run_btn")
+            page.locator("#examples").get_by_text(examples[0].questions[0]).first.click()
+            time.sleep(1)
+            page.click("#run_btn")
+            wait_status(page, "Done:", 300_000)
+            time.sleep(1)
+            page.screenshot(path=str(out / "app-overview.png"), full_page=False)
+            for tab, name in [("2 filter", "app-stage2-filter.png"), ("3 KV cache", "app-stage3-kv.png")]:
+                open_tab(page, tab)
+                time.sleep(1.5)
+                page.locator(".tabs").last.screenshot(path=str(out / name))
+            open_tab(page, "2 filter")
+            img = page.locator("#img_filter img").first
+            bb = img.bounding_box()
+            img.click(position={"x": bb["width"] * 0.6, "y": bb["height"] * 0.5})
+            time.sleep(1.5)
+            page.screenshot(path=str(out / "app-inspector.png"), full_page=True)
+            b.close()
+    finally:
+        demo.close()
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--screenshots", action="store_true")
+    ap.add_argument("--model", default=str(ROOT / "assets" / "toy-llava"))
+    ap.add_argument("--out", default=str(ROOT / "docs"))
+    a = ap.parse_args()
+    if a.screenshots:
+        screenshots(a.model, Path(a.out), ROOT / "assets" / "examples")
+
+
+def test_two_visitors_and_a_bad_image(app, browser, tmp_path):
+    """Two sessions run at once and each sees its own question; a non-image gets a message."""
+    from conftest import half_textured_image
+
+    pages = [browser.new_page(viewport={"width": 1400, "height": 1000}) for _ in range(2)]
+    img = tmp_path / "scene.png"
+    half_textured_image(seed=1).save(img)
+    questions = ["how many shapes are there?", "what shape is the yellow one?"]
+    for page, q in zip(pages, questions):
+        page.goto(app)
+        page.wait_for_selector("#run_btn")
+        page.locator("#image_in input[type=file]").set_input_files(str(img))
+        page.wait_for_function("() => document.querySelector('#image_in img') !== null", timeout=30_000)
+        page.locator("#question_in textarea").fill(q)
+    for page in pages:
+        page.click("#run_btn")
+    for page, q in zip(pages, questions):
+        wait_status(page, "Done:")
+        assert q in page.locator("#q_md").inner_text()
+    page = pages[0]
+    bad = tmp_path / "notes.png"
+    bad.write_text("this is not an image")
+    page.locator("#image_in button[aria-label='Remove Image']").first.click()
+    page.locator("#image_in input[type=file]").set_input_files(str(bad))
+    time.sleep(1)
+    page.click("#run_btn")
+    wait_status(page, "Problem:")
+    assert "not an image" in page.locator("#status").inner_text()
+    for p in pages:
+        p.close()

@@ -1,0 +1,117 @@
+"""The shipped toy model (assets/toy-llava): loads offline through the stock from_pretrained code,
+has the LLaVA-1.5 layout MustDrop expects, and answers a fixed handful of test questions.
+
+Deliberately skip-free: if the checkpoint is missing, these tests fail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest
+import torch
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from analysis.toy_accuracy import answer
+from analysis.toyworld import make_sample
+
+MODEL = Path(__file__).resolve().parents[1] / "assets" / "toy-llava"
+# Test-split indices (2 of each question type, fixed once against the shipped checkpoint).
+FIXED = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    torch.set_num_threads(2)
+    model = LlavaForConditionalGeneration.from_pretrained(MODEL)
+    model.eval()
+    return model, AutoProcessor.from_pretrained(MODEL)
+
+
+def test_checkpoint_files_and_size():
+    names = {p.name for p in MODEL.iterdir()}
+    assert {"config.json", "model.safetensors", "mustdrop.json", "README.md"} <= names
+    assert not any(n.endswith((".bin", ".pt", ".pkl")) for n in names), "safetensors only"
+    total = sum(p.stat().st_size for p in MODEL.rglob("*") if p.is_file())
+    assert total <= 25 * 1024 * 1024
+
+
+def test_mustdrop_defaults_format(loaded):
+    model, _ = loaded
+    d = json.loads((MODEL / "mustdrop.json").read_text())
+    assert d["schema"] == "mustdrop-defaults/1" and d["window"] == 3
+    assert d["merge_threshold"] == 0.8 and d["key_keep_rate"] == 0.08
+    layers = d["prune_layers"]
+    assert len(layers) == 4 and layers == sorted(layers)
+    assert 0 <= layers[0] and layers[-1] < model.config.text_config.num_hidden_layers
+    assert set(d["presets"]) == {"192", "128", "64"}
+    for p in d["presets"].values():
+        assert set(p) == {"global_thr", "individual_thr"}
+
+
+def test_llava15_layout(loaded):
+    model, _ = loaded
+    cfg = model.config
+    assert cfg.vision_config.image_size == 336 and cfg.vision_config.patch_size == 14
+    assert cfg.vision_feature_layer == -2 and cfg.vision_feature_select_strategy == "default"
+    assert cfg.projector_hidden_act == "gelu"
+    assert cfg.text_config.num_hidden_layers >= 8
+    assert sum(p.numel() for p in model.parameters()) < 6_000_000
+
+
+def test_prompt_expands_to_576_image_tokens(loaded):
+    _, proc = loaded
+    s = make_sample("test", 0)
+    conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": s.question}]}]
+    prompt = proc.apply_chat_template(conv, add_generation_prompt=True)
+    assert prompt.startswith("<s>USER: <image>") and prompt.endswith("ASSISTANT:")
+    ids = proc(images=s.image, text=prompt, return_tensors="pt")["input_ids"][0].tolist()
+    image_id = proc.tokenizer.convert_tokens_to_ids("<image>")
+    assert ids.count(image_id) == 576
+    first = ids.index(image_id)
+    assert first >= 1 and ids[first:first + 576] == [image_id] * 576
+    assert len(ids) - (first + 576) >= 3, "question and ASSISTANT: follow the image"
+    assert proc.tokenizer.unk_token_id not in ids
+
+
+def test_answers_fixed_questions_and_stops(loaded):
+    model, proc = loaded
+    for i in FIXED:
+        s = make_sample("test", i)
+        assert answer(model, proc, s.image, s.question) == s.answer, (i, s.question)
+    s = make_sample("test", 0)
+    conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": s.question}]}]
+    inputs = proc(images=s.image, text=proc.apply_chat_template(conv, add_generation_prompt=True),
+                  return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    assert out.tolist()[:2] == [proc.tokenizer.convert_tokens_to_ids(s.answer), proc.tokenizer.eos_token_id]
+
+
+def test_packed_training_forward_equals_single_turn_inference():
+    """The training packs several questions per image behind a block mask; each block must compute
+    exactly what the stock model computes for that question alone (checked on a fresh model)."""
+    import argparse
+
+    import numpy as np
+
+    from analysis.packing import pack
+    from analysis.toy_model import prompt
+    from analysis.toyworld import scene_questions
+    from analysis.train_toy import Trainer
+
+    args = argparse.Namespace(seed=0, lr=1e-3, sup_heads=2)
+    tr = Trainer(args)
+    tr.model.eval()
+    s = make_sample("test", 4)
+    qs = scene_questions(s.scene, 4, np.random.default_rng(0))
+    with torch.no_grad():
+        pk = pack(tr.cache, [s.scene], [[tr.cache.block(s.scene, q) for q in qs]])
+        _, _, logits, _ = tr.forward(s.scene.image[None], pk)
+        for j, q in enumerate(qs):
+            inp = tr.processor(images=s.image, text=prompt(tr.processor, q.text), return_tensors="pt")
+            ref = tr.model(**inp).logits[0, -1]
+            assert torch.allclose(ref, logits[j], atol=1e-4), q.text
