@@ -111,6 +111,8 @@ class MustDropConfig:
         if self.merge:
             stages.check_grid(grid, self.window)
         if self.filter:
+            if not self.prune_layers:
+                raise ValueError("stage 2 is on but no prune layer is given: name at least one, or switch stage 2 off")
             stages.check_prune_layers(self.prune_layers, num_llm_layers)
 
     def to_dict(self) -> dict:

@@ -143,6 +143,7 @@ class Trace:
             raise TraceError(f"{path.name}: the trace metadata is malformed JSON ({e})") from None
         t = cls(meta, arrays)
         t.validate()
+        t.arrays.update(patch_maps(t))   # rebuilt from the validated token-level records: forged maps cannot mislead
         return t
 
     # ---------------------------------------------------------------- validation

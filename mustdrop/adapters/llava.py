@@ -525,7 +525,10 @@ class LlavaMustDrop:
             entries.append(int(idx.numel()))
         vision_entries = [int(((idx >= S) & (idx < S + N0)).sum()) for idx in kv_indices]
         tok = self.processor.tokenizer
-        pieces = [tok.decode([t]) for t in gen["token_ids"]]
+        ids = gen["token_ids"]   # pieces that concatenate to the decoded text (leading spaces kept)
+        texts = [tok.decode(ids[:i]) for i in range(len(ids) + 1)]
+        pieces = [texts[i + 1][len(texts[i]):] if texts[i + 1].startswith(texts[i]) else tok.decode([ids[i]])
+                  for i in range(len(ids))]
         answer = tok.decode(gen["token_ids"], skip_special_tokens=True).strip()
         tc_dict = {"num_layers": self.num_layers, "hidden_size": tc.hidden_size,
                    "intermediate_size": tc.intermediate_size, "num_heads": tc.num_attention_heads,
