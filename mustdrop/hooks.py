@@ -28,6 +28,19 @@ class HookSet:
             self._handles.pop()[1].remove()
 
 
+def hidden_states_of(args, kwargs):
+    """The hidden states a layer is called with, passed positionally or by keyword."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def with_hidden_states(args, kwargs, new):
+    """A pre-hook's return value that hands the layer ``new`` hidden states, however they came."""
+    if args:
+        return (new,) + tuple(args[1:]), kwargs
+    kwargs["hidden_states"] = new
+    return args, kwargs
+
+
 @contextmanager
 def attached(hooks: HookSet):
     try:

@@ -39,6 +39,18 @@ def build_tokenizer(folder: Path):
     return fast
 
 
+def _sharpen_and_save(model, processor, folder: Path) -> Path:
+    """Scale the random weights up so attention is not uniform and merging is non-trivial, then save
+    model and processor as a checkpoint folder."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                p.mul_(3.0)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
 def build_tiny_llava(folder, *, vision_hidden=32, vision_layers=3, vision_heads=4, text_hidden=64,
                      text_layers=6, text_heads=4, text_kv_heads=2, intermediate=128, seed=0,
                      attn_implementation="sdpa"):
@@ -71,14 +83,7 @@ def build_tiny_llava(folder, *, vision_hidden=32, vision_layers=3, vision_heads=
     )
     config.text_config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
-    with torch.no_grad():   # larger random weights so attention is not uniform and merging is non-trivial
-        for name, p in model.named_parameters():
-            if p.dim() == 2 and "embed" not in name:
-                p.mul_(3.0)
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
+    return _sharpen_and_save(LlavaForConditionalGeneration(config), processor, folder)
 
 
 def build_tiny_siglip_llava(folder, *, text_model="qwen2", vision_hidden=32, vision_layers=3, vision_heads=4,
@@ -110,14 +115,7 @@ def build_tiny_siglip_llava(folder, *, text_model="qwen2", vision_hidden=32, vis
         vision_feature_select_strategy="full", projector_hidden_act="gelu", image_seq_length=729,
     )
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2 and "embed" not in name:
-                p.mul_(3.0)
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
+    return _sharpen_and_save(LlavaForConditionalGeneration(config), processor, folder)
 
 
 def build_tiny_llava_next(folder, *, vision_hidden=32, vision_layers=3, vision_heads=4, text_hidden=64,
@@ -154,10 +152,5 @@ def build_tiny_llava_next(folder, *, vision_hidden=32, vision_layers=3, vision_h
     torch.manual_seed(seed)
     model = LlavaNextForConditionalGeneration(config)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2 and "embed" not in name:
-                p.mul_(3.0)
         model.model.image_newline.normal_()
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
+    return _sharpen_and_save(model, processor, folder)

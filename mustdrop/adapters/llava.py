@@ -27,7 +27,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .. import stages
 from ..config import MustDropConfig, ModelDefaults
-from ..hooks import HookSet, attached
+from ..hooks import HookSet, attached, hidden_states_of, with_hidden_states
 from ..images import load_image
 from ..trace import SCHEMA_VERSION, Trace
 from .loading import ModelLoadError
@@ -252,17 +252,14 @@ class LlavaMustDrop:
         merge_box, qk = {}, {}
         if config.merge:
             def merge_hook(module, args, kwargs):
-                hidden = args[0] if args else kwargs["hidden_states"]
+                hidden = hidden_states_of(args, kwargs)
                 res = stages.local_spatial_merge(hidden[0], self.grid, config.window, config.merge_threshold,
                                                  num_prefix=1 if self.has_cls else 0)
                 merge_box["result"] = res
                 if res.merged_windows.numel() == 0:
                     return None
                 new = res.tokens.unsqueeze(0)
-                if args:
-                    return (new,) + tuple(args[1:]), kwargs
-                kwargs["hidden_states"] = new
-                return args, kwargs
+                return with_hidden_states(args, kwargs, new)
             hooks.pre("vision.layer1.stage1a_merge", self.vision_layers[1], merge_hook)
         if config.key_set:
             self._hook_last_qk(hooks, qk)
@@ -316,7 +313,7 @@ class LlavaMustDrop:
         reference = config.positions == "reference"
 
         def gather(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
+            hidden = hidden_states_of(args, kwargs)
             if hidden.shape[1] <= 1 or not state.shortened:
                 return None
             idx = state.alive
@@ -439,7 +436,7 @@ class LlavaMustDrop:
         reference = config.positions == "reference" and config.enabled
 
         def per_layer_position(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
+            hidden = hidden_states_of(args, kwargs)
             kwargs["attention_mask"] = None      # batch 1, q_len 1: every cached entry is visible
             if reference:                         # the authors' decode: position = this layer's cache length
                 length = kwargs["past_key_values"].layers[module.self_attn.layer_idx].get_seq_length()

@@ -25,7 +25,7 @@ import math
 import torch
 
 from .. import stages
-from ..hooks import HookSet, attached
+from ..hooks import HookSet, attached, hidden_states_of, with_hidden_states
 from .llava import LlavaMustDrop, VisionResult
 from .loading import ModelLoadError
 
@@ -89,7 +89,7 @@ class LlavaNextMustDrop(LlavaMustDrop):
         hooks, layer0, qk = HookSet(), {}, {}
         if config.merge:
             def capture(module, args, kwargs):
-                layer0["h"] = (args[0] if args else kwargs["hidden_states"]).detach()
+                layer0["h"] = hidden_states_of(args, kwargs).detach()
             hooks.pre("vision.layer1.capture_layer0", self.vision_layers[1], capture)
         if config.key_set:
             self._hook_last_qk(hooks, qk)
@@ -163,16 +163,13 @@ class LlavaNextMustDrop(LlavaMustDrop):
         hooks, box, qk = HookSet(), {}, {}
         if config.merge:
             def merge_hook(module, args, kwargs):
-                hidden = args[0] if args else kwargs["hidden_states"]
+                hidden = hidden_states_of(args, kwargs)
                 res = stages.local_spatial_merge_batch(hidden, self.grid, config.window, config.merge_threshold)
                 box["results"] = res
                 if res[0].merged_windows.numel() == 0:
                     return None
                 new = torch.stack([r.tokens for r in res])
-                if args:
-                    return (new,) + tuple(args[1:]), kwargs
-                kwargs["hidden_states"] = new
-                return args, kwargs
+                return with_hidden_states(args, kwargs, new)
             hooks.pre("vision.layer1.stage1a_merge_batch", self.vision_layers[1], merge_hook)
         if config.key_set:
             self._hook_last_qk(hooks, qk)
