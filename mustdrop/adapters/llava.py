@@ -98,6 +98,7 @@ class _Prefill:
         self.text_attn = None
         self.records = []                                           # per prune layer
         self.kept_positions = []                                    # per prune layer (for stage 3)
+        self.layer_kwargs = None    # (inputs, outputs) of the last kwargs shortening, reused until the next drop
 
     @property
     def V(self):
@@ -172,6 +173,7 @@ class LlavaMustDrop:
         t_vis = time.perf_counter()
         vision = self._encode(inputs, img, config)
         features = vision.features
+        _sync(features)
         t_vis = time.perf_counter() - t_vis
         N0 = features.shape[0]
         input_ids, S, T = self._set_placeholders(inputs["input_ids"], N0)
@@ -189,12 +191,14 @@ class LlavaMustDrop:
         logits = out.logits[0, -1].float()
         say("KV trim (stage 3)")
         kv_indices = self._trim(cache, state, config)
+        _sync(logits)
         t_pre = time.perf_counter() - t_pre
         prefill_cache = [(l.keys.clone(), l.values.clone()) for l in cache.layers] if keep_internals else None
 
         say("decoding")
         t_dec = time.perf_counter()
         gen, step_logits = self._decode(cache, logits, state, config, sampling, max_new_tokens, keep_internals)
+        _sync(logits)
         t_dec = time.perf_counter() - t_dec
         timings = {"vision_s": t_vis, "prefill_s": t_pre, "decode_s": t_dec,
                    "total_s": time.perf_counter() - t0}
@@ -312,24 +316,36 @@ class LlavaMustDrop:
         prune = set(config.prune_layers)
         reference = config.positions == "reference"
 
+        def shorten(kwargs):
+            idx = state.alive
+            n = idx.numel()
+            cos, sin = kwargs["position_embeddings"]
+            new = {}
+            if reference:   # survivors' positions compacted to 0..n-1, as the authors' code does
+                new["position_embeddings"] = (cos[:, :n], sin[:, :n])
+                if kwargs.get("position_ids") is not None:
+                    new["position_ids"] = kwargs["position_ids"][:, :n]
+            else:
+                new["position_embeddings"] = (cos[:, idx], sin[:, idx])
+                if kwargs.get("position_ids") is not None:
+                    new["position_ids"] = kwargs["position_ids"][:, idx]
+            mask = kwargs.get("attention_mask")
+            if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+                new["attention_mask"] = mask[:, :, idx][:, :, :, idx]
+            return new
+
         def gather(module, args, kwargs):
             hidden = hidden_states_of(args, kwargs)
             if hidden.shape[1] <= 1 or not state.shortened:
                 return None
-            idx = state.alive
-            n = idx.numel()
-            cos, sin = kwargs["position_embeddings"]
-            if reference:   # survivors' positions compacted to 0..n-1, as the authors' code does
-                kwargs["position_embeddings"] = (cos[:, :n], sin[:, :n])
-                if kwargs.get("position_ids") is not None:
-                    kwargs["position_ids"] = kwargs["position_ids"][:, :n]
-            else:
-                kwargs["position_embeddings"] = (cos[:, idx], sin[:, idx])
-                if kwargs.get("position_ids") is not None:
-                    kwargs["position_ids"] = kwargs["position_ids"][:, idx]
-            mask = kwargs.get("attention_mask")
-            if isinstance(mask, torch.Tensor) and mask.dim() == 4:
-                kwargs["attention_mask"] = mask[:, :, idx][:, :, :, idx]
+            # Every layer receives the same full-length position embeddings and mask from the
+            # model's forward; slice them once per drop, not once per layer (each slice is a few
+            # kernel launches, which is what a batch-1 prefill on a GPU is bound by).
+            inputs = (id(kwargs["position_embeddings"][0]), id(kwargs.get("attention_mask")),
+                      id(kwargs.get("position_ids")), state.alive.numel())
+            if state.layer_kwargs is None or state.layer_kwargs[0] != inputs:
+                state.layer_kwargs = (inputs, shorten(kwargs))
+            kwargs.update(state.layer_kwargs[1])
             return args, kwargs
 
         def score_text_rows(module, args, kwargs, output):
@@ -359,6 +375,7 @@ class LlavaMustDrop:
             sel = torch.cat([torch.arange(S, device=kept.device), S + kept,
                              torch.arange(S + V, hidden.shape[1], device=kept.device)])
             state.alive = state.alive[sel]
+            state.layer_kwargs = None
             state.vision_ids = state.vision_ids[kept]
             state.key_pos = torch.searchsorted(kept, state.key_pos)
             state.protected_pos = torch.searchsorted(kept, state.protected_pos)
@@ -569,6 +586,12 @@ class LlavaMustDrop:
         meta["input"]["input_hash"] = input_hash(meta["input"]["image"]["sha256"], question)
         return Trace.build(meta, arrays)
 
+
+
+def _sync(t: torch.Tensor) -> None:
+    """Wait for queued GPU work so that stage timings measure the work, not its launch."""
+    if t.is_cuda:
+        torch.cuda.synchronize(t.device)
 
 
 def text_rows_attention(attn_module, hidden, position_embeddings, keys, T: int, rope) -> torch.Tensor:
