@@ -36,6 +36,36 @@ def build_model(folder: Path):
                             text_layers=12, text_heads=12, text_kv_heads=12, intermediate=2304, seed=0)
 
 
+def build_7b_shaped(device: str, dtype: str):
+    """LLaVA-1.5-7B's exact shapes (CLIP ViT-L/14-336, 24 layers x 1024; Llama 32 layers x 4096,
+    32 heads, MLP 11008, vocab 32064) with random weights, built on the device; the processor comes
+    from an offline test checkpoint. Random weights are fine for timing: every ratio below divides
+    two runs of the same model, and the analytic FLOPs use the token counts this run produced."""
+    from transformers import AutoProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from mustdrop.adapters.loading import pick_dtype
+    from mustdrop.testing import build_tiny_llava
+
+    with tempfile.TemporaryDirectory() as tmp:
+        build_tiny_llava(Path(tmp) / "proc", text_layers=2, vision_layers=2)
+        processor = AutoProcessor.from_pretrained(Path(tmp) / "proc")
+    tok = processor.tokenizer
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096,
+                                       num_hidden_layers=24, num_attention_heads=16, projection_dim=768),
+        text_config=LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                pad_token_id=tok.pad_token_id),
+        image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
+        vision_feature_select_strategy="default", projector_hidden_act="gelu", image_seq_length=576)
+    config.text_config._attn_implementation = "sdpa"
+    config.vision_config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlavaForConditionalGeneration._from_config(config, dtype=pick_dtype(dtype, device))
+    return model.eval(), processor
+
+
 def timed(fn, repeats):
     fn()  # warm-up
     times = []
@@ -52,11 +82,14 @@ def bench_model(args):
     from mustdrop.accounting import summarize
     from mustdrop.adapters import LlavaMustDrop, load_llava
 
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = build_model(Path(tmp) / "bench-llava")
-        model, proc = load_llava(str(folder), args.device)
+    if args.size == "7b":
+        model, proc = build_7b_shaped(args.device, args.dtype)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = build_model(Path(tmp) / "bench-llava")
+            model, proc = load_llava(str(folder), args.device, args.dtype)
     n_params = sum(p.numel() for p in model.parameters())
-    runner = LlavaMustDrop(model, proc, "bench-llava-100M")
+    runner = LlavaMustDrop(model, proc, f"bench-llava-{args.size}")
     rng = np.random.default_rng(0)
     img = np.full((336, 336, 3), (40, 120, 200), np.uint8)
     img[:, :168] = rng.integers(0, 256, (336, 168, 3))
@@ -93,8 +126,9 @@ def bench_model(args):
     }
 
 
-def scoring_worker(method: str, L: int, T: int, repeats: int) -> dict:
-    """One measurement in a fresh process, so ru_maxrss is this method's peak alone."""
+def scoring_worker(method: str, L: int, T: int, repeats: int, device: str = "cpu") -> dict:
+    """One measurement in a fresh process, so the peak (RSS on CPU, allocator peak on CUDA) is this
+    method's alone."""
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding, apply_rotary_pos_emb
     from mustdrop.adapters.llava import text_rows_attention
@@ -102,16 +136,23 @@ def scoring_worker(method: str, L: int, T: int, repeats: int) -> dict:
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=4096, num_attention_heads=32, num_key_value_heads=32, intermediate_size=64,
                       max_position_embeddings=8192)
-    attn = LlamaAttention(cfg, 0).eval()
-    hidden = torch.randn(1, L, 4096) * 0.05
-    pos = torch.arange(L).unsqueeze(0)
+    cuda = device.startswith("cuda")
+    dt = torch.float16 if cuda else torch.float32
+    attn = LlamaAttention(cfg, 0).eval().to(device, dt)
+    hidden = (torch.randn(1, L, 4096) * 0.05).to(device, dt)
+    pos = torch.arange(L, device=device).unsqueeze(0)
     cos, sin = LlamaRotaryEmbedding(cfg)(hidden, pos)
     with torch.no_grad():
         k = attn.k_proj(hidden).view(1, L, 32, 128).transpose(1, 2)
         q_all = attn.q_proj(hidden).view(1, L, 32, 128).transpose(1, 2)
         q_all, k = apply_rotary_pos_emb(q_all, k, cos, sin)
     del q_all
-    base = reset_peak_rss()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = reset_peak_rss()
 
     def ours():
         with torch.no_grad():
@@ -122,12 +163,21 @@ def scoring_worker(method: str, L: int, T: int, repeats: int) -> dict:
             q = attn.q_proj(hidden).view(1, L, 32, 128).transpose(1, 2)
             q, _ = apply_rotary_pos_emb(q, q, cos, sin)
             scores = (q @ k.transpose(-1, -2)) * attn.scaling
-            scores = scores + torch.full((L, L), float("-inf")).triu(1)
+            scores = scores + torch.full((L, L), float("-inf"), device=device, dtype=scores.dtype).triu(1)
             return torch.softmax(scores, dim=-1)[:, :, L - T:]
 
     fn = ours if method == "ours" else eager
-    t, out = timed(fn, repeats)
-    return {"time_s": t, "peak_extra_MB": (peak_rss_kb() - base) / 1024, "rows": list(out.shape)}
+    if cuda:
+        def synced():
+            out = fn()
+            torch.cuda.synchronize()
+            return out
+        t, out = timed(synced, repeats)
+        peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        t, out = timed(fn, repeats)
+        peak_mb = (peak_rss_kb() - base) / 1024
+    return {"time_s": t, "peak_extra_MB": peak_mb, "rows": list(out.shape)}
 
 
 def _status_kb(field: str) -> int:
@@ -160,7 +210,7 @@ def bench_scoring(args):
         r = {}
         for method in ("ours", "eager"):
             p = subprocess.run([sys.executable, __file__, "--scoring-worker", method, str(L), str(args.text_rows),
-                                str(args.repeats), "--threads", str(args.threads)],
+                                str(args.repeats), "--threads", str(args.threads), "--device", args.device],
                                capture_output=True, text=True, check=True)
             r[method] = json.loads(p.stdout.strip().splitlines()[-1])
         rows.append({"L": L, "T": args.text_rows, "ours": r["ours"], "eager": r["eager"],
@@ -173,6 +223,10 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default=None, help="float32 / float16 / bfloat16 (default: float32 on CPU, "
+                    "float16 on CUDA)")
+    ap.add_argument("--size", choices=["100m", "7b"], default="100m",
+                    help="100m: a ~100M-parameter random model; 7b: LLaVA-1.5-7B shapes, random weights (GPU)")
     ap.add_argument("--lengths", type=int, nargs="+", default=[640, 1280, 2560])
     ap.add_argument("--text-rows", type=int, default=20)
     ap.add_argument("--skip-model", action="store_true")
@@ -183,7 +237,7 @@ def main():
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if args.scoring_worker:
         m, L, T, rep = args.scoring_worker
-        print(json.dumps(scoring_worker(m, int(L), int(T), int(rep))))
+        print(json.dumps(scoring_worker(m, int(L), int(T), int(rep), args.device)))
         return
     print(f"torch {torch.__version__}, {args.threads} threads, device {args.device}")
     if not args.skip_model:
