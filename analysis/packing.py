@@ -33,6 +33,8 @@ class Block:
     qtype: str
     answer_id: int
     target: np.ndarray      # (576,) normalised patch coverage of the question's target objects
+    target_a: np.ndarray    # (576,) the first named object's coverage (position questions), else target
+    target_b: np.ndarray    # (576,) the second named object's coverage (position questions), else target
 
 
 @dataclass
@@ -46,7 +48,8 @@ class Packed:
     eos_rows: torch.Tensor       # (N, 2) rows that predict eos (the answer token's row)
     qtypes: list[str]
     sup_rows: list[torch.Tensor]     # per sample: prompt rows whose attention is supervised
-    sup_targets: list[torch.Tensor]  # per sample: (R_b, V) target distributions over image slots
+    sup_targets: list[torch.Tensor]  # per sample: (R_b, 3, V) target distributions over image slots:
+                                     # [all targets, first named object, second named object]
     sup_weights: list[torch.Tensor]  # per sample: (R_b,)
 
 
@@ -75,10 +78,13 @@ class PromptCache:
         attr = [i for i, t in enumerate(toks) if t in ATTRIBUTE_WORDS]
         focus_from = attr[-1] if attr else 0
         ans = self.tok.convert_tokens_to_ids(q.answer)
-        tgt = scene.union_patch_mask(list(q.targets)).reshape(-1)
-        tgt = tgt / max(tgt.sum(), 1e-9)
-        return Block(ids + [ans, self.tok.eos_token_id], len(ids), focus_from, q.qtype, ans,
-                     tgt.astype(np.float32))
+        def norm(ids_):
+            t = scene.union_patch_mask(list(ids_)).reshape(-1)
+            return (t / max(t.sum(), 1e-9)).astype(np.float32)
+
+        tgt = norm(q.targets)
+        a, b = (norm(q.targets[:1]), norm(q.targets[1:])) if q.qtype == "position" else (tgt, tgt)
+        return Block(ids + [ans, self.tok.eos_token_id], len(ids), focus_from, q.qtype, ans, tgt, a, b)
 
 
 def pack(cache: PromptCache, scenes: list[Scene], blocks: list[list[Block]],
@@ -130,13 +136,14 @@ def pack(cache: PromptCache, scenes: list[Scene], blocks: list[list[Block]],
             r_ans = start + blk.n_prompt - 1
             ans_rows.append((b, r_ans)); ans_ids.append(blk.answer_id); qtypes.append(blk.qtype)
             eos_rows.append((b, r_ans + 1))
-            focus_t = restrict(blk.target)
+            focus_t = np.stack([restrict(blk.target), restrict(blk.target_a), restrict(blk.target_b)])
+            context_t = np.stack([all_t] * 3)
             for i in range(blk.n_prompt):
                 rows.append(start + i)
                 if i >= blk.focus_from:
                     tg.append(focus_t); wt.append(focus_weight)
                 else:
-                    tg.append(all_t); wt.append(context_weight)
+                    tg.append(context_t); wt.append(context_weight)
             start += n
         sup_rows.append(torch.tensor(rows))
         sup_t.append(torch.from_numpy(np.stack(tg)))

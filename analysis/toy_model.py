@@ -81,13 +81,15 @@ def build_processor() -> LlavaProcessor:
 
 
 def build_config(tokenizer: PreTrainedTokenizerFast, vision_width: int = 128, vision_layers: int = 4,
-                 text_width: int = 128, text_layers: int = 8, heads: int = 4) -> LlavaConfig:
+                 text_width: int = 128, text_layers: int = 8, heads: int = 4,
+                 text_heads: int | None = None) -> LlavaConfig:
+    text_heads = text_heads or heads
     vision = CLIPVisionConfig(image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, hidden_size=vision_width,
                               intermediate_size=3 * vision_width, num_hidden_layers=vision_layers,
                               num_attention_heads=heads, projection_dim=vision_width)
     text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=text_width,
                        intermediate_size=3 * text_width, num_hidden_layers=text_layers,
-                       num_attention_heads=heads, num_key_value_heads=heads,
+                       num_attention_heads=text_heads, num_key_value_heads=text_heads,
                        max_position_embeddings=1024, rms_norm_eps=1e-5, tie_word_embeddings=True,
                        # With head_dim 32 and theta 1e4 only ~3 of 16 RoPE frequency pairs stay
                        # steady across the ~600-token span between question and image; 1e6 keeps
@@ -101,11 +103,15 @@ def build_config(tokenizer: PreTrainedTokenizerFast, vision_width: int = 128, vi
                        projector_hidden_act="gelu", tie_word_embeddings=True)
 
 
-def build_model(seed: int = 0) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """A freshly initialised toy model and its processor (deterministic in `seed`)."""
+def build_model(seed: int = 0, **sizes) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """A freshly initialised toy model and its processor (deterministic in `seed`).
+
+    `sizes` are passed to build_config (vision_width, vision_layers, text_width, text_layers, heads,
+    text_heads).
+    """
     torch.manual_seed(seed)
     processor = build_processor()
-    config = build_config(processor.tokenizer)
+    config = build_config(processor.tokenizer, **sizes)
     model = LlavaForConditionalGeneration(config)
     model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id

@@ -91,7 +91,10 @@ def patch_labels(scenes) -> dict[str, torch.Tensor]:
 class Trainer:
     def __init__(self, args):
         self.args = args
-        self.model, self.processor = build_model(args.seed)
+        self.dev = torch.device(args.device)
+        self.model, self.processor = build_model(args.seed, text_width=args.text_width,
+                                                 text_heads=args.text_heads)
+        self.model.to(self.dev)
         self.cache = PromptCache(self.processor)
         lm = self.model.model.language_model
         self.lm = lm
@@ -99,14 +102,14 @@ class Trainer:
         self.text_rec = QKRecorder([lm.layers[i].self_attn for i in self.sup_layers])
         self.vis_rec = QKRecorder([self.model.model.vision_tower.encoder.layers[-1].self_attn])
         d = self.model.config.text_config.hidden_size
-        self.aux = torch.nn.Linear(d, 7 + 5 + 1 + 2)
+        self.aux = torch.nn.Linear(d, 7 + 5 + 1 + 2).to(self.dev)
         torch.manual_seed(args.seed)
         params = list(self.model.parameters()) + list(self.aux.parameters())
         self.opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
         self.rng = np.random.default_rng(args.seed)
         self.train_index = 0
         pos = np.stack(np.meshgrid(np.arange(GRID), np.arange(GRID), indexing="ij"), -1).reshape(-1, 2)
-        self.patch_pos = torch.from_numpy(pos / (GRID - 1)).float()
+        self.patch_pos = torch.from_numpy(pos / (GRID - 1)).float().to(self.dev)
 
     # ---- data -------------------------------------------------------------------------------
     def train_batch(self, frac: float):
@@ -138,19 +141,25 @@ class Trainer:
     # ---- model ------------------------------------------------------------------------------
     def forward(self, images: np.ndarray, pk, with_aux: bool = True):
         m = self.model.model
-        vis = m.vision_tower(pixel_values(images), output_hidden_states=True)
+        vis = m.vision_tower(pixel_values(images).to(self.dev), output_hidden_states=True)
         img = m.multi_modal_projector(vis.hidden_states[-2][:, 1:])
         P = len(self.cache.prefix)
         V = pk.img_index.shape[1]
         slots = torch.gather(img, 1, pk.img_index[..., None].expand(-1, -1, img.shape[-1]))
         emb = self.lm.embed_tokens(pk.embeds_ids)
         emb = torch.cat([emb[:, :P], slots, emb[:, P + V:]], dim=1)
+        deep = bool(self.args.deep_layers) and self.model.training
         out = self.lm(inputs_embeds=emb, attention_mask=pk.mask, position_ids=pk.position_ids,
-                      use_cache=False)
+                      use_cache=False, output_hidden_states=deep)
         h = out.last_hidden_state
         head = self.model.lm_head
-        ans_logits = head(h[pk.answer_rows[:, 0], pk.answer_rows[:, 1]])
+        rows = (pk.answer_rows[:, 0], pk.answer_rows[:, 1])
+        ans_logits = head(h[rows])
         eos_logits = head(h[pk.eos_rows[:, 0], pk.eos_rows[:, 1]])
+        # Deep supervision: the answer read out (through the final norm and the tied head) from
+        # intermediate layers, so the look-up circuit gets a short gradient path early on.
+        self.deep_logits = ([head(self.lm.norm(out.hidden_states[i][rows])) for i in self.args.deep_layers]
+                            if deep else [])
         return img, emb, ans_logits, eos_logits
 
     def text_attention_loss(self, emb, pk) -> torch.Tensor:
@@ -158,6 +167,7 @@ class Trainer:
         H, hd = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
         Hs = self.args.sup_heads
         cos, sin = self.lm.rotary_emb(emb, pk.position_ids)
+        per_head = self.args.per_head
         P = len(self.cache.prefix)
         V = pk.img_index.shape[1]
         losses = []
@@ -173,8 +183,15 @@ class Trainer:
                 _, k = apply_rotary_pos_emb(k, k, cos[b:b + 1], sin[b:b + 1])
                 s = (q @ k.transpose(-1, -2))[0] * hd ** -0.5                # (H,R,L)
                 s = s.masked_fill(~pk.mask[b, 0, rows][None], float("-inf"))
-                p = s.softmax(-1).mean(0)[:, P:P + V]                        # (R,V)
-                ce = -(pk.sup_targets[b] * torch.log(p + 1e-6)).sum(-1)
+                if per_head:
+                    # Each supervised head has its own target: even heads the first named object,
+                    # odd heads the second (the same object unless the question names two).
+                    p = s.softmax(-1)[:, :, P:P + V]                          # (Hs,R,V)
+                    t = pk.sup_targets[b][:, 1 + torch.arange(Hs, device=p.device) % 2].transpose(0, 1)
+                    ce = -(t * torch.log(p + 1e-6)).sum(-1).mean(0)
+                else:
+                    p = s.softmax(-1).mean(0)[:, P:P + V]                    # (R,V)
+                    ce = -(pk.sup_targets[b][:, 0] * torch.log(p + 1e-6)).sum(-1)
                 losses.append((ce * pk.sup_weights[b]).sum() / pk.sup_weights[b].sum())
         return torch.stack(losses).mean()
 
@@ -187,17 +204,55 @@ class Trainer:
         k = k.view(B, L, H, hd).transpose(1, 2)
         p = ((q @ k.transpose(-1, -2)) * hd ** -0.5).softmax(-1).mean(1)[:, 0, 1:]   # (B,576)
         t = np.stack([sc.union_patch_mask().reshape(-1) for sc in scenes])
-        t = torch.from_numpy(t / t.sum(1, keepdims=True))
+        t = torch.from_numpy(t / t.sum(1, keepdims=True)).to(p.device)
         return -(t * torch.log(p + 1e-6)).sum(-1).mean()
 
-    def aux_loss(self, img, scenes) -> torch.Tensor:
-        lab = patch_labels(scenes)
+    def aux_loss(self, img, scenes) -> tuple[torch.Tensor, float]:
+        """Auxiliary losses on the projected image tokens; also returns the pooled shape accuracy.
+
+        Colour, object centre and patch position are per patch. Shape is per OBJECT: the
+        coverage-weighted mean of the object's tokens must name its shape, which is exactly what an
+        attention head spread over the object reads. A per-patch shape target would ask interior
+        patches (flat colour) for something only the outline shows; measured, it keeps the tower
+        at chance for thousands of steps, while the pooled target takes off after about 2000.
+        """
+        lab = {k: v.to(self.dev) for k, v in patch_labels(scenes).items()}
         o = self.aux(img)
         lc = F.cross_entropy(o[..., :7].reshape(-1, 7), lab["color"].reshape(-1), ignore_index=-100)
-        ls = F.cross_entropy(o[..., 7:12].reshape(-1, 5), lab["shape"].reshape(-1), ignore_index=-100)
-        lz = F.binary_cross_entropy_with_logits(o[..., 12], lab["centre"], pos_weight=torch.tensor(20.0))
+        lz = F.binary_cross_entropy_with_logits(o[..., 12], lab["centre"],
+                                                pos_weight=torch.tensor(20.0, device=self.dev))
         lp = F.mse_loss(o[..., 13:15], self.patch_pos.expand(len(scenes), -1, -1))
-        return lc + ls + 0.5 * lz + lp
+        w, b_idx, y = [], [], []
+        for b, sc in enumerate(scenes):
+            for ob in sc.objects:
+                w.append(ob.patch_mask.reshape(-1)); b_idx.append(b); y.append(SHAPES.index(ob.shape))
+        w = torch.from_numpy(np.stack(w)).to(self.dev)
+        pooled = (w[:, :, None] * img[torch.tensor(b_idx, device=self.dev)]).sum(1) / w.sum(1, keepdim=True)
+        logits = self.aux(pooled)[:, 8:12]
+        y = torch.tensor(y, device=self.dev)
+        ls = F.cross_entropy(logits, y)
+        return lc + ls + 0.5 * lz + lp, (logits.argmax(-1) == y).float().mean().item()
+
+    def vision_step(self, step: int) -> dict:
+        """Phase 1: the vision tower and projector alone, on the auxiliary and CLS losses (3-4x
+        cheaper than a joint step), until object shape is readable from the pooled tokens."""
+        a = self.args
+        scenes = [generate_scene(scene_seed("train", self.train_index + i)) for i in range(a.batch)]
+        self.train_index += a.batch
+        m = self.model.model
+        vis = m.vision_tower(pixel_values(np.stack([sc.image for sc in scenes])).to(self.dev),
+                             output_hidden_states=True)
+        img = m.multi_modal_projector(vis.hidden_states[-2][:, 1:])
+        l_aux, shape_acc = self.aux_loss(img, scenes)
+        l_cls = self.cls_attention_loss(scenes)
+        loss = a.w_aux * l_aux + a.w_cls * l_cls
+        for g in self.opt.param_groups:
+            g["lr"] = a.lr * min(1.0, (step + 1) / a.warmup)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 2.0)
+        self.opt.step()
+        return {"aux": l_aux.item(), "cls": l_cls.item(), "shape_acc": shape_acc}
 
     # ---- loop -------------------------------------------------------------------------------
     def lr_at(self, step: int, frac: float) -> float:
@@ -207,14 +262,18 @@ class Trainer:
     def step(self, frac: float, step: int) -> dict:
         a = self.args
         scenes, pk = self.train_batch(frac)
+        pk = to_device(pk, self.dev)
         images = np.stack([sc.image for sc in scenes])
         img, emb, ans_logits, eos_logits = self.forward(images, pk)
         l_ans = F.cross_entropy(ans_logits, pk.answer_ids)
         l_eos = F.cross_entropy(eos_logits, torch.full_like(pk.answer_ids, self.processor.tokenizer.eos_token_id))
         l_att = self.text_attention_loss(emb, pk)
         l_cls = self.cls_attention_loss(scenes)
-        l_aux = self.aux_loss(img, scenes)
+        l_aux, shape_acc = self.aux_loss(img, scenes)
         loss = l_ans + 0.5 * l_eos + a.w_att * l_att + a.w_cls * l_cls + a.w_aux * l_aux
+        if self.deep_logits:
+            l_deep = torch.stack([F.cross_entropy(lg, pk.answer_ids) for lg in self.deep_logits]).mean()
+            loss = loss + a.w_deep * l_deep
         for g in self.opt.param_groups:
             g["lr"] = self.lr_at(step, frac)
         self.opt.zero_grad(set_to_none=True)
@@ -223,7 +282,7 @@ class Trainer:
         self.opt.step()
         acc = (ans_logits.argmax(-1) == pk.answer_ids).float().mean().item()
         return {"loss": loss.item(), "ans": l_ans.item(), "eos": l_eos.item(), "att": l_att.item(),
-                "cls": l_cls.item(), "aux": l_aux.item(), "acc": acc}
+                "cls": l_cls.item(), "aux": l_aux.item(), "acc": acc, "shape_acc": shape_acc}
 
     @torch.no_grad()
     def validate(self, val) -> dict:
@@ -235,7 +294,7 @@ class Trainer:
             chunk = val[i:i + bs]
             scenes = [s.scene for s in chunk]
             blocks = [[blk] for blk in (v_blk for _, v_blk in ((s, s.block) for s in chunk))]
-            pk = pack(self.cache, scenes, blocks)
+            pk = to_device(pack(self.cache, scenes, blocks), self.dev)
             _, _, logits, eos_logits = self.forward(np.stack([sc.image for sc in scenes]), pk)
             ok = (logits.argmax(-1) == pk.answer_ids).tolist()
             for t, o in zip(pk.qtypes, ok):
@@ -246,6 +305,18 @@ class Trainer:
         return per
 
 
+def to_device(pk, dev):
+    """The packed batch with every tensor (also inside lists) on `dev`."""
+    if dev.type == "cpu":
+        return pk
+    for name, v in vars(pk).items():
+        if torch.is_tensor(v):
+            setattr(pk, name, v.to(dev, non_blocking=True))
+        elif isinstance(v, list) and v and torch.is_tensor(v[0]):
+            setattr(pk, name, [x.to(dev, non_blocking=True) for x in v])
+    return pk
+
+
 class ValSample:
     def __init__(self, sample, cache):
         self.scene = sample.scene
@@ -254,7 +325,7 @@ class ValSample:
                                                         sample.targets))
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="assets/toy-llava")
     ap.add_argument("--minutes", type=float, default=85.0)
@@ -279,7 +350,26 @@ def main(argv=None):
     ap.add_argument("--val-n", type=int, default=150)
     ap.add_argument("--val-every", type=float, default=6.0, help="minutes between validations")
     ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args(argv)
+    ap.add_argument("--device", default="cpu", help="cpu (the shipped model) or cuda for recipe search")
+    ap.add_argument("--max-steps", type=int, default=0,
+                    help="stop after this many steps and run the schedule by steps, not minutes (0 = off)")
+    ap.add_argument("--val-every-steps", type=int, default=0, help="validate every N steps instead of minutes")
+    ap.add_argument("--per-head", action=argparse.BooleanOptionalAction, default=True,
+                    help="supervise each head on its own target (position questions: one head per object)")
+    ap.add_argument("--deep-layers", type=int, nargs="*", default=[],
+                    help="also read the answer out of these decoder layers' hidden states")
+    ap.add_argument("--w-deep", type=float, default=0.5)
+    ap.add_argument("--text-width", type=int, default=128)
+    ap.add_argument("--text-heads", type=int, default=4)
+    ap.add_argument("--vision-minutes", type=float, default=16.0,
+                    help="phase 1 (vision tower alone) lasts at most this long ...")
+    ap.add_argument("--vision-target", type=float, default=0.93,
+                    help="... or until pooled shape accuracy over the last 100 steps reaches this")
+    return ap
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
 
     torch.set_num_threads(args.threads)
     Path(args.log).parent.mkdir(parents=True, exist_ok=True)
@@ -301,24 +391,53 @@ def main(argv=None):
     best, curve, step = -1.0, [], 0
     next_val = args.val_every * 60
     stats: dict[str, list[float]] = {}
+
+    vstep, recent, last_val = 0, [], -1
+    while time.time() - t0 < min(args.vision_minutes * 60, budget):
+        s = tr.vision_step(vstep)
+        vstep += 1
+        recent = (recent + [s["shape_acc"]])[-100:]
+        for k, v in s.items():
+            stats.setdefault(k, []).append(v)
+        if vstep % 50 == 0:
+            mean = {k: np.mean(v) for k, v in stats.items()}
+            stats = {}
+            log(f"vision step {vstep} t {(time.time() - t0) / 60:.1f}m "
+                + " ".join(f"{k} {v:.3f}" for k, v in mean.items()) + f" shape_acc_100 {np.mean(recent):.3f}")
+        if len(recent) == 100 and np.mean(recent) >= args.vision_target:
+            break
+    t_joint = time.time()
+    joint_budget = budget - (t_joint - t0)
+    stats = {}
+    log(f"vision phase done: {vstep} steps, {(t_joint - t0) / 60:.1f}m, shape_acc_100 {np.mean(recent or [0]):.3f}")
+
+    def progress() -> float:
+        """Joint-phase schedule position in [0, 1]: by steps when --max-steps is set, else by wall clock."""
+        if args.max_steps:
+            return step / args.max_steps
+        return (time.time() - t_joint) / joint_budget
+
     while True:
         elapsed = time.time() - t0
-        if elapsed >= budget:
+        if elapsed >= budget or (args.max_steps and step >= args.max_steps):
             break
-        s = tr.step(elapsed / budget, step)
+        s = tr.step(progress(), step)
         for k, v in s.items():
             stats.setdefault(k, []).append(v)
         step += 1
         if step % 20 == 0:
             mean = {k: np.mean(v) for k, v in stats.items()}
             stats = {}
-            log(f"step {step} t {elapsed / 60:.1f}m lr {tr.lr_at(step, elapsed / budget):.2e} "
+            log(f"step {step} t {elapsed / 60:.1f}m lr {tr.lr_at(step, progress()):.2e} "
                 + " ".join(f"{k} {v:.3f}" for k, v in mean.items())
-                + f" s/step {(time.time() - t0) / step:.2f}")
-        if time.time() - t0 >= next_val:
+                + f" s/step {(time.time() - t_joint) / step:.2f}")
+        due = (step % args.val_every_steps == 0) if args.val_every_steps else time.time() - t0 >= next_val
+        if due:
             next_val += args.val_every * 60
             best = _validate_and_save(tr, val, out, step, t0, best, curve, log)
-    best = _validate_and_save(tr, val, out, step, t0, best, curve, log)
+            last_val = step
+    if last_val != step:
+        best = _validate_and_save(tr, val, out, step, t0, best, curve, log)
     log(f"done steps {step} best val {best:.3f}")
 
 

@@ -96,17 +96,14 @@ def test_answers_fixed_questions_and_stops(loaded):
 def test_packed_training_forward_equals_single_turn_inference():
     """The training packs several questions per image behind a block mask; each block must compute
     exactly what the stock model computes for that question alone (checked on a fresh model)."""
-    import argparse
-
     import numpy as np
 
     from analysis.packing import pack
     from analysis.toy_model import prompt
     from analysis.toyworld import scene_questions
-    from analysis.train_toy import Trainer
+    from analysis.train_toy import Trainer, build_parser
 
-    args = argparse.Namespace(seed=0, lr=1e-3, sup_heads=2)
-    tr = Trainer(args)
+    tr = Trainer(build_parser().parse_args([]))
     tr.model.eval()
     s = make_sample("test", 4)
     qs = scene_questions(s.scene, 4, np.random.default_rng(0))
@@ -117,3 +114,29 @@ def test_packed_training_forward_equals_single_turn_inference():
             inp = tr.processor(images=s.image, text=prompt(tr.processor, q.text), return_tensors="pt")
             ref = tr.model(**inp).logits[0, -1]
             assert torch.allclose(ref, logits[j], atol=1e-4), q.text
+
+
+def test_position_questions_supervise_one_head_per_named_object():
+    """Per-head attention targets: a position question's two heads are pulled to the first and the
+    second named object respectively; other questions pull both heads to the same target."""
+    import numpy as np
+
+    from analysis.packing import PromptCache
+    from analysis.toy_model import build_processor
+    from analysis.toyworld import ask
+
+    cache = PromptCache(build_processor())
+    for i in range(40):
+        s = make_sample("test", i)
+        q = ask(s.scene, "position", np.random.default_rng(i))
+        if q is None:
+            continue
+        blk = cache.block(s.scene, q)
+        first, second = (s.scene.objects[j].patch_mask.reshape(-1) for j in q.targets)
+        assert np.allclose(blk.target_a, first / first.sum(), atol=1e-6)
+        assert np.allclose(blk.target_b, second / second.sum(), atol=1e-6)
+        assert not np.allclose(blk.target_a, blk.target_b)
+        c = cache.block(s.scene, ask(s.scene, "count", np.random.default_rng(i)))
+        assert np.array_equal(c.target_a, c.target) and np.array_equal(c.target_b, c.target)
+        return
+    raise AssertionError("no test scene supports a position question")
