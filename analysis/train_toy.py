@@ -1,21 +1,29 @@
 """Train the toy LLaVA from scratch on the scene world, on CPU, within a wall-clock budget.
 
-    python -m analysis.train_toy --out assets/toy-llava --minutes 85 --seed 0 --log runs/train_toy.log
+    python -m analysis.train_toy --out assets/toy-llava --minutes 82 --seed 0 --log runs/train_toy.log
 
-Recipe (why each part is there; measured probes are in shared/docs/toy-model-notes.md):
+Recipe (why each part is there; measured probes are in shared/docs/toy-model-notes.md and the
+model card, assets/toy-llava/README.md):
+- Phase 1, vision tower alone (at most --vision-minutes, or until pooled shape accuracy over the
+  last 100 steps reaches --vision-target): auxiliary heads on the projected tokens (colour, object
+  centre and patch position per patch; shape per OBJECT, from the coverage-weighted mean of its
+  tokens) and the CLS attention loss. A step costs about a third of a joint step. Shape is the
+  slow part: the tower sits near chance for ~1500 steps, then takes off.
+- Phase 2, joint, with the schedule below run over the remaining budget:
 - Packed questions: K questions per image share one pass over the 576 image tokens (see
   analysis/packing.py), so each step supervises B*K answers for the cost of B images.
 - Answer loss: cross-entropy on the one-word answer and on the </s> after it.
-- Text->vision attention supervision: at the decoder's MustDrop pruning layers, the mean attention
-  of half the heads (the other half stays free to read the question) of the post-image prompt rows is pulled (cross-entropy over the image columns of the
-  full softmax) toward the normalised patch mask of the objects the question is about; rows before
-  the question's last attribute word are pulled toward all objects. This teaches the look-up that
+- Text->vision attention supervision: at the decoder's MustDrop pruning layers, the attention of
+  --sup-heads heads (the others stay free) of the post-image prompt rows is pulled (cross-entropy
+  over the image columns of the full softmax) toward the normalised patch mask of the objects the
+  question is about, each head on its own (--per-head): even heads toward the first named object,
+  odd heads toward the second, which differ only for position questions; rows before the
+  question's last attribute word are pulled toward all objects. This teaches the look-up that
   plain answer loss learns too slowly, and it is exactly the attention MustDrop's stage 2 reads.
   The probabilities are computed from q/k forward hooks for those rows only; the model runs sdpa.
 - CLS attention supervision: in the last vision layer, the CLS query's head-mean attention is
   pulled toward all object patches, which is what MustDrop's stage 1b key set reads.
-- Per-patch auxiliary heads (discarded at save) on the projected features: colour, shape, object
-  centre, patch position. They make the vision side learn in a few hundred steps.
+- The phase-1 auxiliary losses continue (heads discarded at save).
 - Token-dropping augmentation: a share of batches leave out most background tokens (object tokens
   are mostly kept), with positions compacted or not, so answers survive pruning; dropping is
   total at first (only object tokens: a curriculum that lets the answer rows find the question
@@ -23,6 +31,8 @@ Recipe (why each part is there; measured probes are in shared/docs/toy-model-not
   budget; dropped tokens are physically removed, so those steps are also cheaper.
 The saved model is a stock LlavaForConditionalGeneration checkpoint; checkpoints are written every
 time validation accuracy improves, so a usable model exists even if the run is cut short.
+--device cuda (with --max-steps for a step-based schedule) exists for recipe search on a GPU; the
+shipped model is trained on CPU.
 """
 
 from __future__ import annotations
@@ -409,6 +419,7 @@ def main(argv=None):
     t_joint = time.time()
     joint_budget = budget - (t_joint - t0)
     stats = {}
+    next_val = (t_joint - t0) + args.val_every * 60
     log(f"vision phase done: {vstep} steps, {(t_joint - t0) / 60:.1f}m, shape_acc_100 {np.mean(recent or [0]):.3f}")
 
     def progress() -> float:

@@ -20,10 +20,10 @@ from analysis.toy_accuracy import answer
 from analysis.toyworld import make_sample
 
 MODEL = Path(__file__).resolve().parents[1] / "assets" / "toy-llava"
-# Test-split indices the shipped checkpoint answers correctly (colour 0, 5; shape 16; existence 2, 7;
-# count 3, 13; position 34), fixed once against it. The checkpoint is far from perfect (see its
-# README), so these were picked, not drawn; a retrained model needs them re-picked.
-FIXED = [0, 5, 16, 2, 7, 3, 13, 34]
+# The first 20 test questions (types in turn) minus the position ones: the shipped checkpoint answers
+# colour, shape, existence and count almost perfectly (0.91-1.00 on 1000 test questions), so these
+# are drawn, not picked. Relative position is at chance (0.28, see its README) and is not asserted.
+FIXED = [i for i in range(20) if i % 5 != 4]
 
 
 @pytest.fixture(scope="module")
