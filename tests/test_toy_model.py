@@ -140,3 +140,14 @@ def test_position_questions_supervise_one_head_per_named_object():
         assert np.array_equal(c.target_a, c.target) and np.array_equal(c.target_b, c.target)
         return
     raise AssertionError("no test scene supports a position question")
+
+
+def test_shape_probe_runs_and_reports(capsys):
+    """The probe that chose the pooled shape target runs and prints its accuracy line."""
+    from analysis.probe_shape import main
+
+    main(["--mode", "pool", "--steps", "1", "--minutes", "1"])
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("step 0 ") and "val pooled" in line
+    acc = float(line.split("val pooled ")[1].split()[0])
+    assert 0.0 <= acc <= 1.0
