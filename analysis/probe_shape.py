@@ -16,8 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from analysis.toy_model import build_model, pixel_values
-from analysis.train_toy import patch_labels
+from analysis.toy_model import build_model
+from analysis.train_toy import image_tokens, object_means, patch_labels
 from analysis.toyworld import SHAPES, generate_scene, scene_seed
 
 MODES = ("obj", "pool", "edge", "both", "pooledge", "pooledge05")
@@ -48,15 +48,7 @@ def main(argv=None):
         if logf: logf.write(s + "\n")
     log(str(vars(a)))
     def feats(imgs):
-        v = vt(pixel_values(imgs).to(dev), output_hidden_states=True)
-        return pj(v.hidden_states[-2][:, 1:])
-    def pooled(f, scs):
-        W, Y, bi = [], [], []
-        for b, sc in enumerate(scs):
-            for ob in sc.objects:
-                W.append(torch.from_numpy(ob.patch_mask.reshape(-1)).float()); Y.append(SHAPES.index(ob.shape)); bi.append(b)
-        W = torch.stack(W).to(dev); W = W / W.sum(1, keepdim=True)
-        return (W[:, :, None] * f[torch.tensor(bi, device=dev)]).sum(1), torch.tensor(Y, device=dev)
+        return image_tokens(m, imgs, dev)
     val = [generate_scene(scene_seed("val", 5000 + b)) for b in range(60)]
     t0 = time.time(); k = 0
     for step in range(a.steps):
@@ -67,7 +59,7 @@ def main(argv=None):
         lc = F.cross_entropy(o[..., :7].reshape(-1, 7), lab["color"].reshape(-1), ignore_index=-100)
         sh = lab["shape"].reshape(-1); sel = sh > 0
         l_obj = F.cross_entropy(o[..., 8:12].reshape(-1, 4)[sel], sh[sel] - 1)
-        p, y = pooled(f, scs); l_pool = F.cross_entropy(aux(p)[:, 8:12], y)
+        p, y = object_means(f, scs); l_pool = F.cross_entropy(aux(p)[:, 8:12], y)
         eb, ei, ey = [], [], []
         for b, sc in enumerate(scs):
             for ob in sc.objects:
@@ -82,7 +74,7 @@ def main(argv=None):
                 accs, paccs = [], []
                 for i in range(0, 60, 20):
                     scs = val[i:i + 20]; f = feats(np.stack([s.image for s in scs]))
-                    p, y = pooled(f, scs); accs.append((aux(p)[:, 8:12].argmax(-1) == y).float())
+                    p, y = object_means(f, scs); accs.append((aux(p)[:, 8:12].argmax(-1) == y).float())
                     sh = patch_labels(scs)["shape"].reshape(-1).to(dev); sel = sh > 0
                     paccs.append((aux(f)[..., 8:12].reshape(-1, 4).argmax(-1)[sel] == sh[sel] - 1).float())
             log(f"step {step} t {time.time()-t0:.0f}s lobj {l_obj.item():.3f} lpool {l_pool.item():.3f} "

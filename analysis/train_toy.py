@@ -98,6 +98,41 @@ def patch_labels(scenes) -> dict[str, torch.Tensor]:
             "centre": torch.from_numpy(centre)}
 
 
+def image_tokens(model, images: np.ndarray, dev) -> torch.Tensor:
+    """The projected image tokens the decoder receives, (B, 576, d), with gradients."""
+    m = model.model
+    vis = m.vision_tower(pixel_values(images).to(dev), output_hidden_states=True)
+    return m.multi_modal_projector(vis.hidden_states[-2][:, 1:])
+
+
+def object_means(img: torch.Tensor, scenes) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coverage-weighted mean of each object's tokens, (n_objects, d), and its shape ids: what an
+    attention head spread over the object reads."""
+    w, b_idx, y = [], [], []
+    for b, sc in enumerate(scenes):
+        for ob in sc.objects:
+            w.append(ob.patch_mask.reshape(-1)); b_idx.append(b); y.append(SHAPES.index(ob.shape))
+    w = torch.from_numpy(np.stack(w)).to(img.device)
+    pooled = (w[:, :, None] * img[torch.tensor(b_idx, device=img.device)]).sum(1) / w.sum(1, keepdim=True)
+    return pooled, torch.tensor(y, device=img.device)
+
+
+class RunningMeans:
+    """Per-key means of step statistics between two log lines."""
+
+    def __init__(self):
+        self.values: dict[str, list[float]] = {}
+
+    def add(self, stats: dict) -> None:
+        for k, v in stats.items():
+            self.values.setdefault(k, []).append(v)
+
+    def flush(self) -> str:
+        line = " ".join(f"{k} {np.mean(v):.3f}" for k, v in self.values.items())
+        self.values = {}
+        return line
+
+
 class Trainer:
     def __init__(self, args):
         self.args = args
@@ -150,9 +185,7 @@ class Trainer:
 
     # ---- model ------------------------------------------------------------------------------
     def forward(self, images: np.ndarray, pk, with_aux: bool = True):
-        m = self.model.model
-        vis = m.vision_tower(pixel_values(images).to(self.dev), output_hidden_states=True)
-        img = m.multi_modal_projector(vis.hidden_states[-2][:, 1:])
+        img = image_tokens(self.model, images, self.dev)
         P = len(self.cache.prefix)
         V = pk.img_index.shape[1]
         slots = torch.gather(img, 1, pk.img_index[..., None].expand(-1, -1, img.shape[-1]))
@@ -232,14 +265,8 @@ class Trainer:
         lz = F.binary_cross_entropy_with_logits(o[..., 12], lab["centre"],
                                                 pos_weight=torch.tensor(20.0, device=self.dev))
         lp = F.mse_loss(o[..., 13:15], self.patch_pos.expand(len(scenes), -1, -1))
-        w, b_idx, y = [], [], []
-        for b, sc in enumerate(scenes):
-            for ob in sc.objects:
-                w.append(ob.patch_mask.reshape(-1)); b_idx.append(b); y.append(SHAPES.index(ob.shape))
-        w = torch.from_numpy(np.stack(w)).to(self.dev)
-        pooled = (w[:, :, None] * img[torch.tensor(b_idx, device=self.dev)]).sum(1) / w.sum(1, keepdim=True)
+        pooled, y = object_means(img, scenes)
         logits = self.aux(pooled)[:, 8:12]
-        y = torch.tensor(y, device=self.dev)
         ls = F.cross_entropy(logits, y)
         return lc + ls + 0.5 * lz + lp, (logits.argmax(-1) == y).float().mean().item()
 
@@ -249,10 +276,7 @@ class Trainer:
         a = self.args
         scenes = [generate_scene(scene_seed("train", self.train_index + i)) for i in range(a.batch)]
         self.train_index += a.batch
-        m = self.model.model
-        vis = m.vision_tower(pixel_values(np.stack([sc.image for sc in scenes])).to(self.dev),
-                             output_hidden_states=True)
-        img = m.multi_modal_projector(vis.hidden_states[-2][:, 1:])
+        img = image_tokens(self.model, np.stack([sc.image for sc in scenes]), self.dev)
         l_aux, shape_acc = self.aux_loss(img, scenes)
         l_cls = self.cls_attention_loss(scenes)
         loss = a.w_aux * l_aux + a.w_cls * l_cls
@@ -399,26 +423,22 @@ def main(argv=None):
     budget = args.minutes * 60
     t0 = time.time()
     best, curve, step = -1.0, [], 0
-    next_val = args.val_every * 60
-    stats: dict[str, list[float]] = {}
+    stats = RunningMeans()
 
     vstep, recent, last_val = 0, [], -1
     while time.time() - t0 < min(args.vision_minutes * 60, budget):
         s = tr.vision_step(vstep)
         vstep += 1
         recent = (recent + [s["shape_acc"]])[-100:]
-        for k, v in s.items():
-            stats.setdefault(k, []).append(v)
+        stats.add(s)
         if vstep % 50 == 0:
-            mean = {k: np.mean(v) for k, v in stats.items()}
-            stats = {}
-            log(f"vision step {vstep} t {(time.time() - t0) / 60:.1f}m "
-                + " ".join(f"{k} {v:.3f}" for k, v in mean.items()) + f" shape_acc_100 {np.mean(recent):.3f}")
+            log(f"vision step {vstep} t {(time.time() - t0) / 60:.1f}m {stats.flush()} "
+                f"shape_acc_100 {np.mean(recent):.3f}")
         if len(recent) == 100 and np.mean(recent) >= args.vision_target:
             break
     t_joint = time.time()
     joint_budget = budget - (t_joint - t0)
-    stats = {}
+    stats = RunningMeans()
     next_val = (t_joint - t0) + args.val_every * 60
     log(f"vision phase done: {vstep} steps, {(t_joint - t0) / 60:.1f}m, shape_acc_100 {np.mean(recent or [0]):.3f}")
 
@@ -432,16 +452,11 @@ def main(argv=None):
         elapsed = time.time() - t0
         if elapsed >= budget or (args.max_steps and step >= args.max_steps):
             break
-        s = tr.step(progress(), step)
-        for k, v in s.items():
-            stats.setdefault(k, []).append(v)
+        stats.add(tr.step(progress(), step))
         step += 1
         if step % 20 == 0:
-            mean = {k: np.mean(v) for k, v in stats.items()}
-            stats = {}
-            log(f"step {step} t {elapsed / 60:.1f}m lr {tr.lr_at(step, progress()):.2e} "
-                + " ".join(f"{k} {v:.3f}" for k, v in mean.items())
-                + f" s/step {(time.time() - t_joint) / step:.2f}")
+            log(f"step {step} t {elapsed / 60:.1f}m lr {tr.lr_at(step, progress()):.2e} {stats.flush()} "
+                f"s/step {(time.time() - t_joint) / step:.2f}")
         due = (step % args.val_every_steps == 0) if args.val_every_steps else time.time() - t0 >= next_val
         if due:
             next_val += args.val_every * 60

@@ -98,7 +98,7 @@ class _Prefill:
         self.text_attn = None
         self.records = []                                           # per prune layer
         self.kept_positions = []                                    # per prune layer (for stage 3)
-        self.layer_kwargs = None    # (inputs, outputs) of the last kwargs shortening, reused until the next drop
+        self.layer_kwargs = None    # shortened layer kwargs, computed once after each drop
 
     @property
     def V(self):
@@ -341,11 +341,9 @@ class LlavaMustDrop:
             # Every layer receives the same full-length position embeddings and mask from the
             # model's forward; slice them once per drop, not once per layer (each slice is a few
             # kernel launches, which is what a batch-1 prefill on a GPU is bound by).
-            inputs = (id(kwargs["position_embeddings"][0]), id(kwargs.get("attention_mask")),
-                      id(kwargs.get("position_ids")), state.alive.numel())
-            if state.layer_kwargs is None or state.layer_kwargs[0] != inputs:
-                state.layer_kwargs = (inputs, shorten(kwargs))
-            kwargs.update(state.layer_kwargs[1])
+            if state.layer_kwargs is None:
+                state.layer_kwargs = shorten(kwargs)
+            kwargs.update(state.layer_kwargs)
             return args, kwargs
 
         def score_text_rows(module, args, kwargs, output):
