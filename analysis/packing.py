@@ -35,6 +35,8 @@ class Block:
     target: np.ndarray      # (576,) normalised patch coverage of the question's target objects
     target_a: np.ndarray    # (576,) the first named object's coverage (position questions), else target
     target_b: np.ndarray    # (576,) the second named object's coverage (position questions), else target
+    offset: tuple[float, float] | None = None  # position questions: centre of the first named object
+                                               # minus the second's, (dx, dy) in pixels
 
 
 @dataclass
@@ -51,6 +53,7 @@ class Packed:
     sup_targets: list[torch.Tensor]  # per sample: (R_b, 3, V) target distributions over image slots:
                                      # [all targets, first named object, second named object]
     sup_weights: list[torch.Tensor]  # per sample: (R_b,)
+    answer_offsets: torch.Tensor     # (N, 2) the blocks' `offset` in pixels, NaN where there is none
 
 
 class PromptCache:
@@ -83,8 +86,15 @@ class PromptCache:
             return (t / max(t.sum(), 1e-9)).astype(np.float32)
 
         tgt = norm(q.targets)
-        a, b = (norm(q.targets[:1]), norm(q.targets[1:])) if q.qtype == "position" else (tgt, tgt)
-        return Block(ids + [ans, self.tok.eos_token_id], len(ids), focus_from, q.qtype, ans, tgt, a, b)
+        offset = None
+        if q.qtype == "position":
+            a, b = norm(q.targets[:1]), norm(q.targets[1:])
+            (xa, ya), (xb, yb) = (scene.objects[i].center for i in q.targets[:2])
+            offset = (float(xa - xb), float(ya - yb))
+        else:
+            a, b = tgt, tgt
+        return Block(ids + [ans, self.tok.eos_token_id], len(ids), focus_from, q.qtype, ans, tgt, a, b,
+                     offset)
 
 
 def pack(cache: PromptCache, scenes: list[Scene], blocks: list[list[Block]],
@@ -107,7 +117,7 @@ def pack(cache: PromptCache, scenes: list[Scene], blocks: list[list[Block]],
     pos = np.zeros((B, L), np.int64)
     seg = np.full((B, L), -1, np.int64)
     img_index = np.zeros((B, V), np.int64)
-    ans_rows, ans_ids, eos_rows, qtypes = [], [], [], []
+    ans_rows, ans_ids, eos_rows, qtypes, offsets = [], [], [], [], []
     sup_rows, sup_t, sup_w = [], [], []
     for b in range(B):
         kb, n_kept = kept[b], len(kept[b])
@@ -136,6 +146,7 @@ def pack(cache: PromptCache, scenes: list[Scene], blocks: list[list[Block]],
             r_ans = start + blk.n_prompt - 1
             ans_rows.append((b, r_ans)); ans_ids.append(blk.answer_id); qtypes.append(blk.qtype)
             eos_rows.append((b, r_ans + 1))
+            offsets.append(blk.offset if blk.offset is not None else (float("nan"),) * 2)
             focus_t = np.stack([restrict(blk.target), restrict(blk.target_a), restrict(blk.target_b)])
             context_t = np.stack([all_t] * 3)
             for i in range(blk.n_prompt):
@@ -157,4 +168,5 @@ def pack(cache: PromptCache, scenes: list[Scene], blocks: list[list[Block]],
     mask |= np.eye(L, dtype=bool)[None]
     return Packed(torch.from_numpy(ids), torch.from_numpy(pos), torch.from_numpy(mask)[:, None],
                   torch.from_numpy(img_index), torch.tensor(ans_rows), torch.tensor(ans_ids),
-                  torch.tensor(eos_rows), qtypes, sup_rows, sup_t, sup_w)
+                  torch.tensor(eos_rows), qtypes, sup_rows, sup_t, sup_w,
+                  torch.tensor(offsets, dtype=torch.float32))

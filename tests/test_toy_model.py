@@ -151,3 +151,55 @@ def test_shape_probe_runs_and_reports(capsys):
     assert line.startswith("step 0 ") and "val pooled" in line
     acc = float(line.split("val pooled ")[1].split()[0])
     assert 0.0 <= acc <= 1.0
+
+
+def test_position_code_initialises_patch_positions_at_content_scale():
+    """The training starts the tower's patch position embeddings from a 2-D sin-cos code as strong
+    as the patch content (CLS untouched): its lowest-frequency channels are monotone in row and in
+    column, so an object's mean token carries its centre from the first step."""
+    import numpy as np
+
+    from analysis.toy_model import build_model, pixel_values
+    from analysis.toyworld import GRID, generate_scene, scene_seed
+    from analysis.train_toy import init_position_embeddings, position_code
+
+    code = position_code(GRID, GRID, 128).view(GRID, GRID, 128)
+    row_cos, col_cos = code[:, 0, 32], code[0, :, 96]     # cos of the half-wave frequency
+    assert torch.all(row_cos[1:] < row_cos[:-1]) and torch.all(col_cos[1:] < col_cos[:-1])
+    assert torch.allclose(code[:, 5, :64], code[:, 17, :64]), "row channels ignore the column"
+
+    model, _ = build_model(0)
+    emb = model.model.vision_tower.embeddings
+    cls_before = emb.position_embedding.weight[0].clone()
+    images = np.stack([generate_scene(scene_seed("train", i)).image for i in range(2)])
+    init_position_embeddings(model, images, 1.0)
+    with torch.no_grad():
+        content_std = emb.patch_embedding(pixel_values(images)).std()
+    assert torch.equal(emb.position_embedding.weight[0], cls_before)
+    assert torch.isclose(emb.position_embedding.weight[1:].std(), content_std, rtol=1e-3)
+
+
+def test_position_answers_agree_with_the_offset_target():
+    """Position questions carry the (dx, dy) the answer-row readout is trained on; its sign and
+    dominant axis are the answer, and every other question carries NaN (no offset loss)."""
+    import numpy as np
+
+    from analysis.packing import PromptCache, pack
+    from analysis.toy_model import build_processor
+    from analysis.toyworld import scene_questions
+
+    cache = PromptCache(build_processor())
+    seen = set()
+    for i in range(30):
+        s = make_sample("test", i)
+        qs = scene_questions(s.scene, 8, np.random.default_rng(i))
+        pk = pack(cache, [s.scene], [[cache.block(s.scene, q) for q in qs]])
+        for q, (dx, dy) in zip(qs, pk.answer_offsets.tolist()):
+            if q.qtype != "position":
+                assert np.isnan(dx) and np.isnan(dy)
+                continue
+            horizontal = abs(dx) > abs(dy)
+            expect = ("left" if dx < 0 else "right") if horizontal else ("above" if dy < 0 else "below")
+            assert q.answer == expect, (i, q.text, dx, dy)
+            seen.add(q.answer)
+    assert seen == {"left", "right", "above", "below"}
