@@ -37,6 +37,8 @@ class Block:
     target_b: np.ndarray    # (576,) the second named object's coverage (position questions), else target
     offset: tuple[float, float] | None = None  # position questions: centre of the first named object
                                                # minus the second's, (dx, dy) in pixels
+    first_from: int | None = None  # position questions: prompt rows [first_from, focus_from) follow
+                                   # the first object's name and are supervised toward it alone
 
 
 @dataclass
@@ -86,15 +88,17 @@ class PromptCache:
             return (t / max(t.sum(), 1e-9)).astype(np.float32)
 
         tgt = norm(q.targets)
-        offset = None
+        offset, first_from = None, None
         if q.qtype == "position":
             a, b = norm(q.targets[:1]), norm(q.targets[1:])
             (xa, ya), (xb, yb) = (scene.objects[i].center for i in q.targets[:2])
             offset = (float(xa - xb), float(ya - yb))
+            # The last attribute word before the second name ends the first name.
+            first_from = max(i for i in attr if i < toks.index("relative"))
         else:
             a, b = tgt, tgt
         return Block(ids + [ans, self.tok.eos_token_id], len(ids), focus_from, q.qtype, ans, tgt, a, b,
-                     offset)
+                     offset, first_from)
 
 
 def pack(cache: PromptCache, scenes: list[Scene], blocks: list[list[Block]],
@@ -149,10 +153,15 @@ def pack(cache: PromptCache, scenes: list[Scene], blocks: list[list[Block]],
             offsets.append(blk.offset if blk.offset is not None else (float("nan"),) * 2)
             focus_t = np.stack([restrict(blk.target), restrict(blk.target_a), restrict(blk.target_b)])
             context_t = np.stack([all_t] * 3)
+            first_t = np.stack([restrict(blk.target_a)] * 3)
             for i in range(blk.n_prompt):
                 rows.append(start + i)
                 if i >= blk.focus_from:
                     tg.append(focus_t); wt.append(focus_weight)
+                elif blk.first_from is not None and i >= blk.first_from:
+                    # Every head looks at the object just named, the easy look-up colour and
+                    # shape questions teach; later rows can then copy it from this row.
+                    tg.append(first_t); wt.append(focus_weight)
                 else:
                     tg.append(context_t); wt.append(context_weight)
             start += n

@@ -23,8 +23,10 @@ model card, assets/toy-llava/README.md):
   --sup-heads heads (the others stay free) of the post-image prompt rows is pulled (cross-entropy
   over the image columns of the full softmax) toward the normalised patch mask of the objects the
   question is about, each head on its own (--per-head): even heads toward the first named object,
-  odd heads toward the second, which differ only for position questions; rows before the
-  question's last attribute word are pulled toward all objects. This teaches the look-up that
+  odd heads toward the second, which differ only for position questions; in position questions
+  the rows from the end of the first name up to the second name pull every head toward the first
+  object (the easy "object just named" look-up; the answer rows can copy it from there); other
+  rows before the question's last attribute word are pulled toward all objects. This teaches the look-up that
   plain answer loss learns too slowly, and it is exactly the attention MustDrop's stage 2 reads.
   The probabilities are computed from q/k forward hooks for those rows only; the model runs sdpa.
 - CLS attention supervision: in the last vision layer, the CLS query's head-mean attention is

@@ -121,7 +121,7 @@ def test_position_questions_supervise_one_head_per_named_object():
     second named object respectively; other questions pull both heads to the same target."""
     import numpy as np
 
-    from analysis.packing import PromptCache
+    from analysis.packing import PromptCache, pack
     from analysis.toy_model import build_processor
     from analysis.toyworld import ask
 
@@ -136,6 +136,16 @@ def test_position_questions_supervise_one_head_per_named_object():
         assert np.allclose(blk.target_a, first / first.sum(), atol=1e-6)
         assert np.allclose(blk.target_b, second / second.sum(), atol=1e-6)
         assert not np.allclose(blk.target_a, blk.target_b)
+        # Rows after the first name, before the second, pull every head to the first object.
+        toks = cache.tok.convert_ids_to_tokens(blk.ids)
+        assert toks[blk.first_from] == s.scene.objects[q.targets[0]].shape
+        assert toks[blk.focus_from] == s.scene.objects[q.targets[1]].shape
+        pk = pack(cache, [s.scene], [[blk]])
+        a_t = torch.from_numpy(blk.target_a)
+        for r in range(blk.first_from, blk.focus_from):
+            assert all(torch.allclose(pk.sup_targets[0][r, h], a_t) for h in range(3))
+            assert pk.sup_weights[0][r] == 1.0
+        assert torch.allclose(pk.sup_targets[0][blk.focus_from, 2], torch.from_numpy(blk.target_b))
         c = cache.block(s.scene, ask(s.scene, "count", np.random.default_rng(i)))
         assert np.array_equal(c.target_a, c.target) and np.array_equal(c.target_b, c.target)
         return
