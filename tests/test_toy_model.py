@@ -213,3 +213,31 @@ def test_position_answers_agree_with_the_offset_target():
             assert q.answer == expect, (i, q.text, dx, dy)
             seen.add(q.answer)
     assert seen == {"left", "right", "above", "below"}
+
+
+def test_position_probe_reads_attention_and_offsets(loaded):
+    """The probe behind the model card's position figures: masses are shares of one softmax row,
+    one per prune layer and head, and its ridge R^2 recovers a linear target and not noise."""
+    import numpy as np
+
+    from analysis.probe_position import format_report, probe, ridge_r2
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 16))
+    y = np.stack([x @ rng.normal(size=16), rng.normal(size=200)], 1)
+    fit_linear, fit_noise = ridge_r2(x, y, lam=1e-3)
+    assert fit_linear > 0.99 and fit_noise < 0.1
+
+    model, proc = loaded
+    before = model.config._attn_implementation
+    model.set_attn_implementation("eager")  # attention probabilities; the fixture is shared
+    try:
+        r = probe(model, proc, 4)
+    finally:
+        model.set_attn_implementation(before)
+    first, second = np.array(r["mass_first"]), np.array(r["mass_second"])
+    assert first.shape == second.shape == (4, model.config.text_config.num_attention_heads)
+    assert (first >= 0).all() and (first + second <= 1 + 1e-5).all()
+    assert sum(r["answers"].values()) == 4 and 0 <= r["accuracy"] <= 1
+    assert len(r["offset_r2_by_layer"]) == model.config.text_config.num_hidden_layers
+    assert "first / second named object" in format_report(r)
