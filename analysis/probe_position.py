@@ -10,8 +10,11 @@ On `n` position questions ("where is the A relative to the B ?") of the validati
 - the attention mass the last prompt row (the one that predicts the answer) puts on the first
   and on the second named object, per MustDrop prune layer and head (eager attention): does each
   head find its object, and can it tell the two apart?
-- offset R^2: how well (dx, dy) between the two objects is read linearly (ridge, 2-fold) from that
-  row's hidden state after each decoder layer: is the comparison computed?
+- read R^2: how well (dx, dy) between the two objects is read linearly (ridge, 2-fold) from what
+  that row's heads read at each prune layer: each head's attention-weighted mean of the projected
+  image tokens, mapped to an (x, y) by the same linear map that reads object centres from pooled
+  tokens (fitted on all objects), heads concatenated: is the answer there to be computed?
+- offset R^2: the same from that row's hidden state after each decoder layer: is it computed?
 These are the figures the model card quotes; the probe only reads the model (no training).
 """
 
@@ -49,7 +52,7 @@ def ridge_r2(features: np.ndarray, targets: np.ndarray, lam: float = 0.1) -> lis
 
 def probe(model, processor, n: int, split: str = "val", prune_layers=(1, 2, 3, 4)) -> dict:
     image_id = model.config.image_token_id
-    mass_a, mass_b, hidden, offsets, pooled, centres = [], [], [], [], [], []
+    mass_a, mass_b, hidden, offsets, pooled, centres, read = [], [], [], [], [], [], []
     answers, correct = [], []
     i = 0
     while len(offsets) < n:
@@ -71,6 +74,8 @@ def probe(model, processor, n: int, split: str = "val", prune_layers=(1, 2, 3, 4
         hidden.append(np.stack([h[0, -1].numpy() for h in out.hidden_states[1:]]))
         offsets.append([(a.center[0] - b.center[0]) / 100, (a.center[1] - b.center[1]) / 100])
         tokens = out.hidden_states[0][0, img].numpy()  # the projected image tokens the decoder gets
+        share = att / att.sum(-1, keepdim=True)                 # each head's weights over the image
+        read.append((share.numpy() @ tokens).reshape(len(prune_layers), -1))  # (P, H * d)
         for o in s.scene.objects:
             w = o.patch_mask.reshape(-1)
             pooled.append((w[:, None] * tokens).sum(0) / w.sum())
@@ -80,13 +85,22 @@ def probe(model, processor, n: int, split: str = "val", prune_layers=(1, 2, 3, 4
         correct.append(word == q.answer)
     offsets = np.array(offsets)
     hidden = np.stack(hidden)  # (n, layers, d)
+    pooled, centres = np.stack(pooled), np.array(centres, dtype=np.float64) / 100
+    x = np.concatenate([pooled, np.ones((len(pooled), 1))], 1)
+    to_centre = np.linalg.lstsq(x, centres, rcond=None)[0]           # (d + 1, 2)
+    read = np.stack(read)                                              # (n, P, H * d)
+    d = pooled.shape[1]
+    heads = read.reshape(len(read), len(prune_layers), -1, d)
+    seen = np.concatenate([heads, np.ones(heads.shape[:-1] + (1,))], -1) @ to_centre  # (n, P, H, 2)
     return {
         "n": n, "split": split, "accuracy": float(np.mean(correct)),
         "answers": {w: answers.count(w) for w in sorted(set(answers))},
-        "pooled_centre_r2": ridge_r2(np.stack(pooled), np.array(centres, dtype=np.float64)),
+        "pooled_centre_r2": ridge_r2(pooled, centres),
         "prune_layers": list(prune_layers),
         "mass_first": np.mean(mass_a, 0).round(3).tolist(),   # [prune layer][head]
         "mass_second": np.mean(mass_b, 0).round(3).tolist(),
+        "read_r2_by_prune_layer": [ridge_r2(seen[:, p].reshape(len(seen), -1), offsets)
+                                   for p in range(len(prune_layers))],
         "offset_r2_by_layer": [ridge_r2(hidden[:, layer], offsets) for layer in range(hidden.shape[1])],
     }
 
@@ -98,6 +112,8 @@ def format_report(r: dict) -> str:
              "attention mass of the answer row on the first / second named object:"]
     for layer, fa, fb in zip(r["prune_layers"], r["mass_first"], r["mass_second"]):
         lines.append(f"  layer {layer}: " + "  ".join(f"h{h} {x:.2f}/{y:.2f}" for h, (x, y) in enumerate(zip(fa, fb))))
+    lines.append("offset (dx, dy) R^2 from what the answer row's heads read, per prune layer: "
+                 + "  ".join(f"L{k} {x:.2f},{y:.2f}" for k, (x, y) in zip(r["prune_layers"], r["read_r2_by_prune_layer"])))
     lines.append("offset (dx, dy) R^2 from the answer row after each layer: "
                  + "  ".join(f"L{k} {x:.2f},{y:.2f}" for k, (x, y) in enumerate(r["offset_r2_by_layer"])))
     return "\n".join(lines)

@@ -240,4 +240,5 @@ def test_position_probe_reads_attention_and_offsets(loaded):
     assert (first >= 0).all() and (first + second <= 1 + 1e-5).all()
     assert sum(r["answers"].values()) == 4 and 0 <= r["accuracy"] <= 1
     assert len(r["offset_r2_by_layer"]) == model.config.text_config.num_hidden_layers
+    assert len(r["read_r2_by_prune_layer"]) == 4
     assert "first / second named object" in format_report(r)
