@@ -14,7 +14,8 @@ more, so the average budget falls monotonically with s; we bracket the target by
 and bisect log s until the mean over the sample is within --tol of the target. Only prefill
 matters, so each trial generates one token. The search works on the validation split so that the
 test split stays unseen. Stage 1a (merging) is not touched: when merging alone already goes below
-the target, or the key set alone stays above it, the budget is unreachable and we say so.
+the target, or the key set alone stays above it, the budget is unreachable and we say so
+(--write-nearest still stores the nearest pair, with that note in its calibration record).
 
 --write updates the model folder's mustdrop.json (atomic write): presets[P] = the pair found, for
 P the preset named by --preset (default: the budget, when it is 192, 128 or 64), plus a
@@ -141,6 +142,8 @@ def write_defaults(model_dir, preset: str, result: dict, split: str, num_layers:
     raw.setdefault("calibration", {})[preset] = {
         "target": result["budget"], "convention": result["convention"], "reached": result["reached"],
         "split": split, "n": result["n"], "method": "scale of the preset pair, bisection (analysis.calibrate)"}
+    if not result["within_tol"]:
+        raw["calibration"][preset]["note"] = result["note"] or "target not reached; nearest pair stored"
     write_json_atomic(path, clean_for_json(raw))
     ModelDefaults.from_file(path)           # what we wrote must read back
     return path
@@ -159,6 +162,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tol", type=float, default=0.02, help="relative tolerance on the mean budget")
     ap.add_argument("--max-iter", type=int, default=16)
     ap.add_argument("--write", action="store_true", help="update MODEL/mustdrop.json")
+    ap.add_argument("--write-nearest", action="store_true",
+                    help="with --write: store the nearest pair even when the target is unreachable "
+                         "(the calibration record then carries the note saying so)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--threads", type=int, default=None)
     a = ap.parse_args(argv)
@@ -172,7 +178,7 @@ def main(argv=None) -> int:
     if a.json:
         write_json_atomic(a.json, clean_for_json(res))
     if a.write:
-        if not res["within_tol"]:
+        if not res["within_tol"] and not a.write_nearest:
             print("not written: the target was not reached", file=sys.stderr)
             return 1
         print(f"wrote {write_defaults(a.model, preset or res['preset'], res, a.split, runner.num_layers)}")

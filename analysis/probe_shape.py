@@ -59,7 +59,7 @@ def main(argv=None):
         lc = F.cross_entropy(o[..., :7].reshape(-1, 7), lab["color"].reshape(-1), ignore_index=-100)
         sh = lab["shape"].reshape(-1); sel = sh > 0
         l_obj = F.cross_entropy(o[..., 8:12].reshape(-1, 4)[sel], sh[sel] - 1)
-        p, y = object_means(f, scs); l_pool = F.cross_entropy(aux(p)[:, 8:12], y)
+        p, y, _ = object_means(f, scs); l_pool = F.cross_entropy(aux(p)[:, 8:12], y)
         eb, ei, ey = [], [], []
         for b, sc in enumerate(scs):
             for ob in sc.objects:
@@ -74,7 +74,7 @@ def main(argv=None):
                 accs, paccs = [], []
                 for i in range(0, 60, 20):
                     scs = val[i:i + 20]; f = feats(np.stack([s.image for s in scs]))
-                    p, y = object_means(f, scs); accs.append((aux(p)[:, 8:12].argmax(-1) == y).float())
+                    p, y, _ = object_means(f, scs); accs.append((aux(p)[:, 8:12].argmax(-1) == y).float())
                     sh = patch_labels(scs)["shape"].reshape(-1).to(dev); sel = sh > 0
                     paccs.append((aux(f)[..., 8:12].reshape(-1, 4).argmax(-1)[sel] == sh[sel] - 1).float())
             log(f"step {step} t {time.time()-t0:.0f}s lobj {l_obj.item():.3f} lpool {l_pool.item():.3f} "

@@ -204,6 +204,12 @@ def test_calibrated_thresholds_reach_the_budget(runner, model_dir, tmp_path):
     d = ModelDefaults.load(str(folder))
     assert d.presets["64"] == (res["global_thr"], res["individual_thr"])
     assert d.merge_threshold == 0.999 and json.loads(path.read_text())["calibration"]["64"]["target"] == 200
+    assert "note" not in json.loads(path.read_text())["calibration"]["64"]
+    # --write-nearest: an unreachable budget stores the nearest pair and says so in its record.
+    near = dict(res, budget=900.0, within_tol=False, note="unreachable: even the largest thresholds keep more")
+    rec = json.loads(C.write_defaults(folder, "192", near, "val", runner.num_layers).read_text())["calibration"]
+    assert rec["192"]["note"].startswith("unreachable") and rec["192"]["reached"] == res["reached"]
+    assert ModelDefaults.load(str(folder)).presets["192"] == (res["global_thr"], res["individual_thr"])
 
 
 def test_flops_report_reproduces_published_figures(capsys):
