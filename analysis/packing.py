@@ -39,6 +39,9 @@ class Block:
                                                # minus the second's, (dx, dy) in pixels
     first_from: int | None = None  # position questions: prompt rows [first_from, focus_from) follow
                                    # the first object's name and are supervised toward it alone
+    name_a: tuple[int, ...] = ()   # prompt indices of the attribute words naming the first object
+                                   # (position questions), else of every attribute word
+    name_b: tuple[int, ...] = ()   # ... naming the second object, else the same as name_a
 
 
 @dataclass
@@ -56,6 +59,9 @@ class Packed:
                                      # [all targets, first named object, second named object]
     sup_weights: list[torch.Tensor]  # per sample: (R_b,)
     answer_offsets: torch.Tensor     # (N, 2) the blocks' `offset` in pixels, NaN where there is none
+    name_targets: list[torch.Tensor]  # per sample: (R_b, 2, L) distributions over sequence columns
+                                      # on the words naming [first, second] object, for sup_rows
+    name_weights: list[torch.Tensor]  # per sample: (R_b,), 0 where a row has no name target
 
 
 class PromptCache:
@@ -89,16 +95,19 @@ class PromptCache:
 
         tgt = norm(q.targets)
         offset, first_from = None, None
+        name_a = name_b = tuple(attr)
         if q.qtype == "position":
             a, b = norm(q.targets[:1]), norm(q.targets[1:])
             (xa, ya), (xb, yb) = (scene.objects[i].center for i in q.targets[:2])
             offset = (float(xa - xb), float(ya - yb))
             # The last attribute word before the second name ends the first name.
             first_from = max(i for i in attr if i < toks.index("relative"))
+            name_a = tuple(i for i in attr if i < toks.index("relative"))
+            name_b = tuple(i for i in attr if i > toks.index("relative"))
         else:
             a, b = tgt, tgt
         return Block(ids + [ans, self.tok.eos_token_id], len(ids), focus_from, q.qtype, ans, tgt, a, b,
-                     offset, first_from)
+                     offset, first_from, name_a, name_b)
 
 
 def pack(cache: PromptCache, scenes: list[Scene], blocks: list[list[Block]],
@@ -122,7 +131,7 @@ def pack(cache: PromptCache, scenes: list[Scene], blocks: list[list[Block]],
     seg = np.full((B, L), -1, np.int64)
     img_index = np.zeros((B, V), np.int64)
     ans_rows, ans_ids, eos_rows, qtypes, offsets = [], [], [], [], []
-    sup_rows, sup_t, sup_w = [], [], []
+    sup_rows, sup_t, sup_w, name_t, name_w = [], [], [], [], []
     for b in range(B):
         kb, n_kept = kept[b], len(kept[b])
         is_compact = compact is not None and compact[b]
@@ -141,7 +150,7 @@ def pack(cache: PromptCache, scenes: list[Scene], blocks: list[list[Block]],
 
         all_t = restrict(scenes[b].union_patch_mask().reshape(-1))
         start = base
-        rows, tg, wt = [], [], []
+        rows, tg, wt, nt, nw = [], [], [], [], []
         for k, blk in enumerate(blocks[b]):
             n = len(blk.ids)
             ids[b, start:start + n] = blk.ids
@@ -154,8 +163,21 @@ def pack(cache: PromptCache, scenes: list[Scene], blocks: list[list[Block]],
             focus_t = np.stack([restrict(blk.target), restrict(blk.target_a), restrict(blk.target_b)])
             context_t = np.stack([all_t] * 3)
             first_t = np.stack([restrict(blk.target_a)] * 3)
+            names = np.zeros((2, L), np.float32)
+            for j, idx in enumerate((blk.name_a, blk.name_b)):
+                if idx:
+                    names[j, start + np.array(idx)] = 1.0 / len(idx)
             for i in range(blk.n_prompt):
                 rows.append(start + i)
+                # Which words name the object(s) this row must look up: from the last attribute word
+                # on, [first, second]; between the two names of a position question, the first
+                # twice; earlier rows (and count questions, which name nothing) are not supervised.
+                if blk.name_a and i >= blk.focus_from:
+                    nt.append(names); nw.append(1.0)
+                elif blk.first_from is not None and i >= blk.first_from:
+                    nt.append(names[[0, 0]]); nw.append(1.0)
+                else:
+                    nt.append(np.zeros((2, L), np.float32)); nw.append(0.0)
                 if i >= blk.focus_from:
                     tg.append(focus_t); wt.append(focus_weight)
                 elif blk.first_from is not None and i >= blk.first_from:
@@ -168,6 +190,8 @@ def pack(cache: PromptCache, scenes: list[Scene], blocks: list[list[Block]],
         sup_rows.append(torch.tensor(rows))
         sup_t.append(torch.from_numpy(np.stack(tg)))
         sup_w.append(torch.tensor(wt))
+        name_t.append(torch.from_numpy(np.stack(nt)))
+        name_w.append(torch.tensor(nw))
     r = np.arange(L)
     causal = r[None, :] <= r[:, None]
     same = (seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None])
@@ -178,4 +202,4 @@ def pack(cache: PromptCache, scenes: list[Scene], blocks: list[list[Block]],
     return Packed(torch.from_numpy(ids), torch.from_numpy(pos), torch.from_numpy(mask)[:, None],
                   torch.from_numpy(img_index), torch.tensor(ans_rows), torch.tensor(ans_ids),
                   torch.tensor(eos_rows), qtypes, sup_rows, sup_t, sup_w,
-                  torch.tensor(offsets, dtype=torch.float32))
+                  torch.tensor(offsets, dtype=torch.float32), name_t, name_w)

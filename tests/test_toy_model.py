@@ -242,3 +242,53 @@ def test_position_probe_reads_attention_and_offsets(loaded):
     assert len(r["offset_r2_by_layer"]) == model.config.text_config.num_hidden_layers
     assert len(r["read_r2_by_prune_layer"]) == 4
     assert "first / second named object" in format_report(r)
+
+
+def test_name_pointer_targets_sit_on_the_words_that_name_each_object():
+    """The layer-0 pointer supervision: from the last attribute word on, head 0 is pulled to the
+    words naming the first object and head 1 to those naming the second (position questions), or
+    both to every attribute word; count questions name nothing and are not supervised."""
+    import numpy as np
+
+    from analysis.packing import PromptCache, pack
+    from analysis.toy_model import build_processor
+    from analysis.toyworld import scene_questions
+
+    cache = PromptCache(build_processor())
+    seen = set()
+    for i in range(20):
+        s = make_sample("test", i)
+        qs = scene_questions(s.scene, 8, np.random.default_rng(i))
+        pk = pack(cache, [s.scene], [[cache.block(s.scene, q) for q in qs]])
+        ids = pk.embeds_ids[0].tolist()
+        rows = pk.sup_rows[0].tolist()
+        for q, (_, r_ans) in zip(qs, pk.answer_rows.tolist()):
+            j = rows.index(r_ans)
+            t, w = pk.name_targets[0][j], float(pk.name_weights[0][j])
+            assert torch.allclose(t.sum(-1), torch.full((2,), w))
+            words = [cache.tok.convert_ids_to_tokens([ids[c]])[0] for c in range(t.shape[1]) if t[0, c] > 0]
+            words_b = [cache.tok.convert_ids_to_tokens([ids[c]])[0] for c in range(t.shape[1]) if t[1, c] > 0]
+            if q.qtype == "count":
+                assert w == 0.0
+            elif q.qtype == "position":
+                a, b = (s.scene.objects[k] for k in q.targets)
+                assert (words, words_b) == ([a.color, a.shape], [b.color, b.shape]), q.text
+            else:
+                assert words == words_b and words and all(x in q.text.split() for x in words)
+            seen.add(q.qtype)
+    assert seen == {"color", "shape", "exists", "count", "position"}
+
+
+def test_question_type_weights_steer_the_training_mix():
+    import numpy as np
+    import pytest
+
+    from analysis.toyworld import scene_questions
+
+    s = make_sample("test", 4)  # index % 5 == 4: a scene that supports a position question
+    only = scene_questions(s.scene, 8, np.random.default_rng(0), {"position": 1.0})
+    assert only and {q.qtype for q in only} == {"position"}
+    with pytest.raises(ValueError, match="unknown question types"):
+        scene_questions(s.scene, 8, np.random.default_rng(0), {"colour": 1.0})
+    with pytest.raises(ValueError, match="positive weight"):
+        scene_questions(s.scene, 8, np.random.default_rng(0), {"count": 0.0})

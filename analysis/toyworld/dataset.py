@@ -50,13 +50,28 @@ def make_sample(split: str, index: int, qtype: str | None = None) -> Sample:
     raise RuntimeError(f"no scene supports a {qtype} question for {split}[{index}]")
 
 
-def scene_questions(scene: Scene, k: int, rng: np.random.Generator) -> list[Question]:
-    """Up to k distinct questions about one scene, types drawn uniformly (used to pack training)."""
+def scene_questions(scene: Scene, k: int, rng: np.random.Generator,
+                    type_weights: dict[str, float] | None = None) -> list[Question]:
+    """Up to k distinct questions about one scene (used to pack training). Types are drawn uniformly,
+    or in proportion to `type_weights` (missing types weigh 0): a scene supports only one count
+    question but many position pairs and existence probes, so the realised mix differs from the
+    weights."""
+    if type_weights is None:
+        p = None
+    else:
+        unknown = set(type_weights) - set(QUESTION_TYPES)
+        if unknown:
+            raise ValueError(f"unknown question types {sorted(unknown)}; known: {QUESTION_TYPES}")
+        w = np.array([max(0.0, float(type_weights.get(t, 0.0))) for t in QUESTION_TYPES])
+        if w.sum() <= 0:
+            raise ValueError("type_weights must give some question type a positive weight")
+        p = w / w.sum()
     out: dict[str, Question] = {}
     for _ in range(4 * k):
         if len(out) == k:
             break
-        q = ask(scene, QUESTION_TYPES[rng.integers(len(QUESTION_TYPES))], rng)
+        t = QUESTION_TYPES[rng.integers(len(QUESTION_TYPES))] if p is None else rng.choice(QUESTION_TYPES, p=p)
+        q = ask(scene, str(t), rng)
         if q is not None:
             out.setdefault(q.text, q)
     return list(out.values())
