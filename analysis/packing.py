@@ -112,17 +112,28 @@ class PromptCache:
 
 def pack(cache: PromptCache, scenes: list[Scene], blocks: list[list[Block]],
          keeps: list[np.ndarray | None] | None = None, compact: list[bool] | None = None,
-         focus_weight: float = 1.0, context_weight: float = 0.3) -> Packed:
+         focus_weight: float = 1.0, context_weight: float = 0.3,
+         groups: list[np.ndarray] | None = None) -> Packed:
     """Build one batch. keeps[b] is a (576,) bool of the image tokens left in (None = all).
 
     Dropped image tokens are removed from the sequence, which is exactly equivalent to masking
     them out as keys everywhere, and cheaper. Kept tokens keep their original positions, or with
     compact[b] are re-numbered consecutively as in MustDrop's reference.
+
+    groups[b], when given, says that image b went through stage 1a merging: (N0, w*w) the patch ids
+    each of its N0 tokens covers (-1 padded, MustDrop's provenance), in the order the tokens reach
+    the decoder; the image slots then hold those N0 tokens at consecutive positions, as stock
+    inference places them, and attention targets are summed over each token's patches.
     """
     B = len(scenes)
     P = len(cache.prefix)
-    kept = [np.arange(N_IMG) if keeps is None or keeps[b] is None else np.flatnonzero(keeps[b])
-            for b in range(B)]
+    if groups is not None:
+        if keeps is not None and any(k is not None for k in keeps):
+            raise ValueError("merged images (groups) cannot also drop tokens (keeps)")
+        kept = [np.arange(len(g)) for g in groups]
+    else:
+        kept = [np.arange(N_IMG) if keeps is None or keeps[b] is None else np.flatnonzero(keeps[b])
+                for b in range(B)]
     V = max(len(k) for k in kept)
     base = P + V
     L = base + max(sum(len(k.ids) for k in bl) for bl in blocks)
@@ -134,7 +145,7 @@ def pack(cache: PromptCache, scenes: list[Scene], blocks: list[list[Block]],
     sup_rows, sup_t, sup_w, name_t, name_w = [], [], [], [], []
     for b in range(B):
         kb, n_kept = kept[b], len(kept[b])
-        is_compact = compact is not None and compact[b]
+        is_compact = groups is not None or (compact is not None and compact[b])
         ids[b, :P] = cache.prefix
         ids[b, P:P + n_kept] = cache.image_id
         seg[b, :P + n_kept] = 0
@@ -145,7 +156,11 @@ def pack(cache: PromptCache, scenes: list[Scene], blocks: list[list[Block]],
 
         def restrict(t):
             out = np.zeros(V, np.float32)
-            out[:n_kept] = t[kb]
+            if groups is not None:
+                g = groups[b]
+                out[:n_kept] = np.where(g >= 0, t[np.maximum(g, 0)], 0.0).sum(1)
+            else:
+                out[:n_kept] = t[kb]
             return out / max(out.sum(), 1e-9)
 
         all_t = restrict(scenes[b].union_patch_mask().reshape(-1))

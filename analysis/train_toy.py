@@ -66,6 +66,8 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from analysis.packing import N_IMG, PromptCache, pack
+from mustdrop.hooks import hidden_states_of, with_hidden_states
+from mustdrop.stages import local_spatial_merge
 from analysis.toy_model import MUSTDROP_DEFAULTS, build_model, pixel_values, save
 from analysis.toyworld import (COLOR_NAMES, GRID, PATCH_SIZE, QUESTION_TYPES, SHAPES, generate_scene,
                                make_sample, scene_questions, scene_seed)
@@ -118,6 +120,32 @@ def image_tokens(model, images: np.ndarray, dev) -> torch.Tensor:
     m = model.model
     vis = m.vision_tower(pixel_values(images).to(dev), output_hidden_states=True)
     return m.multi_modal_projector(vis.hidden_states[-2][:, 1:])
+
+
+def merged_image_tokens(model, images: np.ndarray, dev, threshold: float, window: int = 3):
+    """The projected image tokens after MustDrop's stage 1a, image by image, with gradients: the
+    library's own merge (mustdrop.stages.local_spatial_merge) on the output of vision layer 0, at the
+    hook point the adapter uses. Returns the tokens padded to (B, max N0, d) and each image's groups
+    (N0, window^2), the patch ids every token covers, in the order the decoder receives them."""
+    layer1 = model.model.vision_tower.encoder.layers[1]
+    tokens, groups = [], []
+    for im in images:
+        box = {}
+
+        def merge(module, args, kwargs):
+            res = local_spatial_merge(hidden_states_of(args, kwargs)[0], GRID, window, threshold)
+            box["groups"] = res.groups
+            return None if res.merged_windows.numel() == 0 else with_hidden_states(args, kwargs, res.tokens[None])
+
+        handle = layer1.register_forward_pre_hook(merge, with_kwargs=True)
+        try:
+            tokens.append(image_tokens(model, im[None], dev)[0])
+        finally:
+            handle.remove()
+        groups.append(box["groups"].cpu().numpy())
+    n = max(t.shape[0] for t in tokens)
+    padded = torch.stack([F.pad(t, (0, 0, 0, n - t.shape[0])) for t in tokens])
+    return padded, groups
 
 
 def object_means(img: torch.Tensor, scenes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -226,6 +254,9 @@ class Trainer:
 
     # ---- data -------------------------------------------------------------------------------
     def train_batch(self, frac: float):
+        """Scenes, question blocks, per-image keep masks and compaction flags, and whether the batch
+        goes through stage 1a merging instead (only after the background ramp, --merge-share of the
+        batches that drop nothing)."""
         a = self.args
         scenes, blocks, keeps, compact = [], [], [], []
         # Curriculum: object tokens only at first, background tokens phased in from 15% to 60% of
@@ -249,11 +280,13 @@ class Trainer:
             else:
                 keeps.append(None)
                 compact.append(False)
-        return scenes, pack(self.cache, scenes, blocks, keeps, compact)
+        merge = bool(a.merge_share > 0 and not drop and frac >= a.ramp_end and self.rng.random() < a.merge_share)
+        return scenes, blocks, keeps, compact, merge
 
     # ---- model ------------------------------------------------------------------------------
-    def forward(self, images: np.ndarray, pk, with_aux: bool = True):
-        img = image_tokens(self.model, images, self.dev)
+    def forward(self, images: np.ndarray, pk, with_aux: bool = True, img: torch.Tensor | None = None):
+        if img is None:
+            img = image_tokens(self.model, images, self.dev)
         P = len(self.cache.prefix)
         V = pk.img_index.shape[1]
         slots = torch.gather(img, 1, pk.img_index[..., None].expand(-1, -1, img.shape[-1]))
@@ -414,15 +447,26 @@ class Trainer:
 
     def step(self, frac: float, step: int) -> dict:
         a = self.args
-        scenes, pk = self.train_batch(frac)
-        pk = to_device(pk, self.dev)
+        scenes, blocks, keeps, compact, merge = self.train_batch(frac)
         images = np.stack([sc.image for sc in scenes])
-        img, emb, ans_logits, eos_logits = self.forward(images, pk)
+        merged = None
+        if merge:
+            merged, groups = merged_image_tokens(self.model, images, self.dev, a.merge_threshold)
+            pk = pack(self.cache, scenes, blocks, groups=groups)
+        else:
+            pk = pack(self.cache, scenes, blocks, keeps, compact)
+        pk = to_device(pk, self.dev)
+        img, emb, ans_logits, eos_logits = self.forward(images, pk, img=merged)
         l_ans = F.cross_entropy(ans_logits, pk.answer_ids)
         l_eos = F.cross_entropy(eos_logits, torch.full_like(pk.answer_ids, self.processor.tokenizer.eos_token_id))
         l_att = self.text_attention_loss(emb, pk)
-        l_cls = self.cls_attention_loss(scenes)
-        l_aux, aux_stats = self.aux_loss(img, scenes)
+        if merge:
+            # The per-patch targets and the CLS target are laid out on the 576 unmerged patches.
+            l_cls = l_aux = l_ans * 0.0
+            aux_stats = {}
+        else:
+            l_cls = self.cls_attention_loss(scenes)
+            l_aux, aux_stats = self.aux_loss(img, scenes)
         l_off = self.offset_loss(pk)
         l_name = self.name_attention_loss(emb, pk) if self.name_rec else l_off * 0.0
         loss = (l_ans + 0.5 * l_eos + a.w_att * l_att + a.w_cls * l_cls + a.w_aux * l_aux
@@ -443,6 +487,8 @@ class Trainer:
         pos = torch.tensor([t == "position" for t in pk.qtypes])
         if bool(pos.any()):
             out["pos_acc"] = hits[pos].mean().item()
+        if merge:
+            out["merged_acc"] = hits.mean().item()
         return out
 
     @torch.no_grad()
@@ -544,6 +590,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--type-weights", default="color=1,shape=1,exists=0.5,count=1.5,position=3",
                     help="question-type draw weights for training ('' = uniform); position questions "
                          "are the slowest to learn, existence the fastest")
+    ap.add_argument("--merge-share", type=float, default=0.0,
+                    help="after the background ramp, this share of the undropped batches goes through "
+                         "MustDrop's stage 1a merge (the library's function), so the decoder learns to "
+                         "read merged windows (0 = off, the shipped recipe)")
+    ap.add_argument("--merge-threshold", type=float, default=0.8,
+                    help="stage 1a similarity threshold used by --merge-share (the authors' 0.8)")
     ap.add_argument("--deep-layers", type=int, nargs="*", default=[],
                     help="also read the answer out of these decoder layers' hidden states")
     ap.add_argument("--w-deep", type=float, default=0.5)

@@ -292,3 +292,42 @@ def test_question_type_weights_steer_the_training_mix():
         scene_questions(s.scene, 8, np.random.default_rng(0), {"colour": 1.0})
     with pytest.raises(ValueError, match="positive weight"):
         scene_questions(s.scene, 8, np.random.default_rng(0), {"count": 0.0})
+
+
+def test_merged_training_batches_compute_what_mustdrop_stage_1a_inference_computes(loaded):
+    """--merge-share batches: the vision tower runs the library's stage 1a merge, and the packed
+    blocks over the merged tokens give the answer logits MustDrop's own run gives with only stage 1a
+    on (checked on the shipped weights, where merging folds most of the background)."""
+    import numpy as np
+
+    from analysis.packing import pack
+    from analysis.toyworld import scene_questions
+    from analysis.train_toy import Trainer, build_parser, merged_image_tokens
+    from mustdrop import MustDropConfig
+    from mustdrop.adapters.llava import LlavaMustDrop
+
+    model, proc = loaded
+    tr = Trainer(build_parser().parse_args(["--merge-share", "1"]))
+    tr.model.load_state_dict(model.state_dict())
+    tr.model.eval()
+    runner = LlavaMustDrop(model, proc, defaults=None)
+    only_merge = MustDropConfig(merge=True, key_set=False, filter=False, kv_trim=False)
+    samples = [make_sample("test", i) for i in (4, 7)]
+    qs = [scene_questions(s.scene, 3, np.random.default_rng(i)) for i, s in enumerate(samples)]
+    with torch.no_grad():
+        images = np.stack([s.scene.image for s in samples])
+        img, groups = merged_image_tokens(tr.model, images, tr.dev, 0.8)
+        assert all(len(g) < 576 for g in groups)           # windows were merged
+        pk = pack(tr.cache, [s.scene for s in samples],
+                  [[tr.cache.block(s.scene, q) for q in q_s] for s, q_s in zip(samples, qs)], groups=groups)
+        _, _, logits, _ = tr.forward(images, pk, img=img)
+        j = 0
+        for s, q_s, g in zip(samples, qs, groups):
+            for q in q_s:
+                res = runner.run(s.image, q.text, only_merge, max_new_tokens=1, keep_internals=True)
+                assert np.array_equal(res.trace.arrays["tokens.groups"], g)   # the same merge decisions
+                assert torch.allclose(res.step_logits[0], logits[j], atol=1e-4), q.text
+                j += 1
+    # Attention targets follow the merged tokens: each token's share is the sum over its patches.
+    t = pk.sup_targets[0][-1, 0, :len(groups[0])].numpy()
+    assert abs(t.sum() - 1) < 1e-5 and (t[(groups[0] >= 0).sum(1) == 9] >= 0).all()
