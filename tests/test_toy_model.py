@@ -26,6 +26,21 @@ MODEL = Path(__file__).resolve().parents[1] / "assets" / "toy-llava"
 FIXED = list(range(20))
 
 
+def packed_test_questions(n: int):
+    """(prompt cache, sample, its training questions, their packed batch) for test images 0..n-1."""
+    import numpy as np
+
+    from analysis.packing import PromptCache, pack
+    from analysis.toy_model import build_processor
+    from analysis.toyworld import scene_questions
+
+    cache = PromptCache(build_processor())
+    for i in range(n):
+        s = make_sample("test", i)
+        qs = scene_questions(s.scene, 8, np.random.default_rng(i))
+        yield cache, s, qs, pack(cache, [s.scene], [[cache.block(s.scene, q) for q in qs]])
+
+
 @pytest.fixture(scope="module")
 def loaded():
     torch.set_num_threads(2)
@@ -194,16 +209,8 @@ def test_position_answers_agree_with_the_offset_target():
     dominant axis are the answer, and every other question carries NaN (no offset loss)."""
     import numpy as np
 
-    from analysis.packing import PromptCache, pack
-    from analysis.toy_model import build_processor
-    from analysis.toyworld import scene_questions
-
-    cache = PromptCache(build_processor())
     seen = set()
-    for i in range(30):
-        s = make_sample("test", i)
-        qs = scene_questions(s.scene, 8, np.random.default_rng(i))
-        pk = pack(cache, [s.scene], [[cache.block(s.scene, q) for q in qs]])
+    for _, s, qs, pk in packed_test_questions(30):
         for q, (dx, dy) in zip(qs, pk.answer_offsets.tolist()):
             if q.qtype != "position":
                 assert np.isnan(dx) and np.isnan(dy)
@@ -248,18 +255,8 @@ def test_name_pointer_targets_sit_on_the_words_that_name_each_object():
     """The layer-0 pointer supervision: from the last attribute word on, head 0 is pulled to the
     words naming the first object and head 1 to those naming the second (position questions), or
     both to every attribute word; count questions name nothing and are not supervised."""
-    import numpy as np
-
-    from analysis.packing import PromptCache, pack
-    from analysis.toy_model import build_processor
-    from analysis.toyworld import scene_questions
-
-    cache = PromptCache(build_processor())
     seen = set()
-    for i in range(20):
-        s = make_sample("test", i)
-        qs = scene_questions(s.scene, 8, np.random.default_rng(i))
-        pk = pack(cache, [s.scene], [[cache.block(s.scene, q) for q in qs]])
+    for cache, s, qs, pk in packed_test_questions(20):
         ids = pk.embeds_ids[0].tolist()
         rows = pk.sup_rows[0].tolist()
         for q, (_, r_ans) in zip(qs, pk.answer_rows.tolist()):
