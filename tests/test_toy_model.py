@@ -328,3 +328,13 @@ def test_merged_training_batches_compute_what_mustdrop_stage_1a_inference_comput
     # Attention targets follow the merged tokens: each token's share is the sum over its patches.
     t = pk.sup_targets[0][-1, 0, :len(groups[0])].numpy()
     assert abs(t.sum() - 1) < 1e-5 and (t[(groups[0] >= 0).sum(1) == 9] >= 0).all()
+
+
+def test_merge_training_probe_fine_tunes_and_saves_a_loadable_checkpoint(tmp_path):
+    from analysis.probe_merge_training import main
+
+    steps, merged = main(["--model", str(MODEL), "--out", str(tmp_path / "ft"), "--max-steps", "3",
+                          "--merge-share", "1", "--threads", "1"])
+    assert steps == 3 and 0 < merged <= 3            # undropped batches merge at share 1
+    again = LlavaForConditionalGeneration.from_pretrained(tmp_path / "ft")
+    assert again.config.text_config.num_hidden_layers == 8
