@@ -100,10 +100,10 @@ class PromptCache:
             a, b = norm(q.targets[:1]), norm(q.targets[1:])
             (xa, ya), (xb, yb) = (scene.objects[i].center for i in q.targets[:2])
             offset = (float(xa - xb), float(ya - yb))
-            # The last attribute word before the second name ends the first name.
-            first_from = max(i for i in attr if i < toks.index("relative"))
-            name_a = tuple(i for i in attr if i < toks.index("relative"))
-            name_b = tuple(i for i in attr if i > toks.index("relative"))
+            rel = toks.index("relative")
+            name_a = tuple(i for i in attr if i < rel)
+            name_b = tuple(i for i in attr if i > rel)
+            first_from = name_a[-1]  # the last word of the first name
         else:
             a, b = tgt, tgt
         return Block(ids + [ans, self.tok.eos_token_id], len(ids), focus_from, q.qtype, ans, tgt, a, b,
@@ -166,6 +166,7 @@ def pack(cache: PromptCache, scenes: list[Scene], blocks: list[list[Block]],
         all_t = restrict(scenes[b].union_patch_mask().reshape(-1))
         start = base
         rows, tg, wt, nt, nw = [], [], [], [], []
+        no_names = np.zeros((2, L), np.float32)
         for k, blk in enumerate(blocks[b]):
             n = len(blk.ids)
             ids[b, start:start + n] = blk.ids
@@ -178,29 +179,25 @@ def pack(cache: PromptCache, scenes: list[Scene], blocks: list[list[Block]],
             focus_t = np.stack([restrict(blk.target), restrict(blk.target_a), restrict(blk.target_b)])
             context_t = np.stack([all_t] * 3)
             first_t = np.stack([restrict(blk.target_a)] * 3)
-            names = np.zeros((2, L), np.float32)
+            names = np.zeros((2, L), np.float32)   # [first, second] name's words, as columns
             for j, idx in enumerate((blk.name_a, blk.name_b)):
                 if idx:
                     names[j, start + np.array(idx)] = 1.0 / len(idx)
+            names_w = 1.0 if blk.name_a else 0.0     # count questions name nothing
             for i in range(blk.n_prompt):
                 rows.append(start + i)
-                # Which words name the object(s) this row must look up: from the last attribute word
-                # on, [first, second]; between the two names of a position question, the first
-                # twice; earlier rows (and count questions, which name nothing) are not supervised.
-                if blk.name_a and i >= blk.focus_from:
-                    nt.append(names); nw.append(1.0)
-                elif blk.first_from is not None and i >= blk.first_from:
-                    nt.append(names[[0, 0]]); nw.append(1.0)
-                else:
-                    nt.append(np.zeros((2, L), np.float32)); nw.append(0.0)
                 if i >= blk.focus_from:
                     tg.append(focus_t); wt.append(focus_weight)
+                    nt.append(names); nw.append(names_w)
                 elif blk.first_from is not None and i >= blk.first_from:
-                    # Every head looks at the object just named, the easy look-up colour and
-                    # shape questions teach; later rows can then copy it from this row.
+                    # Between the two names every head looks at the object (and the words) just
+                    # named, the easy look-up colour and shape questions teach; later rows can then
+                    # copy it from this row.
                     tg.append(first_t); wt.append(focus_weight)
+                    nt.append(names[[0, 0]]); nw.append(1.0)
                 else:
                     tg.append(context_t); wt.append(context_weight)
+                    nt.append(no_names); nw.append(0.0)
             start += n
         sup_rows.append(torch.tensor(rows))
         sup_t.append(torch.from_numpy(np.stack(tg)))

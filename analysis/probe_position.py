@@ -29,6 +29,7 @@ import torch
 
 from analysis.toy_model import prompt
 from analysis.toyworld import ask, make_sample
+from mustdrop import ModelDefaults
 
 
 def ridge_r2(features: np.ndarray, targets: np.ndarray, lam: float = 0.1) -> list[float]:
@@ -132,8 +133,7 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
     model = LlavaForConditionalGeneration.from_pretrained(a.model, attn_implementation="eager").eval()
     processor = AutoProcessor.from_pretrained(a.model)
-    defaults = Path(a.model) / "mustdrop.json"
-    layers = json.loads(defaults.read_text())["prune_layers"] if defaults.exists() else (1, 2, 3, 4)
+    layers = ModelDefaults.load(a.model, model.config.text_config.num_hidden_layers).prune_layers
     r = probe(model, processor, a.n, a.split, tuple(layers))
     print(format_report(r))
     if a.json:

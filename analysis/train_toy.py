@@ -66,11 +66,11 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from analysis.packing import N_IMG, PromptCache, pack
-from mustdrop.hooks import hidden_states_of, with_hidden_states
-from mustdrop.stages import local_spatial_merge
 from analysis.toy_model import MUSTDROP_DEFAULTS, build_model, pixel_values, save
 from analysis.toyworld import (COLOR_NAMES, GRID, PATCH_SIZE, QUESTION_TYPES, SHAPES, generate_scene,
                                make_sample, scene_questions, scene_seed)
+from mustdrop.hooks import hidden_states_of, with_hidden_states
+from mustdrop.stages import local_spatial_merge
 
 
 class QKRecorder:
@@ -307,27 +307,32 @@ class Trainer:
                             if deep else [])
         return img, emb, ans_logits, eos_logits
 
-    def text_attention_loss(self, emb, pk) -> torch.Tensor:
+    def head_scores(self, qk: dict, pk, b: int, rows: torch.Tensor, rope) -> torch.Tensor:
+        """Masked pre-softmax attention scores (Hs, R, L) of the --sup-heads supervised heads for the
+        given rows of sample b, from the q_proj / k_proj outputs a QKRecorder kept: the model runs
+        sdpa, and only these rows' probabilities are needed."""
         cfg = self.model.config.text_config
         H, hd = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
         Hs = self.args.sup_heads
-        cos, sin = self.lm.rotary_emb(emb, pk.position_ids)
+        cos, sin = rope
+        L = qk["k_proj"].shape[1]
+        q = qk["q_proj"][b, rows].view(-1, H, hd)[:, :Hs].transpose(0, 1)[None]  # (1,Hs,R,hd)
+        k = qk["k_proj"][b].view(L, H, hd)[:, :Hs].transpose(0, 1)[None]         # (1,Hs,L,hd)
+        q, _ = apply_rotary_pos_emb(q, q, cos[b:b + 1, rows], sin[b:b + 1, rows])
+        _, k = apply_rotary_pos_emb(k, k, cos[b:b + 1], sin[b:b + 1])
+        s = (q @ k.transpose(-1, -2))[0] * hd ** -0.5
+        return s.masked_fill(~pk.mask[b, 0, rows][None], float("-inf"))
+
+    def text_attention_loss(self, emb, pk) -> torch.Tensor:
+        Hs = self.args.sup_heads
+        rope = self.lm.rotary_emb(emb, pk.position_ids)
         per_head = self.args.per_head
         P = len(self.cache.prefix)
         V = pk.img_index.shape[1]
         losses = []
         for li in range(len(self.sup_layers)):
-            q_all = self.text_rec.store[li]["q_proj"]
-            k_all = self.text_rec.store[li]["k_proj"]
-            B, L, _ = q_all.shape
-            for b in range(B):
-                rows = pk.sup_rows[b]
-                q = q_all[b, rows].view(-1, H, hd)[:, :Hs].transpose(0, 1)[None]  # (1,Hs,R,hd)
-                k = k_all[b].view(L, H, hd)[:, :Hs].transpose(0, 1)[None]         # (1,Hs,L,hd)
-                q, _ = apply_rotary_pos_emb(q, q, cos[b:b + 1, rows], sin[b:b + 1, rows])
-                _, k = apply_rotary_pos_emb(k, k, cos[b:b + 1], sin[b:b + 1])
-                s = (q @ k.transpose(-1, -2))[0] * hd ** -0.5                # (H,R,L)
-                s = s.masked_fill(~pk.mask[b, 0, rows][None], float("-inf"))
+            for b in range(len(pk.sup_rows)):
+                s = self.head_scores(self.text_rec.store[li], pk, b, pk.sup_rows[b], rope)
                 if per_head:
                     # Each supervised head has its own target: even heads the first named object,
                     # odd heads the second (the same object unless the question names two).
@@ -347,25 +352,14 @@ class Trainer:
         (the same words unless the question names two objects). This hands the image look-up
         layers a query that already says which object, the binding that answer loss alone took
         ~75 minutes to find for position questions on the previous model."""
-        cfg = self.model.config.text_config
-        H, hd = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
         Hs = self.args.sup_heads
-        cos, sin = self.lm.rotary_emb(emb, pk.position_ids)
-        q_all = self.name_rec.store[0]["q_proj"]
-        k_all = self.name_rec.store[0]["k_proj"]
-        B, L, _ = q_all.shape
+        rope = self.lm.rotary_emb(emb, pk.position_ids)
         losses = []
-        for b in range(B):
+        for b in range(len(pk.sup_rows)):
             sel = pk.name_weights[b] > 0
             if not bool(sel.any()):
                 continue
-            rows = pk.sup_rows[b][sel]
-            q = q_all[b, rows].view(-1, H, hd)[:, :Hs].transpose(0, 1)[None]
-            k = k_all[b].view(L, H, hd)[:, :Hs].transpose(0, 1)[None]
-            q, _ = apply_rotary_pos_emb(q, q, cos[b:b + 1, rows], sin[b:b + 1, rows])
-            _, k = apply_rotary_pos_emb(k, k, cos[b:b + 1], sin[b:b + 1])
-            s = (q @ k.transpose(-1, -2))[0] * hd ** -0.5                   # (Hs,R,L)
-            s = s.masked_fill(~pk.mask[b, 0, rows][None], float("-inf"))
+            s = self.head_scores(self.name_rec.store[0], pk, b, pk.sup_rows[b][sel], rope)
             logp = s.log_softmax(-1).clamp_min(-30.0)
             t = pk.name_targets[b][sel][:, torch.arange(Hs, device=s.device) % 2].transpose(0, 1)
             losses.append(-(t * logp).sum(-1).mean())
