@@ -92,6 +92,14 @@ class Lens:
     def model_id(self) -> str:
         return self.runner.model_id if self.runner is not None else str(self.model_arg)
 
+    @property
+    def model_label(self) -> str:
+        """model_id for the page header: a path inside the app's folder is shown relative to it."""
+        try:
+            return str(Path(self.model_id).resolve().relative_to(HERE))
+        except (ValueError, OSError):
+            return self.model_id
+
     def load(self):
         """Load the model once; remember a load failure so the UI can say it (replay keeps working)."""
         from mustdrop.adapters import load_llava, make_runner
@@ -750,7 +758,7 @@ def build_app(lens: Lens, examples: list[Example] | None = None) -> gr.Blocks:
         gr.Markdown("# MustDrop Lens\nWhat multi-stage vision token dropping "
                     "([MustDrop](https://arxiv.org/abs/2411.10803)) does to every image patch inside a LLaVA model: "
                     "**1a** local spatial merge · **1b** key token set · **2** dual-attention filter · "
-                    f"**3** output-aware KV trim. Model: `{lens.model_id}`." + model_note)
+                    f"**3** output-aware KV trim. Model: `{lens.model_label}`." + model_note)
         status = gr.Markdown("Choose an example or upload an image, ask a question, press **Run**.", elem_id="status")
         with gr.Row():
             with gr.Column(scale=1, min_width=320):

@@ -211,6 +211,11 @@ def test_missing_model_still_replays(tmp_path):
     assert demo is not None
 
 
+def test_header_names_the_model_without_machine_paths():
+    assert viz_app.Lens(str(viz_app.HERE / "assets" / "toy-llava")).model_label == "assets/toy-llava"
+    assert viz_app.Lens("llava-hf/llava-1.5-7b-hf").model_label.endswith("llava-hf/llava-1.5-7b-hf")
+
+
 def test_cli_help():
     with pytest.raises(SystemExit) as e:
         viz_app.main(["--help"])
