@@ -486,17 +486,24 @@ class Trainer:
         return out
 
     @torch.no_grad()
-    def validate(self, val) -> dict:
-        """Greedy first-token accuracy on fixed validation questions (one question per image)."""
+    def validate(self, val, merged: bool = False) -> dict:
+        """Greedy first-token accuracy on fixed validation questions (one question per image); with
+        merged=True the decoder reads the image tokens left by stage 1a merging instead."""
         self.model.eval()
         correct: dict[str, list[int]] = {t: [] for t in QUESTION_TYPES}
         bs = 25
         for i in range(0, len(val), bs):
             chunk = val[i:i + bs]
             scenes = [s.scene for s in chunk]
-            blocks = [[blk] for blk in (v_blk for _, v_blk in ((s, s.block) for s in chunk))]
-            pk = to_device(pack(self.cache, scenes, blocks), self.dev)
-            _, _, logits, eos_logits = self.forward(np.stack([sc.image for sc in scenes]), pk)
+            blocks = [[s.block] for s in chunk]
+            images = np.stack([sc.image for sc in scenes])
+            img = None
+            if merged:
+                img, groups = merged_image_tokens(self.model, images, self.dev, self.args.merge_threshold)
+                pk = to_device(pack(self.cache, scenes, blocks, groups=groups), self.dev)
+            else:
+                pk = to_device(pack(self.cache, scenes, blocks), self.dev)
+            _, _, logits, eos_logits = self.forward(images, pk, img=img)
             ok = (logits.argmax(-1) == pk.answer_ids).tolist()
             for t, o in zip(pk.qtypes, ok):
                 correct[t].append(int(o))
@@ -669,17 +676,28 @@ def main(argv=None):
             last_val = step
     if last_val != step:
         best = _validate_and_save(tr, val, out, step, t0, best, curve, log)
-    log(f"done steps {step} best val {best:.3f}")
+    log(f"done steps {step} best val score {best:.3f}")
 
 
 def _validate_and_save(tr, val, out, step, t0, best, curve, log) -> float:
+    """Validate, log, and keep the checkpoint when its selection score strictly improves. The score
+    is unpruned accuracy; with --merge-share it is the mean of unpruned and stage-1a-merged accuracy,
+    so the kept checkpoint is the one that reads both kinds of image token best."""
     v = tr.validate(val)
     minutes = (time.time() - t0) / 60
-    curve.append({"step": step, "minutes": round(minutes, 2), **{k: round(x, 4) for k, x in v.items()}})
+    row = {"step": step, "minutes": round(minutes, 2), **{k: round(x, 4) for k, x in v.items()}}
+    score = v["all"]
+    if tr.args.merge_share > 0:
+        vm = tr.validate(val, merged=True)
+        row.update({f"merged_{k}": round(x, 4) for k, x in vm.items()})
+        score = (v["all"] + vm["all"]) / 2
+    row["score"] = round(score, 4)
+    curve.append(row)
     log(f"VAL step {step} t {minutes:.1f}m acc {v['all']:.3f} "
-        + " ".join(f"{k} {x:.2f}" for k, x in v.items() if k != "all"))
-    if v["all"] > best:
-        best = v["all"]
+        + " ".join(f"{k} {x:.2f}" for k, x in v.items() if k != "all")
+        + (f" merged_acc {row['merged_all']:.3f} score {score:.3f}" if "merged_all" in row else ""))
+    if score > best:
+        best = score
         tmp = out.with_name(out.name + ".tmp")
         if tmp.exists():
             shutil.rmtree(tmp)

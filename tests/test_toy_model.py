@@ -330,6 +330,34 @@ def test_merged_training_batches_compute_what_mustdrop_stage_1a_inference_comput
     assert abs(t.sum() - 1) < 1e-5 and (t[(groups[0] >= 0).sum(1) == 9] >= 0).all()
 
 
+def test_merged_validation_scores_what_stage_1a_answers_and_selects_on_both(loaded, tmp_path):
+    """With --merge-share the training keeps the checkpoint by the mean of unpruned and merged
+    validation accuracy; the merged accuracy is what MustDrop with only stage 1a on answers."""
+    from analysis.train_toy import Trainer, ValSample, _validate_and_save, build_parser
+    from mustdrop import MustDropConfig
+    from mustdrop.adapters.llava import LlavaMustDrop
+
+    model, proc = loaded
+    tr = Trainer(build_parser().parse_args(["--merge-share", "0.5"]))
+    tr.model.load_state_dict(model.state_dict())
+    samples = [make_sample("val", i) for i in range(8)]
+    val = [ValSample(s, tr.cache) for s in samples]
+    runner = LlavaMustDrop(model, proc, defaults=None)
+    only_merge = MustDropConfig(merge=True, key_set=False, filter=False, kv_trim=False)
+    first = [runner.run(s.image, s.question, only_merge, max_new_tokens=1).trace.answer.strip()
+             for s in samples]
+    expected = sum(a == s.answer for a, s in zip(first, samples)) / len(samples)
+    assert 0 < expected < 1 or len(set(first)) > 1        # the check below is not vacuous
+    assert tr.validate(val, merged=True)["all"] == pytest.approx(expected)
+
+    lines = []
+    best = _validate_and_save(tr, val, tmp_path / "m", 0, 0.0, -1.0, [], lines.append)
+    row = json.loads((tmp_path / "m.curve.json").read_text())[0]
+    assert row["score"] == pytest.approx((row["all"] + row["merged_all"]) / 2) and best == pytest.approx(row["score"])
+    assert (tmp_path / "m" / "model.safetensors").exists()
+    assert _validate_and_save(tr, val, tmp_path / "m", 1, 0.0, best, [], lines.append) == best   # a tie keeps the first
+
+
 def test_merge_training_probe_fine_tunes_and_saves_a_loadable_checkpoint(tmp_path):
     from analysis.probe_merge_training import main
 
