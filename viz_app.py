@@ -118,7 +118,8 @@ class Lens:
                 raise ModelLoadError(self.load_error)
             try:
                 model, processor = load_llava(path, device=self.device, dtype=self.dtype)
-                self.runner = make_runner(model, processor, str(self.model_arg))
+                # Traces name the model as the user gave it; the defaults come from where it loaded.
+                self.runner = make_runner(model, processor, str(self.model_arg), defaults_from=path)
                 self.load_error = None
             except ModelLoadError as e:
                 self.load_error = str(e)

@@ -216,6 +216,21 @@ def test_header_names_the_model_without_machine_paths():
     assert viz_app.Lens("llava-hf/llava-1.5-7b-hf").model_label.endswith("llava-hf/llava-1.5-7b-hf")
 
 
+def test_shipped_model_keeps_its_calibrated_presets_from_any_working_directory(tmp_path, monkeypatch):
+    """Started outside the repository, the default model still loads with its own mustdrop.json
+    (prune layers and calibrated thresholds), not the reference defaults scaled to its depth."""
+    from mustdrop.config import ModelDefaults
+
+    monkeypatch.chdir(tmp_path)
+    runner = viz_app.Lens().load()
+    shipped = ModelDefaults.from_file(viz_app.HERE / "assets" / "toy-llava" / "mustdrop.json")
+    assert runner.model_id == "assets/toy-llava"
+    assert runner.defaults.prune_layers == shipped.prune_layers
+    cfg = runner.config_for("64")
+    assert (cfg.global_thr, cfg.individual_thr) == shipped.presets["64"]
+    assert shipped.presets["64"] != ModelDefaults.load(None, 8).presets["64"]     # the check can fail
+
+
 def test_cli_help():
     with pytest.raises(SystemExit) as e:
         viz_app.main(["--help"])

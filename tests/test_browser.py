@@ -267,7 +267,7 @@ if __name__ == "__main__":
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--screenshots", action="store_true")
-    ap.add_argument("--model", default=str(ROOT / "assets" / "toy-llava"))
+    ap.add_argument("--model", default="assets/toy-llava")     # resolved by the app against its folder
     ap.add_argument("--out", default=str(ROOT / "docs"))
     a = ap.parse_args()
     if a.screenshots:
