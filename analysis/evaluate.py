@@ -143,6 +143,10 @@ def aggregate(rows: list[dict]) -> dict:
                                                        "object_area"))]
     if decision:
         out["decision"] = {c: _mean(df, c) for c in sorted(decision, key=_metric_order)}
+    if "recall_final_tokens" in df and "qtype" in df and df["recall_final_tokens"].notna().any():
+        # Per question type, to tell "the answer's tokens were dropped" from "it needed other tokens".
+        out["recall_final_by_type"] = {str(t): _mean(g, "recall_final_tokens")
+                                       for t, g in df.groupby("qtype", sort=True)}
     if "agrees_vanilla" in df:
         out["agrees_vanilla"] = _mean(df, "agrees_vanilla")
     out["seconds"] = {c: _mean(df, c) for c in ("vision_s", "prefill_s", "decode_s", "total_s") if c in df}
@@ -203,6 +207,9 @@ def format_summary(s: dict) -> str:
               f"KV cache  {kv['total'] / 1e6:.4f} MB total, {kv['vision'] / 1e6:.4f} MB vision ({kv['ratio']:.3f} x vanilla)"]
     for k, v in (s.get("decision") or {}).items():
         lines.append(f"  {k:<22} {v:.3f}")
+    if s.get("recall_final_by_type"):
+        lines.append("  recall_final_tokens by question type: "
+                     + "  ".join(f"{k} {v:.3f}" for k, v in s["recall_final_by_type"].items()))
     if s.get("seconds"):
         lines.append("time      " + ", ".join(f"{k} {v:.3f}" for k, v in s["seconds"].items()) + " (mean per question)")
     if s.get("n_failed"):

@@ -67,6 +67,10 @@ def test_evaluate_cli_writes_every_metric(model_dir, tmp_path, capsys):
     assert d["recall_final_kv"] == pytest.approx(rec[-1])                # last layer caches the survivors
     assert 0 <= d["kept_object_share"] <= 1 and 0 < d["object_area_share"] < 1
     assert 0 <= d["key_on_object"] <= 1
+    by_type = s["recall_final_by_type"]                                  # one question of each type here
+    assert set(by_type) == {"color", "shape", "exists"}
+    assert sum(by_type.values()) / 3 == pytest.approx(d["recall_final_tokens"])
+    assert "recall_final_tokens by question type" in printed
 
 
 def test_unpruned_run_keeps_every_asked_patch(model_dir):
