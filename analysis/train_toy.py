@@ -444,17 +444,19 @@ class Trainer:
         warm = min(1.0, (step + 1) / self.args.warmup)
         return self.args.lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
+    def packed(self, scenes, blocks, merge: bool, keeps=None, compact=None):
+        """(images, packed batch on the device, image tokens): with merge, the tokens stage 1a
+        leaves and a batch laid out on them; else None, and forward computes all 576."""
+        images = np.stack([sc.image for sc in scenes])
+        if merge:
+            img, groups = merged_image_tokens(self.model, images, self.dev, self.args.merge_threshold)
+            return images, to_device(pack(self.cache, scenes, blocks, groups=groups), self.dev), img
+        return images, to_device(pack(self.cache, scenes, blocks, keeps, compact), self.dev), None
+
     def step(self, frac: float, step: int) -> dict:
         a = self.args
         scenes, blocks, keeps, compact, merge = self.train_batch(frac)
-        images = np.stack([sc.image for sc in scenes])
-        merged = None
-        if merge:
-            merged, groups = merged_image_tokens(self.model, images, self.dev, a.merge_threshold)
-            pk = pack(self.cache, scenes, blocks, groups=groups)
-        else:
-            pk = pack(self.cache, scenes, blocks, keeps, compact)
-        pk = to_device(pk, self.dev)
+        images, pk, merged = self.packed(scenes, blocks, merge, keeps, compact)
         img, emb, ans_logits, eos_logits = self.forward(images, pk, img=merged)
         l_ans = F.cross_entropy(ans_logits, pk.answer_ids)
         l_eos = F.cross_entropy(eos_logits, torch.full_like(pk.answer_ids, self.processor.tokenizer.eos_token_id))
@@ -499,15 +501,7 @@ class Trainer:
         bs = 25
         for i in range(0, len(val), bs):
             chunk = val[i:i + bs]
-            scenes = [s.scene for s in chunk]
-            blocks = [[s.block] for s in chunk]
-            images = np.stack([sc.image for sc in scenes])
-            img = None
-            if merged:
-                img, groups = merged_image_tokens(self.model, images, self.dev, self.args.merge_threshold)
-                pk = to_device(pack(self.cache, scenes, blocks, groups=groups), self.dev)
-            else:
-                pk = to_device(pack(self.cache, scenes, blocks), self.dev)
+            images, pk, img = self.packed([s.scene for s in chunk], [[s.block] for s in chunk], merged)
             _, _, logits, eos_logits = self.forward(images, pk, img=img)
             ok = (logits.argmax(-1) == pk.answer_ids).tolist()
             for t, o in zip(pk.qtypes, ok):
