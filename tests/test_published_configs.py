@@ -191,3 +191,46 @@ def test_published_depth_runs_the_published_layers(dropping):
     assert entries[:first] == [seq["S"] + seq["N0"] + seq["T"]] * first
     assert entries[first:] == [seq["S"] + final + seq["T"]] * (runner.num_layers - first)
     assert final < seq["N0"]
+
+
+@pytest.mark.parametrize("offline_env", [False, True])
+def test_hub_id_offline_fails_at_once_with_the_message(offline_env, image, tmp_path):
+    """Without a network, --model with a hub id is refused after one connection attempt (none with
+    HF_HUB_OFFLINE=1), not after huggingface_hub's retries, with the message it always had."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).parent.parent
+    img = tmp_path / "img.png"
+    image.save(img)
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(PYTHONPATH=str(root), HF_HOME=str(tmp_path / "hf"), TRANSFORMERS_VERBOSITY="error")
+    if offline_env:
+        env["HF_HUB_OFFLINE"] = "1"
+    p = subprocess.run([sys.executable, str(root / "tests" / "offline_probe.py"), "llava-hf/llava-interleave-qwen-0.5b-hf",
+                        str(img)], capture_output=True, text=True, env=env, cwd=root, timeout=300)
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["attempts"] == ([] if offline_env else [["huggingface.co", 443]])
+    assert out["rc"] == 2
+    assert out["error"] == ("error: cannot load model 'llava-hf/llava-interleave-qwen-0.5b-hf': We couldn't connect to "
+                            "'https://huggingface.co' to load the files, and couldn't find them in the cached files.. "
+                            "The model hub cannot be reached from here (offline): pass a local folder such as "
+                            "assets/toy-llava, or run on a machine with internet access.")
+
+
+def test_parameter_count_from_config_matches_the_built_models(pub):
+    """analysis.flops counts weights from config.json alone; on each tiny copy that count is the model's own."""
+    from analysis import flops as FL
+    name, runner = pub
+    raw = runner.model.config.to_dict()
+    counted = FL.parameter_count(raw, raw["text_config"], raw["vision_config"])["total"]
+    assert counted == sum(p.numel() for p in runner.model.parameters())
+
+
+def test_parameter_count_of_llava_15_7b():
+    """transformers reports 7,067,621,376 parameters for llava-hf/llava-1.5-7b-hf with a 4,194,304-parameter
+    LoRA attached (the LLaMA-Factory log of tests/published/README.md)."""
+    from analysis import flops as FL
+    assert FL.read_config("analysis/configs/llava-1.5-7b.json")["params"]["total"] == 7_063_427_072
