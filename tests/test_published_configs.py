@@ -234,3 +234,11 @@ def test_parameter_count_of_llava_15_7b():
     LoRA attached (the LLaMA-Factory log of tests/published/README.md)."""
     from analysis import flops as FL
     assert FL.read_config("analysis/configs/llava-1.5-7b.json")["params"]["total"] == 7_063_427_072
+
+
+def test_onevision_is_refused_with_the_reason(tmp_path):
+    from mustdrop.adapters import ModelLoadError, load_llava
+    from transformers import LlavaOnevisionConfig
+    LlavaOnevisionConfig().save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match="LLaVA-OneVision .* interpolates the tiles"):
+        load_llava(str(tmp_path))

@@ -98,6 +98,12 @@ def _load(model, torch_dtype, device, local_files_only: bool, offline: bool, loc
         hint = (" The model hub cannot be reached from here (offline): pass a local folder such as "
                 "assets/toy-llava, or run on a machine with internet access." if offline or not local else "")
         raise ModelLoadError(f"cannot load model {model!r}: {str(e).splitlines()[0]}.{hint}") from None
+    if getattr(config, "model_type", None) == "llava_onevision":
+        raise ModelLoadError(f"{model!r} is a LLaVA-OneVision checkpoint, which MustDrop Lens does not run yet: its "
+                             "packing interpolates the tiles of large images, so a token covers a region of "
+                             "patches rather than one, and its processor needs torchvision (see README, Models "
+                             "and layouts); use llava-hf/llava-interleave-qwen-0.5b-hf for a small SigLIP + Qwen "
+                             "model")
     if getattr(config, "model_type", None) not in classes:
         raise ModelLoadError(f"{model!r} is a {getattr(config, 'model_type', 'unknown')!r} model; MustDrop Lens "
                              "runs LLaVA checkpoints (model_type 'llava' or 'llava_next')")
