@@ -242,3 +242,19 @@ def test_onevision_is_refused_with_the_reason(tmp_path):
     LlavaOnevisionConfig().save_pretrained(tmp_path)
     with pytest.raises(ModelLoadError, match="LLaVA-OneVision .* interpolates the tiles"):
         load_llava(str(tmp_path))
+
+
+def test_shipped_defaults_by_hub_id_and_precedence(tmp_path):
+    """The app and the CLI pass the hub id (or the cache snapshot it loaded from); a folder's own
+    mustdrop.json wins over what the package ships; other ids get the reference scaled to their depth."""
+    from mustdrop.config import ModelDefaults
+    hub = "llava-hf/llava-interleave-qwen-0.5b-hf"
+    shipped = ModelDefaults.load(hub, 24)
+    assert shipped.prune_layers == (2, 5, 8, 11) and "not yet calibrated" in shipped.source
+    assert shipped.presets["64"] == (0.011, 0.01)
+    snapshot = tmp_path / "hub" / "models--llava-hf--llava-interleave-qwen-0.5b-hf" / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    assert ModelDefaults.load(str(snapshot), 24) == shipped
+    (snapshot / "mustdrop.json").write_text(json.dumps(dict(shipped.to_json(), prune_layers=[3, 6, 9, 12])))
+    assert ModelDefaults.load(str(snapshot), 24).prune_layers == (3, 6, 9, 12)
+    assert ModelDefaults.load("llava-hf/llava-1.5-13b-hf", 40).source == "reference scaled to 40 layers"
