@@ -217,7 +217,6 @@ def build_published_tokenizer(facts: dict):
                                          decoders.Strip(" ", 1, 0)])
         tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                            special_tokens=[("<s>", 1)])
-        ordered = [special[k][0] for k in ("unk", "bos", "eos")]
     elif facts["kind"] == "qwen2-bytelevel":
         alphabet = list(pre_tokenizers.ByteLevel.alphabet())
         fixed = {ch: i for i, ch in enumerate(_gpt2_byte_order())}
@@ -234,7 +233,6 @@ def build_published_tokenizer(facts: dict):
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
         tok.decoder = decoders.ByteLevel()
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
-        ordered = []
     else:
         raise ValueError(f"unknown tokenizer kind {facts['kind']!r}")
     added = sorted((i, t) for t, i in special.values() if i >= facts["base_vocab"])
@@ -244,7 +242,6 @@ def build_published_tokenizer(facts: dict):
     kw = {f"{k}_token": special[k][0] for k in ("unk", "bos", "eos", "pad") if k in special}
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, extra_special_tokens={"image_token": special["image"][0]},
                                    **kw)
-    del ordered
     return fast
 
 
@@ -260,13 +257,6 @@ def _gpt2_byte_order():
     return [chr(c) for c in cs]
 
 
-def _shrunk(cfg: dict, sizes: dict) -> dict:
-    out = dict(cfg)
-    for k, v in sizes.items():
-        out[k] = v
-    return out
-
-
 def build_published_tiny(folder, published, *, text_layers: int | None = None, seed: int = 0):
     """A tiny copy of a published llava-hf checkpoint: its config.json with only the widths (and the vision
     depth; the decoder depth when ``text_layers`` is given) shrunk, its image processor, processor settings,
@@ -277,12 +267,12 @@ def build_published_tiny(folder, published, *, text_layers: int | None = None, s
     published ratio of query to KV heads."""
     import json
 
+    import transformers
     from transformers import AutoConfig, AutoImageProcessor, LlavaNextProcessor, LlavaProcessor
 
     published, folder = Path(published), Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    raw = json.loads((published / "config.json").read_text())
-    cfg = json.loads(json.dumps(raw))
+    cfg = json.loads((published / "config.json").read_text())
     text, vision = dict(cfg["text_config"]), dict(cfg["vision_config"])
     defaults = AutoConfig.for_model(text["model_type"]).to_dict()
     heads = text.get("num_attention_heads", defaults["num_attention_heads"])
@@ -292,9 +282,9 @@ def build_published_tiny(folder, published, *, text_layers: int | None = None, s
         tiny_text["num_hidden_layers"] = int(text_layers)
     if "head_dim" in text:
         tiny_text["head_dim"] = TINY_TEXT["hidden_size"] // TINY_TEXT["num_attention_heads"]
-    cfg["text_config"] = _shrunk(text, tiny_text)
+    cfg["text_config"] = {**text, **tiny_text}
     tiny_vision = {k: v for k, v in TINY_VISION.items() if k != "projection_dim" or "projection_dim" in vision}
-    cfg["vision_config"] = _shrunk(vision, tiny_vision)
+    cfg["vision_config"] = {**vision, **tiny_vision}
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
     (folder / "preprocessor_config.json").write_text((published / "preprocessor_config.json").read_text())
 
@@ -307,7 +297,6 @@ def build_published_tiny(folder, published, *, text_layers: int | None = None, s
                          num_additional_image_tokens=pconf["num_additional_image_tokens"],
                          chat_template=json.loads((published / "chat_template.json").read_text())["chat_template"])
     config = AutoConfig.from_pretrained(folder)
-    import transformers
     model_cls = getattr(transformers, cfg["architectures"][0])
     torch.manual_seed(seed)
     model = model_cls(config)

@@ -119,8 +119,11 @@ def test_sequence_lengths_and_placeholders(pub, image):
         ids = facts["prompt_ids"]
         S = ids.index(facts["special"]["image"][1])
         assert (trace.meta["sequence"]["S"], trace.meta["sequence"]["T"]) == (S, len(ids) - S - 1)
-    else:
-        assert trace.meta["sequence"]["S"] == len(facts["prompt_prefix_ids"]) - 3   # "▁", "\n" follow <image>
+    else:                                           # published ids around the question; its own bytes between
+        S = len(facts["prompt_prefix_ids"]) - 3     # "▁", "\n" follow <image>
+        ids = runner.processor.tokenizer(trace.meta["input"]["prompt"])["input_ids"]
+        assert ids[S] == facts["special"]["image"][1]
+        assert (trace.meta["sequence"]["S"], trace.meta["sequence"]["T"]) == (S, len(ids) - S - 1)
     inputs = runner.processor(images=image.resize((500, 300)), text="<image>", return_tensors="pt")
     placeholders = int((inputs["input_ids"] == runner.image_token_id).sum())
     kw = {"image_sizes": inputs["image_sizes"]} if "image_sizes" in inputs else {}
