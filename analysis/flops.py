@@ -20,6 +20,11 @@ Conventions (formulas in mustdrop.accounting, which this module reuses):
   which is 2880 x 0.525 MB: its per-token figure rounded up to 0.525 before multiplying.
 - Equivalent tokens: authors' convention (p0 N0 + (p1-p0) N1 + ... + (L-p_last) Nk) / L, and
   compute convention (mean over layers of the vision tokens each processes).
+- Weights: parameters counted from the config (vision tower up to the feature layer's model, projector,
+  decoder, LM head unless tied), times 4 bytes (fp32, what a CPU runs) or 2 (bf16 / fp16). LLaVA-1.5-7B:
+  7,063,427,072 (the count transformers reports for llava-hf/llava-1.5-7b-hf).
+- Vision encoder FLOPs, same convention per vision layer with n = patches (+ CLS): 4 n c^2 + 2 n^2 c +
+  2 n c i (two MLP matrices), every layer of the tower, once per crop; not part of the LLM figures.
 - Tokens: (image_size / patch_size)^2 = 576 for LLaVA-1.5; LLaVA-NeXT counts --crops (default 5)
   times that, as the literature's 2880 does (newline tokens and unpadding ignored). S = 35 (vicuna_v1
   system prompt with BOS) and T = 20 (a short question + "ASSISTANT:") are assumptions; set them.
@@ -64,10 +69,50 @@ def read_config(path) -> dict:
     head_dim = int(t.get("head_dim") or t["hidden_size"] // heads)
     image_size, patch = int(v.get("image_size", 336)), int(v.get("patch_size", 14))
     dtype = str(raw.get("torch_dtype") or raw.get("dtype") or t.get("torch_dtype") or "float16")
-    return {"name": Path(path).stem, "model_type": raw.get("model_type", "llava"),
-            "layers": int(t["num_hidden_layers"]), "d": int(t["hidden_size"]), "m": int(t["intermediate_size"]),
-            "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
-            "grid_tokens": (image_size // patch) ** 2, "dtype": dtype}
+    cfg = {"name": Path(path).stem, "model_type": raw.get("model_type", "llava"),
+           "layers": int(t["num_hidden_layers"]), "d": int(t["hidden_size"]), "m": int(t["intermediate_size"]),
+           "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
+           "grid_tokens": (image_size // patch) ** 2, "dtype": dtype}
+    if v.get("hidden_size"):
+        cfg["vision"] = {"model_type": v.get("model_type", "clip_vision_model"), "layers": int(v["num_hidden_layers"]),
+                         "c": int(v["hidden_size"]), "i": int(v["intermediate_size"]),
+                         "patch_size": patch, "image_size": image_size}
+        cfg["params"] = parameter_count(raw, t, v)
+    return cfg
+
+
+def parameter_count(raw: dict, t: dict, v: dict) -> dict:
+    """Parameters of a LLaVA from its config: vision tower, projector, decoder (embeddings and LM head apart)."""
+    d, m, L = int(t["hidden_size"]), int(t["intermediate_size"]), int(t["num_hidden_layers"])
+    heads = int(t["num_attention_heads"])
+    kv = int(t.get("num_key_value_heads") or heads)
+    hd = int(t.get("head_dim") or d // heads)
+    vocab = int(t.get("vocab_size") or raw.get("vocab_size"))
+    qkv_bias = t.get("model_type") == "qwen2" or bool(t.get("attention_bias"))
+    attn = d * heads * hd + 2 * d * kv * hd + heads * hd * d + ((heads + 2 * kv) * hd if qkv_bias else 0)
+    layer = attn + 3 * d * m + 2 * d
+    tied = bool(t.get("tie_word_embeddings", raw.get("tie_word_embeddings", False)))
+    c, i, p = int(v["hidden_size"]), int(v["intermediate_size"]), int(v.get("patch_size", 14))
+    n = (int(v.get("image_size", 336)) // p) ** 2
+    siglip = v.get("model_type") == "siglip_vision_model"
+    vis_layer = 4 * (c * c + c) + 4 * c + (c * i + i) + (i * c + c)
+    vision = (3 * p * p * c + (c if siglip else 0)             # patch embedding (SigLIP's has a bias)
+              + (n if siglip else n + 1) * c                   # position embeddings (+ CLS)
+              + (0 if siglip else c + 2 * c)                   # CLIP: class embedding, pre-layernorm
+              + int(v["num_hidden_layers"]) * vis_layer + 2 * c)  # layers, post-layernorm
+    projector = c * d + d + d * d + d
+    newline = d if raw.get("model_type") == "llava_next" else 0
+    out = {"vision_tower": vision, "projector": projector + newline, "embeddings": vocab * d,
+           "decoder_layers": L * layer + d, "lm_head": 0 if tied else vocab * d}
+    out["total"] = sum(out.values())
+    return out
+
+
+def vision_flops(vision: dict, crops: int = 1) -> float:
+    """Multiply-adds of the vision tower per image (all layers, every crop)."""
+    n = (vision["image_size"] // vision["patch_size"]) ** 2 + (0 if vision["model_type"] == "siglip_vision_model" else 1)
+    c, i = vision["c"], vision["i"]
+    return float(crops * vision["layers"] * (4 * n * c * c + 2 * n * n * c + 2 * n * c * i))
 
 
 def per_layer_counts(counts, prune_layers, num_layers: int) -> list[int]:
@@ -109,6 +154,10 @@ def report(cfg: dict, tokens: int | None = None, crops: int | None = None, prese
 
     vanilla = {"vision_tokens": N, "flops": flops([N] * L), "kv_vision_bytes": N * per_tok,
                "kv_total_bytes": (S + N + T) * per_tok}
+    if "params" in cfg:
+        P = cfg["params"]["total"]
+        vanilla["weights_bytes"] = {"fp32": 4 * P, "bf16": 2 * P}
+        vanilla["vision_flops"] = vision_flops(cfg["vision"], crops)
     out = {"config": cfg, "tokens": N, "crops": crops, "sys_tokens": S, "text_tokens": T, "dtype": dt,
            "kv_bytes_per_token": per_tok, "kv_mb_per_token": per_tok / MB, "vanilla": vanilla,
            "flops_formula": "4 n d^2 + 2 n^2 d + 3 n d m per LLM layer (multiply-adds)"}
@@ -143,6 +192,7 @@ def report(cfg: dict, tokens: int | None = None, crops: int | None = None, prese
 
 def format_report(r: dict) -> str:
     c, v = r["config"], r["vanilla"]
+    crops_note = f", {r['crops']} crops" if r["crops"] > 1 else ""
     lines = [f"{c['name']}: {c['model_type']}, LLM {c['layers']} layers, d {c['d']}, m {c['m']}, {c['heads']} heads "
              f"({c['kv_heads']} KV heads, head dim {c['head_dim']}), {r['dtype']}",
              f"vision tokens {r['tokens']}" + (f" ({r['crops']} x {c['grid_tokens']})" if r["crops"] > 1 else "")
@@ -150,6 +200,14 @@ def format_report(r: dict) -> str:
              f"FLOPs ({r['flops_formula']})",
              f"  vanilla  image only {v['flops']['image_only'] / 1e12:.2f} TFLOPs (PDrop/FastV convention), "
              f"full sequence {v['flops']['full_sequence'] / 1e12:.2f} TFLOPs (SparseVLM convention)",
+             *([f"weights   {c['params']['total'] / 1e9:.3f} B parameters (vision tower "
+                f"{c['params']['vision_tower'] / 1e6:.0f} M, projector {c['params']['projector'] / 1e6:.1f} M, "
+                f"embeddings {c['params']['embeddings'] / 1e6:.0f} M, decoder {c['params']['decoder_layers'] / 1e6:.0f} M, "
+                f"LM head {c['params']['lm_head'] / 1e6:.0f} M): {v['weights_bytes']['fp32'] / 1e9:.2f} GB fp32, "
+                f"{v['weights_bytes']['bf16'] / 1e9:.2f} GB bf16",
+                f"  vision encoder {v['vision_flops'] / 1e12:.3f} TFLOPs per image (same convention, "
+                f"{c['vision']['layers']} layers{crops_note}), not in the LLM figures above"]
+               if "params" in c else []),
              f"KV cache  {r['kv_bytes_per_token']:,} B = {r['kv_mb_per_token']:.3f} MB (decimal) per token; vanilla vision "
              f"{v['kv_vision_bytes'] / MB:.1f} MB ({v['kv_vision_bytes'] / 2**20:.1f} MiB) (DART convention), "
              f"whole sequence {v['kv_total_bytes'] / MB:.1f} MB"]

@@ -2,7 +2,8 @@
 
 The reference defaults are those of the authors' code for LLaVA-1.5-7B (32 LLM layers). A model
 folder may carry its own defaults in ``mustdrop.json`` beside ``config.json`` (prune layers fitted
-to its depth, thresholds calibrated per preset); ``MustDropConfig.for_model`` reads it.
+to its depth, thresholds calibrated per preset); for hub checkpoints without such a folder the package
+ships defaults in ``mustdrop/defaults/<org>--<name>.json``. ``MustDropConfig.for_model`` reads them.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from . import stages
 
 DEFAULTS_FILE = "mustdrop.json"
 DEFAULTS_SCHEMA = "mustdrop-defaults/1"
+SHIPPED_DEFAULTS_DIR = Path(__file__).parent / "defaults"
 
 # (global_thr, individual_thr) the authors publish for LLaVA-1.5-7B per average vision-token budget.
 REFERENCE_PRESETS: dict[str, tuple[float, float]] = {
@@ -164,9 +166,14 @@ class ModelDefaults:
 
     @classmethod
     def load(cls, model_path_or_id: str | None, num_llm_layers: int | None = None) -> "ModelDefaults":
+        """The model folder's mustdrop.json, else the defaults shipped for its hub id, else the reference's
+        (prune layers scaled to ``num_llm_layers``)."""
         path = Path(model_path_or_id) / DEFAULTS_FILE if model_path_or_id else None
         if path is not None and path.is_file():
             return cls.from_file(path)
+        shipped = shipped_defaults_path(model_path_or_id)
+        if shipped is not None:
+            return cls.from_file(shipped)
         d = cls()
         if num_llm_layers is not None and num_llm_layers != REFERENCE_DEPTH:
             d = replace(d, prune_layers=scaled_prune_layers(num_llm_layers),
@@ -187,15 +194,39 @@ class ModelDefaults:
                 raise ValueError(f"{path}: unknown preset {name!r}")
             presets[name] = (stages.check_unit_interval(f"{name} global_thr", th["global_thr"]),
                              stages.check_unit_interval(f"{name} individual_thr", th["individual_thr"]))
+        source = str(raw["source"]) if isinstance(raw.get("source"), str) else str(Path(path).name)
         return cls(window=int(raw.get("window", 3)), merge_threshold=float(raw.get("merge_threshold", 0.8)),
                    key_keep_rate=float(raw.get("key_keep_rate", 0.08)),
                    prune_layers=tuple(int(x) for x in raw.get("prune_layers", REFERENCE_PRUNE_LAYERS)),
-                   presets=presets, source=str(path.name))
+                   presets=presets, source=source)
 
     def to_json(self) -> dict:
         return {"schema": DEFAULTS_SCHEMA, "window": self.window, "merge_threshold": self.merge_threshold,
                 "key_keep_rate": self.key_keep_rate, "prune_layers": list(self.prune_layers),
                 "presets": {k: {"global_thr": g, "individual_thr": i} for k, (g, i) in self.presets.items()}}
+
+
+def hub_id_of(model_path_or_id: str | None) -> str | None:
+    """The hub id "org/name" a model string names: the id itself, or the id of a hub cache snapshot folder
+    (.../models--org--name/snapshots/<rev>); None for anything else."""
+    if not model_path_or_id:
+        return None
+    s = str(model_path_or_id).rstrip("/")
+    for part in Path(s).parts:
+        if part.startswith("models--") and part.count("--") >= 2:
+            return part[len("models--"):].replace("--", "/", 1)
+    if s.count("/") == 1 and not s.startswith((".", "/")) and not Path(s).exists():
+        return s
+    return None
+
+
+def shipped_defaults_path(model_path_or_id: str | None) -> Path | None:
+    """mustdrop/defaults/<org>--<name>.json: defaults this package ships for a hub checkpoint, if any."""
+    hub_id = hub_id_of(model_path_or_id)
+    if hub_id is None:
+        return None
+    path = SHIPPED_DEFAULTS_DIR / (hub_id.replace("/", "--") + ".json")
+    return path if path.is_file() else None
 
 
 def scaled_prune_layers(num_layers: int) -> tuple[int, ...]:

@@ -154,3 +154,153 @@ def build_tiny_llava_next(folder, *, vision_hidden=32, vision_layers=3, vision_h
     with torch.no_grad():
         model.model.image_newline.normal_()
     return _sharpen_and_save(model, processor, folder)
+
+
+# ---------------------------------------------------------------- published llava-hf layouts
+# Widths of the tiny copies; everything else comes from the published files.
+TINY_VISION = {"hidden_size": 32, "intermediate_size": 128, "num_attention_heads": 4, "num_hidden_layers": 3,
+               "projection_dim": 32}
+TINY_TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4}
+SIZE_FIELDS = {"hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers",
+               "projection_dim", "head_dim"}
+
+
+def _chain_merges(pieces):
+    """BPE merges that build each piece left to right from its characters, and every token they need."""
+    merges, tokens = [], []
+    for piece in pieces:
+        chars = list(piece)
+        tokens.extend(chars)
+        cur = chars[0]
+        for c in chars[1:]:
+            if (cur, c) not in merges:
+                merges.append((cur, c))
+            cur = cur + c
+            tokens.append(cur)
+    return merges, list(dict.fromkeys(tokens))
+
+
+def _fill_vocab(size, fixed: dict, extra, reserved=()):
+    """A vocabulary of exactly ``size`` entries: ``fixed`` pieces at their real ids, ``extra`` tokens at free
+    ids, and never-produced fillers everywhere else."""
+    vocab = dict(fixed)
+    taken = set(vocab.values()) | set(reserved)
+    free = (i for i in range(size) if i not in taken)
+    for t in extra:
+        if t not in vocab:
+            vocab[t] = next(free)
+    for i in free:
+        vocab[f"<filler_{i}>"] = i
+    assert len(vocab) == size and len(set(vocab.values())) == size
+    return vocab
+
+
+def build_published_tokenizer(facts: dict):
+    """A tokenizer of the published kind in which the role markers, <image>, "\\n" and the listed pieces get
+    the published ids, at the published vocabulary size, with the published special tokens.
+
+    llama-sentencepiece: BPE with byte fallback (<0x00>..<0xFF> at 3..258), the Prepend("▁") + Replace(" ", "▁")
+    normalizer and "<s> $A" post-processor of llava-hf's Llama / Mistral tokenizer.json.
+    qwen2-bytelevel: byte-level BPE (GPT-2 byte alphabet at ids 0..255) with Qwen2's split pattern, no BOS."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    special = {k: tuple(v) for k, v in facts["special"].items()}
+    pieces = dict(facts["pieces"])
+    if facts["kind"] == "llama-sentencepiece":
+        fixed = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}, **pieces}
+        merges, needed = _chain_merges([p for p in pieces if len(p) > 1])
+        vocab = _fill_vocab(facts["base_vocab"], fixed, needed)
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", 1)])
+    elif facts["kind"] == "qwen2-bytelevel":
+        alphabet = list(pre_tokenizers.ByteLevel.alphabet())
+        fixed = {ch: i for i, ch in enumerate(_gpt2_byte_order())}
+        fixed.update(pieces)
+        merges, needed = _chain_merges([p for p in pieces if len(p) > 1])
+        assert set(alphabet) <= set(fixed)
+        vocab = _fill_vocab(facts["base_vocab"], fixed, needed)
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+        tok.normalizer = normalizers.NFC()
+        pattern = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                   r"\s*[\r\n]+|\s+(?!\S)|\s+")
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tok.decoder = decoders.ByteLevel()
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    else:
+        raise ValueError(f"unknown tokenizer kind {facts['kind']!r}")
+    added = sorted((i, t) for t, i in special.values() if i >= facts["base_vocab"])
+    for expect, t in added:
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False)])
+        assert tok.token_to_id(t) == expect, f"{t} got id {tok.token_to_id(t)}, published {expect}"
+    kw = {f"{k}_token": special[k][0] for k in ("unk", "bos", "eos", "pad") if k in special}
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, extra_special_tokens={"image_token": special["image"][0]},
+                                   **kw)
+    return fast
+
+
+def _gpt2_byte_order():
+    """GPT-2's byte-to-unicode table in id order: the 256 single-byte tokens of byte-level BPE vocabularies."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def build_published_tiny(folder, published, *, text_layers: int | None = None, seed: int = 0):
+    """A tiny copy of a published llava-hf checkpoint: its config.json with only the widths (and the vision
+    depth; the decoder depth when ``text_layers`` is given) shrunk, its image processor, processor settings,
+    chat template and a tokenizer of its kind (``build_published_tokenizer``), saved like the real one.
+
+    ``published`` is a folder with config.json, preprocessor_config.json, processor_config.json,
+    chat_template.json and tokenizer_facts.json (tests/published/<name>). Grouped-query attention keeps the
+    published ratio of query to KV heads."""
+    import json
+
+    import transformers
+    from transformers import AutoConfig, AutoImageProcessor, LlavaNextProcessor, LlavaProcessor
+
+    published, folder = Path(published), Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = json.loads((published / "config.json").read_text())
+    text, vision = dict(cfg["text_config"]), dict(cfg["vision_config"])
+    defaults = AutoConfig.for_model(text["model_type"]).to_dict()
+    heads = text.get("num_attention_heads", defaults["num_attention_heads"])
+    kv = text.get("num_key_value_heads") or defaults.get("num_key_value_heads") or heads
+    tiny_text = dict(TINY_TEXT, num_key_value_heads=max(1, TINY_TEXT["num_attention_heads"] * kv // heads))
+    if text_layers is not None:
+        tiny_text["num_hidden_layers"] = int(text_layers)
+    if "head_dim" in text:
+        tiny_text["head_dim"] = TINY_TEXT["hidden_size"] // TINY_TEXT["num_attention_heads"]
+    cfg["text_config"] = {**text, **tiny_text}
+    tiny_vision = {k: v for k, v in TINY_VISION.items() if k != "projection_dim" or "projection_dim" in vision}
+    cfg["vision_config"] = {**vision, **tiny_vision}
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    (folder / "preprocessor_config.json").write_text((published / "preprocessor_config.json").read_text())
+
+    tokenizer = build_published_tokenizer(json.loads((published / "tokenizer_facts.json").read_text()))
+    image_processor = AutoImageProcessor.from_pretrained(folder)
+    pconf = json.loads((published / "processor_config.json").read_text())
+    proc_cls = LlavaNextProcessor if pconf["processor_class"] == "LlavaNextProcessor" else LlavaProcessor
+    processor = proc_cls(image_processor=image_processor, tokenizer=tokenizer, patch_size=pconf["patch_size"],
+                         vision_feature_select_strategy=pconf["vision_feature_select_strategy"],
+                         num_additional_image_tokens=pconf["num_additional_image_tokens"],
+                         chat_template=json.loads((published / "chat_template.json").read_text())["chat_template"])
+    config = AutoConfig.from_pretrained(folder)
+    model_cls = getattr(transformers, cfg["architectures"][0])
+    torch.manual_seed(seed)
+    model = model_cls(config)
+    if hasattr(model.model, "image_newline"):
+        with torch.no_grad():
+            model.model.image_newline.normal_()
+    return _sharpen_and_save(model, processor, folder)

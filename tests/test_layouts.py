@@ -66,7 +66,11 @@ def marker_image(w, h, x0, y0, size=40):
 def test_trace_mapping_points_at_the_right_patch(tiny, siglip, layout, w, h, x0, y0):
     """A red marker in the original image lies, through the trace's mapping, on patches the
     processor really filled with red."""
-    runner = tiny if layout == "clip" else siglip
+    assert_marker_on_red_patch(tiny if layout == "clip" else siglip, w, h, x0, y0)
+
+
+def assert_marker_on_red_patch(runner, w, h, x0, y0):
+    """Through the trace's mapping, a 40 px red marker at (x0, y0) lies on a patch the processor filled red."""
     img = marker_image(w, h, x0, y0)
     trace = runner.run(img, QUESTION, runner.config_for("off"), max_new_tokens=1).trace
     m = trace.meta["input"]["mapping"]

@@ -132,6 +132,12 @@ def test_reference_layout_is_flat(reference, wide_image):
 
 @pytest.mark.parametrize("w, h, x0, y0", [(500, 300, 380, 200), (300, 700, 100, 520)])
 def test_each_crop_mapping_points_at_the_right_pixels(stock, w, h, x0, y0):
+    assert_marker_in_base_and_one_tile(stock, w, h, x0, y0)
+
+
+def assert_marker_in_base_and_one_tile(stock, w, h, x0, y0):
+    """Every crop whose mapping holds the marker's centre has red pixels there; that is the base image and
+    exactly one tile."""
     img = marker_image(w, h, x0, y0)
     t = stock.run(img, QUESTION, stock.config_for("off"), max_new_tokens=1).trace
     inputs = stock.processor(images=img, text="<image>", return_tensors="pt")
@@ -141,10 +147,11 @@ def test_each_crop_mapping_points_at_the_right_pixels(stock, w, h, x0, y0):
         m = crop["mapping"]
         u = (x0 + 20) * m["scale_xy"][0] + m["offset"][0]
         v = (y0 + 20) * m["scale_xy"][1] + m["offset"][1]
-        if not (0 <= u < 336 and 0 <= v < 336):
+        side, patch = crops.shape[-1], t.meta["model"]["vision"]["patch_size"]
+        if not (0 <= u < side and 0 <= v < side):
             continue                                   # the marker lies in another tile
-        row, col = int(v // 14), int(u // 14)
-        cell = crops[c, :, row * 14:(row + 1) * 14, col * 14:(col + 1) * 14].mean(dim=(1, 2))
+        row, col = int(v // patch), int(u // patch)
+        cell = crops[c, :, row * patch:(row + 1) * patch, col * patch:(col + 1) * patch].mean(dim=(1, 2))
         assert cell[0] > 0.5 and cell[1] < 0 and cell[2] < 0, f"crop {crop['name']} patch ({row}, {col}): {cell}"
         hits += 1
     assert hits == 2, "the marker is found in the base image and in exactly one tile"
