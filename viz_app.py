@@ -167,13 +167,13 @@ class Lens:
         return vanilla, trace, img
 
 
-STAGE_ORDER = ["preparing inputs", "vision encoder", "prefill", "KV trim", "decoding"]
-
-
 def _stage_progress(say, run_name, start):
+    from mustdrop.adapters.llava import RUN_STAGES
+
+    order = list(RUN_STAGES)
+
     def cb(stage):
-        i = next((k for k, s in enumerate(STAGE_ORDER) if stage.startswith(s)), 0)
-        say(start + 0.5 * i / len(STAGE_ORDER), f"{run_name}: {stage}")
+        say(start + 0.5 * order.index(stage) / len(order), f"{run_name}: {RUN_STAGES[stage]}")
     return cb
 
 
@@ -361,18 +361,7 @@ def image_sha(path_or_image) -> str | None:
 def load_trace(path) -> Trace:
     """Trace.load, then the original-patch maps rebuilt from the token-level records, so a file whose
     patch.* maps are missing or disagree with its decisions cannot mislead (or crash) a view."""
-    from mustdrop.trace import patch_maps
-
-    t = Trace.load(path)
-    try:
-        t.arrays.update(patch_maps(t))
-        t.validate()
-    except TraceError:
-        raise
-    except (KeyError, IndexError, ValueError, TypeError) as e:
-        raise TraceError(f"{Path(path).name}: the trace's records are inconsistent ({type(e).__name__}: "
-                         f"{str(e)[:200]})") from None
-    return t
+    return Trace.load(path)
 
 
 # =============================================================================== callbacks
@@ -454,8 +443,12 @@ def new_session(trace, vanilla, views=None, gt=None, files=None, note="") -> dic
             "crop": 0, "base": {}}
 
 
+def VN(t):
+    return t.n_crops
+
+
 def crop_choices(trace):
-    return [(vis.crop_name(trace, c), c) for c in range(vis.n_crops(trace))]
+    return [(trace.crop_name(c), c) for c in range(VN(trace))]
 
 
 # =============================================================================== app
@@ -496,7 +489,7 @@ def build_app(lens: Lens, examples: list[Example] | None = None) -> gr.Blocks:
             img_sim: vis.heatmap_overlay(tr, "similarity", **kw),
             img_key: vis.key_overlay(tr, **kw),
             leg_1a: vis.legend_html("merge", tr, inspected=False) + vis.legend_html("similarity", tr, crop=c),
-            leg_1b: vis.legend_html("cls_attention", tr, crop=c),
+            leg_1b: vis.legend_html("key_score", tr, crop=c),
         }
 
     def draw_layer(sess, layer, selected, show_gt):
@@ -506,9 +499,7 @@ def build_app(lens: Lens, examples: list[Example] | None = None) -> gr.Blocks:
         L = tr.num_layers
         layer = int(min(max(int(layer or 0), 0), L - 1))
         prune = tr.prune_layers
-        pl = vis.prune_layer_for(tr, layer)
-        if pl is None and prune:
-            pl = prune[0]
+        pl = tr.stage2_layer_for(layer)
         out = {img_kv: vis.kv_overlay(tr, layer, **kw), leg_3: vis.legend_html("kv", tr)}
         if pl is not None:
             out[img_filter] = vis.filter_overlay(tr, pl, **kw)
@@ -528,7 +519,7 @@ def build_app(lens: Lens, examples: list[Example] | None = None) -> gr.Blocks:
         s2 = next((s for s in m["stage2"] if s["layer"] == layer), None)
         lines = [f"**LLM layer {layer}** of {L}: processes {m['vision_tokens_per_layer'][layer]} vision tokens in "
                  f"prefill; after the stage-3 trim its KV cache holds {entries} entries ({vis_entries} vision) = "
-                 f"{vis._bytes(entries * bpe)}."]
+                 f"{vis.format_bytes(entries * bpe)}."]
         if s2:
             lines.append(f"Prune layer: {s2['entering']} vision tokens entered, {s2['kept']} kept, "
                          f"{s2['dropped']} dropped after this layer.")
@@ -613,7 +604,7 @@ def build_app(lens: Lens, examples: list[Example] | None = None) -> gr.Blocks:
 
     def finish_run(trace, vanilla, img, show_gt=True):
         prune_workdir()
-        views = [vis.model_view(img, trace, crop=c) for c in range(vis.n_crops(trace))]
+        views = [vis.model_view(img, trace, crop=c) for c in range(VN(trace))]
         gt = ground_truth(trace)
         stem = f"{trace.meta['input']['input_hash']}-{int(time.time() * 1000) % 10**8}"
         folder = workdir / stem
@@ -625,7 +616,7 @@ def build_app(lens: Lens, examples: list[Example] | None = None) -> gr.Blocks:
         layer = trace.prune_layers[0] if trace.prune_layers else 0
         out = draw_all(sess, layer, None, show_gt)
         out.update({state: sess, sel_state: None, layer_slider: gr.Slider(minimum=0, maximum=L - 1, value=layer, step=1),
-                    crop_in: gr.Dropdown(choices=crop_choices(trace), value=0, visible=vis.n_crops(trace) > 1),
+                    crop_in: gr.Dropdown(choices=crop_choices(trace), value=0, visible=VN(trace) > 1),
                     trace_files: files, status: f"**Done:** vanilla and MustDrop ({trace.meta['config'].get('preset')}) "
                                                f"on `{trace.meta['model']['id']}`" + ("" if gt is None else
                                                                                       " · ground-truth outlines available"),
@@ -690,7 +681,7 @@ def build_app(lens: Lens, examples: list[Example] | None = None) -> gr.Blocks:
             try:
                 img = load_image(src)
                 if hashlib.sha256(np.asarray(img).tobytes()).hexdigest() == sha:
-                    views = [vis.model_view(img, md, crop=c) for c in range(vis.n_crops(md))]
+                    views = [vis.model_view(img, md, crop=c) for c in range(VN(md))]
                     note = "drawn on the matching image from the image box"
             except ImageInputError:
                 pass
@@ -700,7 +691,7 @@ def build_app(lens: Lens, examples: list[Example] | None = None) -> gr.Blocks:
         out = draw_all(sess, layer, None, bool(show_gt))
         out.update({state: sess, sel_state: None,
                     layer_slider: gr.Slider(minimum=0, maximum=L - 1, value=layer, step=1),
-                    crop_in: gr.Dropdown(choices=crop_choices(md), value=0, visible=vis.n_crops(md) > 1),
+                    crop_in: gr.Dropdown(choices=crop_choices(md), value=0, visible=VN(md) > 1),
                     status: f"**Replaying** the trace of `{md.meta['model']['id']}` (preset {md.meta['config'].get('preset')}"
                             f"{', with vanilla' if va is not None else ', no vanilla trace'}) without the model; {note}"})
         return out
@@ -720,7 +711,7 @@ def build_app(lens: Lens, examples: list[Example] | None = None) -> gr.Blocks:
         if not sess:
             return {}
         c = int(crop or 0)
-        if not 0 <= c < vis.n_crops(sess["trace"]):
+        if not 0 <= c < VN(sess["trace"]):
             raise ValueError(f"crop {c} is not in this trace")
         sess["crop"] = c
         out = draw_views(sess, layer, None, show_gt)
