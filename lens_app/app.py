@@ -65,6 +65,10 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
             out.update(v.draw(session, frame))
         return out
 
+    def unchanged():
+        """An event's answer that changes nothing (an empty dict would be read as one output value)."""
+        return {status: gr.skip()}
+
     def warn(msg):
         gr.Warning(msg)
         return {status: f"**Problem:** {msg}"}
@@ -116,7 +120,7 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
     def on_upload(uploaded, image, show_gt=True):
         paths = inputs.payload_path(uploaded)
         if not paths:
-            return {}
+            return unchanged()
         if not isinstance(paths, list):
             paths = [paths]
         if any(isinstance(p, bytes) for p in paths):
@@ -134,12 +138,12 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
 
     def on_layer(session, layer, sel, show_gt):
         if not session:
-            return {}
+            return unchanged()
         return draw(session, Frame.of(session, layer, sel, show_gt), LAYER)
 
     def on_redraw(session, layer, sel, show_gt):
         if not session:
-            return {}
+            return unchanged()
         return draw(session, Frame.of(session, layer, sel, show_gt), GT)
 
     def select(session, layer, rc, show_gt):
@@ -151,7 +155,7 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
         if not session:
             return warn("run an analysis or upload a trace first")
         rc = session.geometry.patch_at(evt.index[0], evt.index[1])
-        return {} if rc is None else select(session, layer, rc, show_gt)
+        return unchanged() if rc is None else select(session, layer, rc, show_gt)
 
     def on_inspect(session, layer, row, col, show_gt):
         if not session:
@@ -162,7 +166,7 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
 
     def on_crop(session, crop, layer, show_gt):
         if not session:
-            return {}
+            return unchanged()
         session.show_crop(crop)
         out = draw(session, Frame.of(session, layer, None, show_gt), CROP)
         out.update({state: session, sel_state: None})
@@ -178,7 +182,7 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
     def on_preset(preset):
         """Fill the advanced panel with a named preset's knobs (the model's own defaults)."""
         if preset == "custom" or lens.runner is None:
-            return {}
+            return unchanged()
         return dict(zip(knobs, inputs.knob_values(lens.runner.config_for(preset))))
 
     def api_analyze(image, question, preset):

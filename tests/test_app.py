@@ -460,3 +460,13 @@ def test_every_overlay_selects_a_patch(server):
     assert len(clickable) == 7
     wired = {target for fn in demo.fns.values() for target, event in fn.targets if event == "select"}
     assert {c._id for c in clickable} == wired
+
+
+def test_redraws_before_any_run_change_nothing_and_raise_nothing(server):
+    """The slider moved, or a preset chosen, before there is anything to draw: no server error."""
+    from gradio_client import Client
+
+    c = Client(server[1], verbose=False)
+    res = c.predict(3, True, api_name="/layer")          # raises AppError on a server error
+    assert not any(isinstance(x, str) and x.startswith("**Problem") for x in res)
+

@@ -61,6 +61,62 @@ def make_examples(folder: Path):
     return load_examples(folder)
 
 
+class ServerErrors:
+    """What went wrong on the server during a test: tracebacks gradio printed, ERROR log records (the
+    app logs its internal errors so), and HTTP responses >= 500 that a page received."""
+
+    def __init__(self):
+        self.items: list[str] = []
+
+    def take(self) -> list[str]:
+        items, self.items = self.items, []
+        return items
+
+    def watch(self, page):
+        page.on("response", lambda r: r.status >= 500 and self.items.append(f"HTTP {r.status} {r.url}"))
+        return page
+
+
+SERVER_ERRORS = ServerErrors()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def watch_server():
+    import logging
+    import traceback
+
+    print_exc = traceback.print_exc
+
+    def recording_print_exc(*args, **kwargs):
+        SERVER_ERRORS.items.append(traceback.format_exc())
+        return print_exc(*args, **kwargs)
+
+    class Recorder(logging.Handler):
+        def emit(self, record):
+            SERVER_ERRORS.items.append(f"{record.name}: {record.getMessage()}")
+
+    handler = Recorder(level=logging.ERROR)
+    traceback.print_exc = recording_print_exc
+    logging.getLogger().addHandler(handler)
+    try:
+        yield
+    finally:
+        traceback.print_exc = print_exc
+        logging.getLogger().removeHandler(handler)
+
+
+@pytest.fixture(autouse=True)
+def no_server_errors():
+    """Every test fails on a server-side traceback or HTTP 500 during it (or during the set-up it used)."""
+    yield
+    errors = SERVER_ERRORS.take()
+    assert not errors, "server errors:\n" + "\n".join(e[-1500:] for e in errors)
+
+
+def new_page(browser, **kw):
+    return SERVER_ERRORS.watch(browser.new_page(**kw))
+
+
 def start(lens, examples):
     demo = build_app(lens, examples=examples)
     port = free_port()
@@ -124,7 +180,7 @@ def run_example(page):
 @pytest.fixture(scope="module")
 def visit(app, browser, tmp_path_factory):
     """One visitor's page after running the example, with both traces downloaded from it."""
-    page = browser.new_page(viewport={"width": 1500, "height": 1300}, accept_downloads=True)
+    page = new_page(browser, viewport={"width": 1500, "height": 1300}, accept_downloads=True)
     page.goto(app)
     page.wait_for_selector("#run_btn")
     run_example(page)
@@ -316,7 +372,7 @@ def test_two_visitors_and_a_bad_image(app, browser, tmp_path):
     """Two sessions run at once and each sees its own question; a non-image gets a message."""
     from conftest import half_textured_image
 
-    pages = [browser.new_page(viewport={"width": 1400, "height": 1000}) for _ in range(2)]
+    pages = [new_page(browser, viewport={"width": 1400, "height": 1000}) for _ in range(2)]
     img = tmp_path / "scene.png"
     half_textured_image(seed=1).save(img)
     questions = ["how many shapes are there?", "what shape is the yellow one?"]
@@ -342,3 +398,19 @@ def test_two_visitors_and_a_bad_image(app, browser, tmp_path):
     assert "not an image" in page.locator("#status").inner_text()
     for p in pages:
         p.close()
+
+
+def test_every_preset_can_be_chosen_before_and_after_a_run(app, browser):
+    """Choosing a preset fills the advanced panel (or leaves it, for custom) without a server error."""
+    page = new_page(browser, viewport={"width": 1400, "height": 1000})
+    page.goto(app)
+    page.wait_for_selector("#run_btn")
+    for name in ["custom", "128", "custom", "off", "64"]:
+        page.locator("#preset_in").get_by_label(name, exact=True).check()
+        time.sleep(0.5)
+    run_example(page)
+    page.locator("#preset_in").get_by_label("custom", exact=True).check()
+    time.sleep(1)
+    assert "Problem" not in page.locator("#status").inner_text()
+    page.close()
+
