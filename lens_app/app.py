@@ -89,7 +89,7 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
         """Every view of a new session, at the layer a trace opens at, and the controls fitted to it."""
         tr = session.trace
         out = draw(session, Frame.of(session, tr.start_layer, None, show_gt))
-        out.update({state: session, sel_state: None,
+        out.update({state: session, sel_state: None, stale_md: "",
                     layer_slider: gr.Slider(minimum=0, maximum=tr.num_layers - 1, value=tr.start_layer, step=1),
                     crop_in: gr.Dropdown(choices=session.crop_choices(), value=0, visible=tr.n_crops > 1),
                     status: message})
@@ -179,11 +179,35 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
         out[status] = "**Done:** slides exported (PNG and PDF)"
         return out
 
-    def on_preset(preset):
-        """Fill the advanced panel with a named preset's knobs (the model's own defaults)."""
-        if preset == "custom" or lens.runner is None:
-            return unchanged()
-        return dict(zip(knobs, inputs.knob_values(lens.runner.config_for(preset))))
+    def stale_note(session, preset, knob_values) -> str:
+        """What a Run would change about the results shown ("" when they are of the preset and knobs chosen)."""
+        if not session:
+            return ""
+        cfg = session.trace.meta["config"]
+        shown = cfg.get("preset")
+        if preset == shown != "custom":
+            return ""
+        if preset == shown == "custom":
+            try:
+                if inputs.same_knobs(cfg, inputs.custom_knobs(*knob_values)):
+                    return ""
+            except ValueError:
+                pass
+        return f"**Stale:** shown: preset {shown}; press **Run** for {preset}."
+
+    def on_preset(session, preset, *knob_values):
+        """Fill the advanced panel with a named preset's knobs (the model's own defaults); say whether
+        the results shown are still of the chosen preset."""
+        out = {stale_md: stale_note(session, preset, knob_values)}
+        if preset != "custom" and lens.runner is not None:
+            out.update(zip(knobs, inputs.knob_values(lens.runner.config_for(preset))))
+        return out
+
+    def on_knob(session, preset, *knob_values):
+        """An edited knob is a custom run: the preset switches to custom (which redraws the stale note)."""
+        if preset != "custom":
+            return {preset_in: "custom"}
+        return {stale_md: stale_note(session, preset, knob_values)}
 
     def api_analyze(image, question, preset):
         """/analyze: (image, question, preset) -> trace file, vanilla answer, MustDrop answer."""
@@ -249,6 +273,7 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
                 for v in slot("sidebar"):
                     v.build()
             with gr.Column(scale=2, min_width=520):
+                stale_md = gr.Markdown(elem_id="stale_md")
                 for v in slot("top"):
                     v.build()
                 with gr.Row():
@@ -279,7 +304,7 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
         # ------------------------------------------------------------------ wiring
         files, inspector = of("FilesView"), of("Inspector")
         knobs = [k_window, k_merge_thr, k_key_rate, k_prune, k_gthr, k_ithr, k_positions, k_1a, k_1b, k_2, k_3]
-        session_outputs = outputs_on(None) + [state, sel_state, layer_slider, crop_in, status]
+        session_outputs = outputs_on(None) + [state, sel_state, stale_md, layer_slider, crop_in, status]
         run_inputs = [image_in, question_in, preset_in] + knobs + [max_new_in, mode_in, temp_in, top_p_in, seed_in, show_gt]
         redraw_inputs = [state, layer_slider, sel_state, show_gt]
         quiet = dict(api_visibility="undocumented", queue=False, show_progress="hidden")
@@ -301,7 +326,9 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
         files.slides_button.click(guarded(on_slides), [state, layer_slider, show_gt],
                                   [files.slides, files.preview, status], api_visibility="undocumented",
                                   concurrency_limit=2)
-        preset_in.change(guarded(on_preset), [preset_in], knobs + [status], **quiet)
+        preset_in.change(guarded(on_preset), [state, preset_in] + knobs, knobs + [stale_md, status], **quiet)
+        for k in knobs:
+            k.input(guarded(on_knob), [state, preset_in] + knobs, [preset_in, stale_md, status], **quiet)
         api_btn.click(api_analyze, [image_in, question_in, preset_in], [api_trace, api_vanilla, api_md],
                       api_name="analyze", api_description="Run vanilla and MustDrop on (image, question, preset "
                       "off|192|128|64); returns the MustDrop trace file and both answers.", preprocess=False,

@@ -77,6 +77,12 @@ def knob_values(config) -> tuple:
             config.positions, config.merge, config.key_set, config.filter, config.kv_trim)
 
 
+def same_knobs(config: dict, knobs: dict) -> bool:
+    """Whether a trace's config (its JSON form) has these knob values."""
+    return all((tuple(config.get(k) or ()) == tuple(v)) if k == "prune_layers" else config.get(k) == v
+               for k, v in knobs.items())
+
+
 def sampling_from(mode, temperature, top_p, seed):
     from mustdrop.adapters import Sampling
 

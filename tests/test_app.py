@@ -470,3 +470,14 @@ def test_redraws_before_any_run_change_nothing_and_raise_nothing(server):
     res = c.predict(3, True, api_name="/layer")          # raises AppError on a server error
     assert not any(isinstance(x, str) and x.startswith("**Problem") for x in res)
 
+
+
+def test_same_knobs_compares_a_trace_config_with_the_panel():
+    t = Trace.load(FIXTURES / "v1-llava-64.safetensors")
+    from mustdrop.config import MustDropConfig
+
+    cfg = MustDropConfig.from_dict(t.meta["config"])
+    panel = inputs.custom_knobs(*inputs.knob_values(cfg))
+    assert inputs.same_knobs(t.meta["config"], panel)
+    assert not inputs.same_knobs(t.meta["config"], dict(panel, global_thr=panel["global_thr"] * 2))
+    assert not inputs.same_knobs(t.meta["config"], dict(panel, prune_layers=(0, 1)))

@@ -414,3 +414,39 @@ def test_every_preset_can_be_chosen_before_and_after_a_run(app, browser):
     assert "Problem" not in page.locator("#status").inner_text()
     page.close()
 
+
+def wait_text(page, elem_id, text, present=True, timeout=20_000):
+    page.wait_for_function(
+        "([id, t, want]) => { const e = document.querySelector('#' + id);"
+        " const has = !!e && e.innerText.includes(t); return has === want; }",
+        arg=[elem_id, text, present], timeout=timeout)
+
+
+def test_results_are_marked_stale_until_the_next_run(app, browser):
+    page = new_page(browser, viewport={"width": 1400, "height": 1000})
+    page.goto(app)
+    page.wait_for_selector("#run_btn")
+    run_example(page)
+    assert "Stale" not in page.locator("#stale_md").inner_text()
+    page.locator("#preset_in").get_by_label("128", exact=True).check()
+    wait_text(page, "stale_md", "shown: preset 64; press Run for 128")
+    page.locator("#preset_in").get_by_label("64", exact=True).check()
+    wait_text(page, "stale_md", "Stale", present=False)
+    page.close()
+
+
+def test_editing_a_knob_switches_to_custom_and_runs_it(app, browser):
+    page = new_page(browser, viewport={"width": 1400, "height": 1000})
+    page.goto(app)
+    page.wait_for_selector("#run_btn")
+    run_example(page)
+    page.get_by_text("Advanced: every MustDrop knob").click()
+    box = page.get_by_label("global threshold")
+    box.fill("0.02")
+    box.press("Tab")
+    page.wait_for_function("() => document.querySelector('#preset_in input[value=custom]').checked", timeout=20_000)
+    wait_text(page, "stale_md", "shown: preset 64; press Run for custom")
+    page.click("#run_btn")
+    wait_status(page, "(custom)")
+    wait_text(page, "stale_md", "Stale", present=False)
+    page.close()
