@@ -14,6 +14,7 @@ import traceback
 import gradio as gr
 
 from mustdrop import vis
+from mustdrop.config import PRESET_NAMES
 from mustdrop.images import ImageInputError, load_image
 from mustdrop.trace import Trace, TraceError
 
@@ -215,6 +216,9 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
             src = inputs.payload_path(image)
             if src is None:
                 raise ImageInputError("no image given")
+            if preset not in PRESET_NAMES:
+                raise ValueError(f"/analyze takes a preset in {', '.join(PRESET_NAMES)}, got {preset!r}; a custom "
+                                 "configuration runs in the app's advanced panel")
             config = lens.config(str(preset))
             vanilla, trace, _ = lens.analyze(src, question, config, 16)
         except user_errors() as e:
@@ -295,7 +299,9 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
                                 v.build()
                 for v in slot("below"):
                     v.build()
-        # hidden components of the /analyze API endpoint
+        # hidden components of the /analyze API endpoint (its presets: the named ones; no knobs)
+        api_preset = gr.Radio(list(PRESET_NAMES), value="64", label="Preset (average vision-token budget)",
+                              visible="hidden")
         api_trace = gr.File(visible="hidden", label="trace")
         api_vanilla = gr.Textbox(visible="hidden", label="vanilla answer")
         api_md = gr.Textbox(visible="hidden", label="MustDrop answer")
@@ -329,7 +335,7 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
         preset_in.change(guarded(on_preset), [state, preset_in] + knobs, knobs + [stale_md, status], **quiet)
         for k in knobs:
             k.input(guarded(on_knob), [state, preset_in] + knobs, [preset_in, stale_md, status], **quiet)
-        api_btn.click(api_analyze, [image_in, question_in, preset_in], [api_trace, api_vanilla, api_md],
+        api_btn.click(api_analyze, [image_in, question_in, api_preset], [api_trace, api_vanilla, api_md],
                       api_name="analyze", api_description="Run vanilla and MustDrop on (image, question, preset "
                       "off|192|128|64); returns the MustDrop trace file and both answers.", preprocess=False,
                       concurrency_limit=1, concurrency_id="model")

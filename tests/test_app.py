@@ -481,3 +481,16 @@ def test_same_knobs_compares_a_trace_config_with_the_panel():
     assert inputs.same_knobs(t.meta["config"], panel)
     assert not inputs.same_knobs(t.meta["config"], dict(panel, global_thr=panel["global_thr"] * 2))
     assert not inputs.same_knobs(t.meta["config"], dict(panel, prune_layers=(0, 1)))
+
+
+def test_analyze_lists_only_the_named_presets(client):
+    api = client.view_api(return_format="dict", print_info=False)
+    preset = api["named_endpoints"]["/analyze"]["parameters"][2]
+    assert preset["type"]["enum"] == ["off", "192", "128", "64"]
+
+
+def test_analyze_refuses_custom_with_a_message(client, files):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="takes a preset in off, 192, 128, 64"):
+        analyze(client, files / "scene.png", preset="custom")
