@@ -517,3 +517,22 @@ def test_slides_default_to_the_first_prune_layer(traces):
     first = md.prune_layers[0]
     assert any(t.startswith(f"2  filter after layer {first}:") for t in titles), titles
     assert f"3  KV cache of layer {md.start_layer}" in titles
+
+
+def test_bytes_are_decimal_megabytes_as_in_the_readme():
+    """One convention everywhere (decimal MB, as the CLI and README): LLaVA-1.5-7B fp16 holds
+    524,288 B of KV per token, which the README gives as 0.524 MB."""
+    from analysis.flops import DTYPE_BYTES, kv_bytes_per_token, read_config
+
+    cfg = read_config(Path(__file__).resolve().parents[1] / "analysis" / "configs" / "llava-1.5-7b.json")
+    per_token = kv_bytes_per_token(cfg["layers"], cfg["kv_heads"], cfg["head_dim"], DTYPE_BYTES["float16"])
+    assert per_token == 524_288 and vis.format_bytes(per_token) == "0.524 MB"
+    assert vis.format_bytes(1_509_949_440) == "1509.949 MB"          # 2880 tokens of LLaVA-NeXT (README)
+
+
+def test_summary_and_layer_caption_use_the_one_convention(traces):
+    md, va, _ = traces
+    text = vis.summary_markdown(md, va) + vis.layer_markdown(md, 0)
+    assert "KB" not in text and "MiB" not in text
+    kv_total = md.meta["kv"]["bytes_per_entry"] * sum(md.meta["kv"]["entries_per_layer"])
+    assert f"{kv_total / 1e6:.3f} MB" in text

@@ -14,10 +14,9 @@ from .palette import NO_TOKEN_LABEL, STATUS_LABELS
 
 
 def format_bytes(n) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
+    """Bytes in decimal megabytes (1 MB = 10^6 B), the convention of the CLI, the README and DART
+    (LLaVA-1.5-7B fp16: 524,288 B of KV per token = "0.524 MB")."""
+    return f"{n / 1e6:.3f} MB"
 
 
 def _fmt(v):
