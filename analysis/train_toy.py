@@ -32,8 +32,8 @@ model card, assets/toy-llava/README.md):
 - Name pointers (--w-name, at --name-layer 0, below the look-up layers): the same supervised heads
   of each row from the last attribute word on attend to the words that name the object(s) to find,
   even heads the first name, odd heads the second. The look-up layers' queries then already carry
-  "which object"; on the previous model answer loss alone took ~75 minutes to find that binding
-  for position questions, which stayed at chance until then.
+  "which object"; without them answer loss alone takes ~75 minutes to find that binding, and
+  position questions stay at chance until it is found.
 - Question mix (--type-weights): position questions, the slowest to learn, are drawn most often;
   existence questions, learnt first, least.
 - CLS attention supervision: in the last vision layer, the CLS query's head-mean attention is
@@ -177,8 +177,9 @@ def position_code(n_rows: int, n_cols: int, dim: int) -> torch.Tensor:
 
     Used to initialise the CLIP tower's (trainable) patch position embeddings, as MAE does with its
     fixed 2-D sin-cos table. Left at CLIP's N(0, 0.02) they are about 100x smaller than the patch
-    content, and position never reached the object tokens (pooled centre R^2 0.05 in x, 0.00 in y on
-    the previous model, analysis.probe_position), which kept relative-position questions at chance.
+    content, and position never reaches the object tokens (pooled centre R^2 0.05 in x, 0.00 in y,
+    analysis.probe_position on a checkpoint trained without this table), which keeps relative-position
+    questions at chance.
     """
     n_freq = dim // 4
     omega = torch.logspace(math.log10(math.pi / n_cols), math.log10(math.pi / 2), n_freq)
@@ -355,8 +356,8 @@ class Trainer:
         supervised heads of each prompt row from the last attribute word on attend to the words
         naming the object(s) the row must find, even heads the first name, odd heads the second
         (the same words unless the question names two objects). This hands the image look-up
-        layers a query that already says which object, the binding that answer loss alone took
-        ~75 minutes to find for position questions on the previous model."""
+        layers a query that already says which object, the binding that answer loss alone takes
+        ~75 minutes to find for position questions."""
         Hs = self.args.sup_heads
         rope = self.lm.rotary_emb(emb, pk.position_ids)
         losses = []
@@ -593,7 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--merge-share", type=float, default=0.5,
                     help="after the background ramp, this share of the undropped batches goes through "
                          "MustDrop's stage 1a merge (the library's function), so the decoder learns to "
-                         "read merged windows (0 = off, the recipe of the checkpoints before session 5)")
+                         "read merged windows (0 = off: the decoder never sees a merged window)")
     ap.add_argument("--merge-threshold", type=float, default=0.8,
                     help="stage 1a similarity threshold used by --merge-share (the authors' 0.8)")
     ap.add_argument("--deep-layers", type=int, nargs="*", default=[],

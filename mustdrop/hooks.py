@@ -19,10 +19,6 @@ class HookSet:
     def post(self, name: str, module: torch.nn.Module, fn) -> None:
         self._handles.append((name, module.register_forward_hook(_tag(fn, name), with_kwargs=True)))
 
-    @property
-    def names(self) -> list[str]:
-        return [n for n, _ in self._handles]
-
     def remove(self) -> None:
         while self._handles:
             self._handles.pop()[1].remove()

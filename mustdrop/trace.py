@@ -28,15 +28,18 @@ JSON document (``meta``), schema "mustdrop-trace/1":
 Arrays. "Token ids" are the merged numbering 0..N0-1 (the order the LLM sees the vision block).
   tokens.groups              (N0, k) int64: original patches each vision token covers, -1 padded
   stage1a.similarity         (G/w, G/w) float32 window similarity (when stage 1a ran)
-  stage1b.cls_attention      (N0,) float32 head-mean CLS attention (when stage 1b ran)
+  stage1b.key_score          (N0,) float32 the score that ranked the key set (when stage 1b ran):
+                             head-mean CLS attention, or the substitute meta["stage1b"]["score"]
+                             names (SigLIP towers have no CLS). Files that call it
+                             stage1b.cls_attention are read under the new name.
   stage2.L{l}.tokens         (V,) int64 token ids entering prune layer l, in sequence order
   stage2.L{l}.global_share   (V,) float32;  stage2.L{l}.individual_max (V,) float32
-  stage2.L{l}.status         (V,) int8, codes in mustdrop.stages.STATUS_NAMES
+  stage2.L{l}.status         (V,) int8, the status codes below (STATUS_NAMES)
   kv.L{l}                    (n,) int64 indices into the prefill sequence (S + N0 + T) still cached
   Original-patch coordinates (G x G), derived from the above so that no view re-maps anything:
   patch.token (int64), patch.merged (uint8), patch.similarity (float32), patch.key (uint8),
-  patch.cls_attention (float32, NaN without stage 1b), patch.dropped_after_layer (int64, -1 = never),
-  patch.stage2.L{l}.status (int8, -1 = not entering), patch.stage2.L{l}.global_share /
+  patch.key_score (float32, NaN without stage 1b), patch.dropped_after_layer (int64, -1 = never),
+  patch.stage2.L{l}.status (int8, NOT_ENTERING = -1), patch.stage2.L{l}.global_share /
   .individual_max (float32, NaN = not entering), patch.kv_cached (num_layers, G, G) uint8.
   A patch with patch.token -1 reaches the LLM in no token (a LLaVA-NeXT tile's unpadded border).
 Several crops (LLaVA-NeXT: base image + any-res tiles): meta "crops" lists each crop's name,
@@ -58,6 +61,27 @@ import numpy as np
 SCHEMA_VERSION = "mustdrop-trace/1"
 METADATA_KEY = "mustdrop_trace"
 MAX_TRACE_BYTES = 64 * 1024 * 1024
+
+# Stage-2 status codes: why a token entering a prune layer was kept or dropped (stage2.L{l}.status).
+KEPT_BOTH = 0          # global share and individual max both at/above their thresholds
+KEPT_GLOBAL = 1        # only the global share is at/above its threshold
+KEPT_INDIVIDUAL = 2    # only the individual max is at/above its threshold
+KEPT_KEY = 3           # both conditions said drop, but it is in the key token set
+DROPPED = 4            # both conditions held: dropped
+KEPT_PROTECTED = 5     # a layout marker that is never dropped (LLaVA-NeXT newline row)
+NOT_ENTERING = -1      # patch maps only: the patch's token was dropped at an earlier prune layer
+STATUS_NAMES = {
+    KEPT_BOTH: "kept: both scores above threshold",
+    KEPT_GLOBAL: "kept: global share above threshold",
+    KEPT_INDIVIDUAL: "kept: individual max above threshold",
+    KEPT_KEY: "kept: key token (both scores below threshold)",
+    DROPPED: "dropped: global share AND individual max below threshold",
+    KEPT_PROTECTED: "kept: newline row marker (never dropped)",
+}
+KEPT_CODES = (KEPT_BOTH, KEPT_GLOBAL, KEPT_INDIVIDUAL, KEPT_KEY, KEPT_PROTECTED)
+
+# Array names of older files, read under today's names.
+RENAMED_ARRAYS = {"stage1b.cls_attention": "stage1b.key_score"}
 
 
 class TraceError(ValueError):
@@ -95,8 +119,85 @@ class Trace:
     def answer(self) -> str:
         return self.meta["generation"]["answer"]
 
-    def patch(self, name: str) -> np.ndarray:
-        return self.arrays[f"patch.{name}"]
+    @property
+    def n_crops(self) -> int:
+        """How many crops (images the vision tower saw): 1, or base image + tiles for LLaVA-NeXT."""
+        crops = self.meta.get("crops")
+        return len(crops) if isinstance(crops, list) and crops else 1
+
+    def crop_name(self, crop: int = 0) -> str:
+        crops = self.meta.get("crops")
+        if isinstance(crops, list) and 0 <= crop < len(crops) and isinstance(crops[crop], dict):
+            return str(crops[crop].get("name", f"crop {crop}"))
+        return "image"
+
+    def crop_mapping(self, crop: int = 0) -> dict:
+        """processed (u, v) = (x * sx + ox, y * sy + oy) of one crop, from the trace's mapping record."""
+        crops = self.meta.get("crops")
+        if isinstance(crops, list) and 0 <= crop < len(crops) and isinstance(crops[crop], dict) \
+                and isinstance(crops[crop].get("mapping"), dict):
+            return crops[crop]["mapping"]
+        return self.meta["input"]["mapping"]
+
+    # ---------------------------------------------------------------- patch queries (G x G per crop)
+    def patch(self, name: str, crop: int = 0) -> np.ndarray:
+        """A patch map of one crop by name ("token", "key", "stage2.L2.status", "kv_cached" ...)."""
+        return self.arrays[crop_prefix(crop) + name]
+
+    def has_patch(self, name: str, crop: int = 0) -> bool:
+        return crop_prefix(crop) + name in self.arrays
+
+    def stage2(self, layer: int) -> dict | None:
+        """The meta record (layer, entering, kept, dropped) of prune layer ``layer``, None if not one."""
+        return next((s for s in self.meta["stage2"] if s["layer"] == layer), None)
+
+    def stage2_patch(self, layer: int, name: str, crop: int = 0) -> np.ndarray:
+        """A stage-2 map at prune layer ``layer``: "status" (NOT_ENTERING where the token had gone),
+        "global_share" or "individual_max" (NaN where the token had gone)."""
+        return self.patch(f"stage2.L{layer}.{name}", crop)
+
+    def has_token(self, crop: int = 0) -> np.ndarray:
+        """(G, G) bool: the patch reaches the LLM in some token (False: a tile's unpadded border)."""
+        return self.patch("token", crop) >= 0
+
+    def processed_at(self, layer: int, crop: int = 0) -> np.ndarray:
+        """(G, G) bool: the patch's token was in the sequence when LLM layer ``layer`` ran in prefill."""
+        d = self.patch("dropped_after_layer", crop)
+        return ((d < 0) | (d >= layer)) & self.has_token(crop)
+
+    def alive_after(self, layer: int, crop: int = 0) -> np.ndarray:
+        """(G, G) bool: the patch's token is still in the sequence after LLM layer ``layer``."""
+        d = self.patch("dropped_after_layer", crop)
+        return ((d < 0) | (d > layer)) & self.has_token(crop)
+
+    def kv_cached_at(self, layer: int, crop: int = 0) -> np.ndarray:
+        """(G, G) bool: LLM layer ``layer`` holds the patch's K/V after prefill (and the stage-3 trim)."""
+        return self.patch("kv_cached", crop)[layer].astype(bool)
+
+    def stage2_layer_for(self, layer: int | None = None) -> int | None:
+        """The prune layer whose stage-2 decisions a view of LLM layer ``layer`` shows: the last prune
+        layer at or before it, else (nothing dropped yet, or no layer given) the first prune layer;
+        None when stage 2 did not run. The app and the slides both use this rule."""
+        prune = self.prune_layers
+        if not prune:
+            return None
+        before = [p for p in prune if layer is not None and p <= layer]
+        return before[-1] if before else prune[0]
+
+    @property
+    def start_layer(self) -> int:
+        """The LLM layer a view opens at: the first prune layer (layer 0 without stage 2)."""
+        return self.prune_layers[0] if self.prune_layers else 0
+
+    @property
+    def is_vanilla(self) -> bool:
+        """A run of the unpruned model: the config enabled no stage and no baseline."""
+        from .config import MustDropConfig
+
+        try:
+            return not MustDropConfig.from_dict(self.meta["config"]).enabled
+        except (TypeError, ValueError) as e:
+            raise TraceError(f"the trace's config cannot be read: {str(e)[:200]}") from None
 
     # ---------------------------------------------------------------- files
     def save(self, path) -> Path:
@@ -141,9 +242,18 @@ class Trace:
             meta = json.loads(header[METADATA_KEY])
         except json.JSONDecodeError as e:
             raise TraceError(f"{path.name}: the trace metadata is malformed JSON ({e})") from None
+        for old, new in RENAMED_ARRAYS.items():
+            if old in arrays and new not in arrays:
+                arrays[new] = arrays.pop(old)
         t = cls(meta, arrays)
         t.validate()
-        t.arrays.update(patch_maps(t))   # rebuilt from the validated token-level records: forged maps cannot mislead
+        # The patch maps are rebuilt from the validated token-level records: forged maps cannot mislead.
+        try:
+            maps = patch_maps(t)
+        except (KeyError, IndexError, ValueError, TypeError) as e:
+            raise TraceError(f"{path.name}: the trace's records are inconsistent ({type(e).__name__}: "
+                             f"{str(e)[:200]})") from None
+        t.arrays = {k: v for k, v in t.arrays.items() if not k.startswith("patch.")} | maps
         return t
 
     # ---------------------------------------------------------------- validation
@@ -209,11 +319,11 @@ class Trace:
                 raise TraceError(f"kv.L{layer} has {kv.shape[0]} entries, metadata says {entries[layer]}")
             if kv.size and (kv.min() < 0 or kv.max() >= S + N0 + T):
                 raise TraceError(f"kv.L{layer} holds indices outside the prefill sequence 0..{S + N0 + T - 1}")
-        for name in ("stage1a.similarity", "stage1b.cls_attention"):
+        for name in ("stage1a.similarity", "stage1b.key_score"):
             if name in a and not isinstance(a[name], np.ndarray):
                 raise TraceError(f"{name} is not an array")
-        if "stage1b.cls_attention" in a and a["stage1b.cls_attention"].shape != (N0,):
-            raise TraceError(f"stage1b.cls_attention must have N0 = {N0} entries")
+        if "stage1b.key_score" in a and a["stage1b.key_score"].shape != (N0,):
+            raise TraceError(f"stage1b.key_score must have N0 = {N0} entries")
         for k, v in a.items():
             if not k.startswith("patch."):
                 continue
@@ -274,21 +384,21 @@ def patch_maps(t: Trace) -> dict:
     is_key = np.zeros(N0, dtype=np.uint8)
     is_key[m["stage1b"]["key_tokens"]] = 1
     maps["key"] = spread(is_key, 0, np.uint8)
-    if "stage1b.cls_attention" in a:
-        maps["cls_attention"] = spread(a["stage1b.cls_attention"])
+    if "stage1b.key_score" in a:
+        maps["key_score"] = spread(a["stage1b.key_score"])
     dropped_after = np.full(N0, -1, dtype=np.int64)
     for s in m["stage2"]:
         p = f"stage2.L{s['layer']}"
         toks = a[f"{p}.tokens"]
-        status_tok = np.full(N0, -1, dtype=np.int8)
+        status_tok = np.full(N0, NOT_ENTERING, dtype=np.int8)
         g_tok = np.full(N0, np.nan, dtype=np.float32)
         i_tok = np.full(N0, np.nan, dtype=np.float32)
         if a[f"{p}.status"].size:
             status_tok[toks] = a[f"{p}.status"]
             g_tok[toks] = a[f"{p}.global_share"]
             i_tok[toks] = a[f"{p}.individual_max"]
-            dropped_after[toks[a[f"{p}.status"] == 4]] = s["layer"]
-        maps[f"{p}.status"] = spread(status_tok, -1, np.int8)
+            dropped_after[toks[a[f"{p}.status"] == DROPPED]] = s["layer"]
+        maps[f"{p}.status"] = spread(status_tok, NOT_ENTERING, np.int8)
         maps[f"{p}.global_share"] = spread(g_tok)
         maps[f"{p}.individual_max"] = spread(i_tok)
     maps["dropped_after_layer"] = spread(dropped_after, -1, np.int64)

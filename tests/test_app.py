@@ -1,18 +1,23 @@
-"""viz_app.py without a browser: the /analyze API through gradio_client against a live local server,
+"""The app without a browser: the /analyze API through gradio_client against a live local server,
 bad inputs (never a traceback, the server keeps serving), replay of uploaded traces, the vanilla
-cache, two users at once, and the tolerant example loader."""
+cache, two users at once, the example listing, and the pieces of lens_app on their own."""
 
-import io
 import json
 import socket
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-import viz_app
+from lens_app import app as lens_app_app, cli, engine, examples, inputs
+from lens_app.session import Frame, Session
 from mustdrop.trace import Trace
+
+FIXTURES = Path(__file__).parent / "fixtures"
 
 
 def free_port():
@@ -23,10 +28,10 @@ def free_port():
 
 @pytest.fixture(scope="module")
 def server(tiny, tmp_path_factory):
-    lens = viz_app.Lens(runner=tiny)
-    demo = viz_app.build_app(lens, examples=[])
+    lens = engine.Lens(runner=tiny)
+    demo = lens_app_app.build_app(lens, examples=[])
     port = free_port()
-    viz_app.launch(demo, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
+    lens_app_app.launch(demo, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
     yield demo, f"http://127.0.0.1:{port}/"
     demo.close()
 
@@ -140,44 +145,83 @@ def test_ui_run_custom_sampling(client, files):
     assert status_of(res).startswith("**Done:**")
 
 
-def test_replay_and_hostile_traces(client, files, tmp_path):
-    from gradio_client import handle_file
-
+@pytest.fixture(scope="module")
+def stored(client, files):
+    """A MustDrop trace file the app wrote (through /analyze)."""
     path, _, _ = analyze(client, files / "scene.png")
-    good = Trace.load(path)
-    ok = client.predict([handle_file(path)], None, True, api_name="/replay")
-    assert status_of(ok).startswith("**Replaying**")
-    # the same image in the image box: drawn on it
-    ok = client.predict([handle_file(path)], handle_file(str(files / "scene.png")), True, api_name="/replay")
-    assert "matching image" in status_of(ok)
-    (tmp_path / "garbage.safetensors").write_bytes(b"\x00" * 64)
-    bad_meta = dict(good.meta)
-    bad_meta["stage1b"] = dict(good.meta["stage1b"], key_tokens=[10 ** 9])
-    Trace(bad_meta, good.arrays).save(tmp_path / "hostile.safetensors")
-    Trace(dict(good.meta, schema="evil/9"), good.arrays).save(tmp_path / "schema.safetensors")
-    from safetensors.numpy import save_file
-    save_file({"x": np.zeros(3, np.float32)}, str(tmp_path / "plain.safetensors"),
-              metadata={"mustdrop_trace": "{not json"})
-    # patch maps missing or forged: rebuilt from the token-level records
+    return path
+
+
+def replay(client, *paths, image=None):
+    from gradio_client import handle_file
+    return client.predict([handle_file(str(p)) for p in paths], handle_file(str(image)) if image else None, True,
+                          api_name="/replay")
+
+
+def test_replay_without_the_image(client, stored):
+    assert status_of(replay(client, stored)).startswith("**Replaying**")
+
+
+def test_replay_draws_on_the_matching_image(client, stored, files):
+    assert "matching image" in status_of(replay(client, stored, image=files / "scene.png"))
+
+
+def test_replay_rebuilds_missing_or_forged_patch_maps(client, stored, tmp_path):
+    good = Trace.load(stored)
     arrays = {k: v for k, v in good.arrays.items() if k != "patch.token"}
     arrays["patch.key"] = np.ones_like(good.arrays["patch.key"])
     Trace(good.meta, arrays).save(tmp_path / "nomaps.safetensors")
-    assert np.array_equal(viz_app.load_trace(tmp_path / "nomaps.safetensors").patch("key"), good.patch("key"))
-    res = client.predict([handle_file(str(tmp_path / "nomaps.safetensors"))], None, True, api_name="/replay")
-    assert status_of(res).startswith("**Replaying**")
+    assert np.array_equal(Trace.load(tmp_path / "nomaps.safetensors").patch("key"), good.patch("key"))
+    assert status_of(replay(client, tmp_path / "nomaps.safetensors")).startswith("**Replaying**")
+
+
+def test_replay_refuses_a_vanilla_trace_of_another_input(client, stored, tmp_path):
+    good = Trace.load(stored)
     other = dict(good.meta, config=dict(good.meta["config"], merge=False, key_set=False, filter=False, kv_trim=False),
                  input=dict(good.meta["input"], input_hash="0123456789abcdef"))
     Trace(other, good.arrays).save(tmp_path / "other-vanilla.safetensors")
-    res = client.predict([handle_file(path), handle_file(str(tmp_path / "other-vanilla.safetensors"))], None, True,
-                         api_name="/replay")
-    assert "another image, question or model" in status_of(res)
-    for name, msg in [("garbage", "not a MustDrop trace"), ("hostile", "key_tokens"),
-                      ("schema", "unknown trace schema"), ("plain", "malformed JSON")]:
-        res = client.predict([handle_file(str(tmp_path / f"{name}.safetensors"))], None, True, api_name="/replay")
-        st = status_of(res)
-        assert st.startswith("**Problem:**") and msg in st, (name, st)
-    # still serving
+    assert "another image, question or model" in status_of(replay(client, stored, tmp_path / "other-vanilla.safetensors"))
+
+
+def _hostile(good, tmp_path, name):
+    path = tmp_path / f"{name}.safetensors"
+    if name == "garbage":
+        path.write_bytes(b"\x00" * 64)
+    elif name == "hostile":
+        Trace(dict(good.meta, stage1b=dict(good.meta["stage1b"], key_tokens=[10 ** 9])), good.arrays).save(path)
+    elif name == "schema":
+        Trace(dict(good.meta, schema="evil/9"), good.arrays).save(path)
+    else:
+        from safetensors.numpy import save_file
+        save_file({"x": np.zeros(3, np.float32)}, str(path), metadata={"mustdrop_trace": "{not json"})
+    return path
+
+
+@pytest.mark.parametrize("name,msg", [("garbage", "not a MustDrop trace"), ("hostile", "key_tokens"),
+                                      ("schema", "unknown trace schema"), ("plain", "malformed JSON")])
+def test_hostile_traces_get_a_message_and_the_server_keeps_serving(client, stored, files, tmp_path, name, msg):
+    st = status_of(replay(client, _hostile(Trace.load(stored), tmp_path, name)))
+    assert st.startswith("**Problem:**") and msg in st, (name, st)
     assert Trace.load(analyze(client, files / "scene.png")[0]).answer
+
+
+def test_replay_of_a_pooling_baseline_with_its_vanilla_trace(client, tiny, tmp_path):
+    """A baseline trace switches every MustDrop stage off: it is still told apart from the vanilla run."""
+    from conftest import half_textured_image
+    from mustdrop.config import MustDropConfig
+
+    img, q = half_textured_image(), "what color is the square?"
+    pool = tiny.run(img, q, MustDropConfig.baseline("pool", 36), max_new_tokens=2).trace.save(tmp_path / "pool.safetensors")
+    va = tiny.run(img, q, tiny.config_for("off"), max_new_tokens=2).trace.save(tmp_path / "va.safetensors")
+    st = status_of(replay(client, pool, va))
+    assert st.startswith("**Replaying**") and "with vanilla" in st and "pool@36" in st, st
+
+
+def test_replay_of_traces_written_before_the_key_score_rename(client):
+    res = replay(client, FIXTURES / "v1-llava-64.safetensors", FIXTURES / "v1-llava-off.safetensors")
+    assert status_of(res).startswith("**Replaying**") and "with vanilla" in status_of(res)
+    legend = next(x for x in res if isinstance(x, str) and "Stage 1b: key score" in x)
+    assert "CLS attention of the last vision layer" in legend
 
 
 def test_two_users_at_once(server, files):
@@ -203,17 +247,17 @@ def test_two_users_at_once(server, files):
 def test_missing_model_still_replays(tmp_path):
     from mustdrop.adapters.loading import ModelLoadError
 
-    lens = viz_app.Lens(str(tmp_path / "no-such-model"))
+    lens = engine.Lens(str(tmp_path / "no-such-model"))
     with pytest.raises(ModelLoadError):
         lens.load()
     assert lens.load_error
-    demo = viz_app.build_app(lens, examples=[])     # builds: replay works without a model
+    demo = lens_app_app.build_app(lens, examples=[])     # builds: replay works without a model
     assert demo is not None
 
 
 def test_header_names_the_model_without_machine_paths():
-    assert viz_app.Lens(str(viz_app.HERE / "assets" / "toy-llava")).model_label == "assets/toy-llava"
-    assert viz_app.Lens("llava-hf/llava-1.5-7b-hf").model_label.endswith("llava-hf/llava-1.5-7b-hf")
+    assert engine.Lens(str(engine.HERE / "assets" / "toy-llava")).model_label == "assets/toy-llava"
+    assert engine.Lens("llava-hf/llava-1.5-7b-hf").model_label.endswith("llava-hf/llava-1.5-7b-hf")
 
 
 def test_shipped_model_keeps_its_calibrated_presets_from_any_working_directory(tmp_path, monkeypatch):
@@ -222,8 +266,8 @@ def test_shipped_model_keeps_its_calibrated_presets_from_any_working_directory(t
     from mustdrop.config import ModelDefaults
 
     monkeypatch.chdir(tmp_path)
-    runner = viz_app.Lens().load()
-    shipped = ModelDefaults.from_file(viz_app.HERE / "assets" / "toy-llava" / "mustdrop.json")
+    runner = engine.Lens().load()
+    shipped = ModelDefaults.from_file(engine.HERE / "assets" / "toy-llava" / "mustdrop.json")
     assert runner.model_id == "assets/toy-llava"
     assert runner.defaults.prune_layers == shipped.prune_layers
     cfg = runner.config_for("64")
@@ -233,8 +277,15 @@ def test_shipped_model_keeps_its_calibrated_presets_from_any_working_directory(t
 
 def test_cli_help():
     with pytest.raises(SystemExit) as e:
-        viz_app.main(["--help"])
+        cli.main(["--help"])
     assert e.value.code == 0
+
+
+def test_viz_app_script_starts_the_cli():
+    """`python viz_app.py` (the README command and the Spaces app_file) reaches the app's CLI."""
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "viz_app.py", "--help"], cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "--model" in out.stdout and "MustDrop Lens" in out.stdout
 
 
 # ------------------------------------------------------------------------------ examples
@@ -242,54 +293,68 @@ def _png(path, colour=(10, 20, 30)):
     Image.new("RGB", (64, 64), colour).save(path)
 
 
-def test_examples_from_a_json_list(tmp_path):
+def _listing(folder, entries):
+    (folder / "examples.json").write_text(json.dumps(entries))
+    return examples.load_examples(folder)
+
+
+def test_examples_one_entry_per_question(tmp_path):
     _png(tmp_path / "a.png")
+    ex = _listing(tmp_path, [{"file": "a.png", "question": "what color?", "answer": "red"},
+                             {"file": "a.png", "question": "how many?"}])
+    assert [(e.name, e.questions) for e in ex] == [("a", ["what color?", "how many?"])]
+    assert ex[0].masks is None and Path(ex[0].image).is_absolute()
+
+
+def test_examples_masks_and_targets(tmp_path):
     _png(tmp_path / "b.png", (200, 0, 0))
     masks = np.zeros((2, 24, 24), np.float32)
     masks[0, 2:5, 2:5] = 1
-    np.savez_compressed(tmp_path / "b.npz", patch_masks=masks, meta=np.array(json.dumps(
-        {"objects": [{"color": "red", "shape": "circle"}, {"color": "blue", "shape": "star"}]})))
-    (tmp_path / "examples.json").write_text(json.dumps([
-        {"image": "a.png", "questions": [{"question": "what color?", "answer": "red"}, "how many?"]},
-        {"image": "b.png", "question": "is there a star?", "scene": "b.npz", "target_ids": [1]},
-        {"image": "missing.png", "question": "x"},
-        42,
-    ]))
-    ex = viz_app.load_examples(tmp_path)
-    assert [e.questions for e in ex] == [["what color?", "how many?"], ["is there a star?"]]
-    assert ex[1].masks.shape == (2, 24, 24) and ex[1].objects == ["red circle", "blue star"]
-    assert ex[1].targets == {"is there a star?": (1,)}
+    np.savez_compressed(tmp_path / "b.npz", patch_masks=masks, meta=np.array("{}"))
+    ex = _listing(tmp_path, [{"file": "b.png", "question": "Is there  a star?", "masks": "b.npz", "target_ids": [1]}])
+    assert ex[0].masks.shape == (2, 24, 24) and ex[0].masks[0, 3, 3] == 1
+    assert ex[0].targets == {"is there a star?": (1,)}
 
 
-def test_examples_from_dict_listing_and_sidecars(tmp_path):
-    _png(tmp_path / "s1.png")
-    (tmp_path / "index.json").write_text(json.dumps({"scenes": {"first": {"file": "s1.png", "questions": ["q1"]}}}))
-    ex = viz_app.load_examples(tmp_path)
-    assert [(e.name, e.questions) for e in ex] == [("first", ["q1"])]
-    other = tmp_path / "other"
-    other.mkdir()
-    _png(other / "x.png")
-    (other / "x.json").write_text(json.dumps({"questions": ["what shape?"], "masks": [[[0, 1], [1, 0]]]}))
-    _png(other / "y.png")
-    scene_img = np.zeros((336, 336, 3), np.uint8)
-    np.savez_compressed(other / "z.npz", image=scene_img, patch_masks=np.zeros((1, 24, 24), np.float32))
-    ex = viz_app.load_examples(other)
-    by = {e.name: e for e in ex}
-    assert by["x"].questions == ["what shape?"] and by["x"].masks.shape == (1, 2, 2)
-    assert by["y"].questions and by["y"].masks is None
-    assert by["z"].masks.shape == (1, 24, 24) and Image.open(by["z"].image).size == (336, 336)
-    assert viz_app.load_examples(tmp_path / "nowhere") == []
-    (other / "broken.json").write_text("{")
-    assert len(viz_app.load_examples(other)) == 3
+@pytest.mark.parametrize("entry", [
+    {"file": "missing.png", "question": "x"},
+    {"file": "a.png"},
+    {"question": "x"},
+    {"file": "a.png", "question": "x", "masks": "nowhere.npz"},
+    {"file": "a.png", "question": "x", "target_ids": "0"},
+    42,
+])
+def test_unusable_example_entries_are_skipped(tmp_path, entry):
+    _png(tmp_path / "a.png")
+    ex = _listing(tmp_path, [entry, {"file": "a.png", "question": "what shape?"}])
+    assert [e.questions for e in ex] == [["what shape?"]]
 
 
-def test_parse_helpers():
-    assert viz_app.parse_prune_layers("2, 6;10 14") == (2, 6, 10, 14)
-    assert viz_app.parse_prune_layers("") == ()
+def test_examples_without_a_listing(tmp_path):
+    assert examples.load_examples(tmp_path / "nowhere") == []
+    (tmp_path / "examples.json").write_text("{")
+    assert examples.load_examples(tmp_path) == []
+    (tmp_path / "examples.json").write_text('{"file": "a.png"}')
+    assert examples.load_examples(tmp_path) == []
+
+
+def test_shipped_examples_all_load():
+    listed = json.loads((examples.EXAMPLES_DIR / "examples.json").read_text())
+    ex = examples.load_examples()
+    assert sum(len(e.questions) for e in ex) == len(listed)
+    assert sum(e.masks is not None for e in ex) == sum("masks" in e for e in listed)
+
+
+def test_parse_prune_layers():
+    assert inputs.parse_prune_layers("2, 6;10 14") == (2, 6, 10, 14)
+    assert inputs.parse_prune_layers("") == ()
+
+
+def test_numbers_are_checked():
     with pytest.raises(ValueError):
-        viz_app._num(float("inf"), "x")
+        inputs.number(float("inf"), "x")
     with pytest.raises(ValueError, match="whole number"):
-        viz_app._num(1.5, "seed", int)
+        inputs.number(1.5, "seed", int)
 
 
 def test_ui_run_preset_off_is_vanilla(client, files):
@@ -301,7 +366,6 @@ def test_ui_run_preset_off_is_vanilla(client, files):
 
 def test_spaces_gpu_used_when_importable(monkeypatch):
     import importlib
-    import sys
     import types
 
     calls = []
@@ -313,12 +377,12 @@ def test_spaces_gpu_used_when_importable(monkeypatch):
     fake.GPU = GPU
     monkeypatch.setitem(sys.modules, "spaces", fake)
     try:
-        importlib.reload(viz_app)
-        assert calls == ["_run_model"] and viz_app.spaces is fake
+        importlib.reload(engine)
+        assert calls == ["_run_model"] and engine.spaces is fake
     finally:
         monkeypatch.delitem(sys.modules, "spaces")
-        importlib.reload(viz_app)
-    assert viz_app.spaces is None
+        importlib.reload(engine)
+    assert engine.spaces is None
 
 
 def test_replay_llava_next_trace_and_switch_crop(client, tmp_path):
@@ -339,3 +403,94 @@ def test_replay_llava_next_trace_and_switch_crop(client, tmp_path):
     res = client.predict(1, 3, 4, True, api_name="/on_inspect")
     text = next(x for x in res if isinstance(x, str) and x.startswith("### Patch"))
     assert "of tile" in text
+
+
+# ------------------------------------------------------------------------------ engine, session, views
+def test_progress_names_every_stage_of_both_runs_in_order(tiny):
+    from conftest import half_textured_image
+    from mustdrop.adapters.llava import RUN_STAGES
+
+    seen = []
+    lens = engine.Lens(runner=tiny)
+    img = half_textured_image(seed=5)
+    lens.analyze(img, "what shape?", lens.config("64"), 2, progress=lambda f, d: seen.append((f, d)))
+    words = list(RUN_STAGES.values())
+    assert [d for _, d in seen] == [f"vanilla: {w}" for w in words] + [f"MustDrop 64: {w}" for w in words]
+    fractions = [f for f, _ in seen]
+    assert fractions == sorted(fractions) and 0 <= fractions[0] and fractions[-1] < 1
+
+
+def test_session_canvas_is_built_once_per_crop():
+    t = Trace.load(FIXTURES / "v1-llava-next-64.safetensors")
+    s = Session.of_run(t, None, None)
+    first = s.canvas()
+    assert s.canvas() is first
+    s.show_crop(2)
+    assert s.canvas() is not first and s.crop_choices()[2] == (t.crop_name(2), 2)
+    with pytest.raises(ValueError, match="crop 9"):
+        s.show_crop(9)
+
+
+def test_frame_clamps_the_layer_and_outlines_only_the_base_image():
+    t = Trace.load(FIXTURES / "v1-llava-64.safetensors")
+    s = Session(t, gt=object())
+    assert Frame.of(s, 99).layer == t.num_layers - 1 and Frame.of(s, -3).layer == 0
+    assert Frame.of(s, 1, [2, 3]).selected == (2, 3)
+    assert s.ground_truth(True) is s.gt and s.ground_truth(False) is None
+    s.crop = 1
+    assert s.ground_truth(True) is None
+
+
+def test_every_registered_view_is_on_the_page(server):
+    from lens_app.views import all_views
+
+    demo = server[0]
+    assert {type(v) for v in demo.views} == set(all_views())
+    names = {type(v).__name__ for v in demo.views}
+    assert {"AnswersView", "MergeView", "KeySetView", "FilterView", "KVCacheView", "CountsView", "Inspector",
+            "FilesView", "LayerCaption"} <= names
+    on_page = {id(b) for b in demo.blocks.values()}
+    for v in demo.views:
+        assert v.outputs and all(id(c) in on_page for c in v.outputs), type(v).__name__
+
+
+def test_every_overlay_selects_a_patch(server):
+    demo = server[0]
+    clickable = [c for v in demo.views for c in v.clickable]
+    assert len(clickable) == 7
+    wired = {target for fn in demo.fns.values() for target, event in fn.targets if event == "select"}
+    assert {c._id for c in clickable} == wired
+
+
+def test_redraws_before_any_run_change_nothing_and_raise_nothing(server):
+    """The slider moved, or a preset chosen, before there is anything to draw: no server error."""
+    from gradio_client import Client
+
+    c = Client(server[1], verbose=False)
+    res = c.predict(3, True, api_name="/layer")          # raises AppError on a server error
+    assert not any(isinstance(x, str) and x.startswith("**Problem") for x in res)
+
+
+
+def test_same_knobs_compares_a_trace_config_with_the_panel():
+    t = Trace.load(FIXTURES / "v1-llava-64.safetensors")
+    from mustdrop.config import MustDropConfig
+
+    cfg = MustDropConfig.from_dict(t.meta["config"])
+    panel = inputs.custom_knobs(*inputs.knob_values(cfg))
+    assert inputs.same_knobs(t.meta["config"], panel)
+    assert not inputs.same_knobs(t.meta["config"], dict(panel, global_thr=panel["global_thr"] * 2))
+    assert not inputs.same_knobs(t.meta["config"], dict(panel, prune_layers=(0, 1)))
+
+
+def test_analyze_lists_only_the_named_presets(client):
+    api = client.view_api(return_format="dict", print_info=False)
+    preset = api["named_endpoints"]["/analyze"]["parameters"][2]
+    assert preset["type"]["enum"] == ["off", "192", "128", "64"]
+
+
+def test_analyze_refuses_custom_with_a_message(client, files):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="takes a preset in off, 192, 128, 64"):
+        analyze(client, files / "scene.png", preset="custom")

@@ -24,9 +24,12 @@ sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import viz_app  # noqa: E402
+from lens_app.app import build_app, launch  # noqa: E402
+from lens_app.engine import Lens  # noqa: E402
+from lens_app.examples import load_examples  # noqa: E402
+from lens_app.session import CANVAS  # noqa: E402
 from mustdrop import vis  # noqa: E402
-from mustdrop.stages import DROPPED  # noqa: E402
+from mustdrop.trace import DROPPED  # noqa: E402
 from mustdrop.trace import Trace  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
@@ -54,21 +57,77 @@ def make_examples(folder: Path):
     np.savez_compressed(folder / "scene.npz", patch_masks=masks,
                         meta=np.array(json.dumps({"objects": [{"color": "yellow", "shape": "square"}]})))
     (folder / "examples.json").write_text(json.dumps(
-        [{"image": "scene.png", "questions": ["what color is the square?"], "scene": "scene.npz", "target_ids": [0]}]))
-    return viz_app.load_examples(folder)
+        [{"file": "scene.png", "question": "what color is the square?", "masks": "scene.npz", "target_ids": [0]}]))
+    return load_examples(folder)
+
+
+class ServerErrors:
+    """What went wrong on the server during a test: tracebacks gradio printed, ERROR log records (the
+    app logs its internal errors so), and HTTP responses >= 500 that a page received."""
+
+    def __init__(self):
+        self.items: list[str] = []
+
+    def take(self) -> list[str]:
+        items, self.items = self.items, []
+        return items
+
+    def watch(self, page):
+        page.on("response", lambda r: r.status >= 500 and self.items.append(f"HTTP {r.status} {r.url}"))
+        return page
+
+
+SERVER_ERRORS = ServerErrors()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def watch_server():
+    import logging
+    import traceback
+
+    print_exc = traceback.print_exc
+
+    def recording_print_exc(*args, **kwargs):
+        SERVER_ERRORS.items.append(traceback.format_exc())
+        return print_exc(*args, **kwargs)
+
+    class Recorder(logging.Handler):
+        def emit(self, record):
+            SERVER_ERRORS.items.append(f"{record.name}: {record.getMessage()}")
+
+    handler = Recorder(level=logging.ERROR)
+    traceback.print_exc = recording_print_exc
+    logging.getLogger().addHandler(handler)
+    try:
+        yield
+    finally:
+        traceback.print_exc = print_exc
+        logging.getLogger().removeHandler(handler)
+
+
+@pytest.fixture(autouse=True)
+def no_server_errors():
+    """Every test fails on a server-side traceback or HTTP 500 during it (or during the set-up it used)."""
+    yield
+    errors = SERVER_ERRORS.take()
+    assert not errors, "server errors:\n" + "\n".join(e[-1500:] for e in errors)
+
+
+def new_page(browser, **kw):
+    return SERVER_ERRORS.watch(browser.new_page(**kw))
 
 
 def start(lens, examples):
-    demo = viz_app.build_app(lens, examples=examples)
+    demo = build_app(lens, examples=examples)
     port = free_port()
-    viz_app.launch(demo, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
+    launch(demo, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
     return demo, f"http://127.0.0.1:{port}/"
 
 
 @pytest.fixture(scope="module")
 def app(tiny, tmp_path_factory):
     examples = make_examples(tmp_path_factory.mktemp("examples"))
-    demo, url = start(viz_app.Lens(runner=tiny), examples)
+    demo, url = start(Lens(runner=tiny), examples)
     yield url
     demo.close()
 
@@ -118,62 +177,85 @@ def run_example(page):
     wait_status(page, "Done:")
 
 
-def test_visitor_path(app, browser, tmp_path):
-    page = browser.new_page(viewport={"width": 1500, "height": 1300}, accept_downloads=True)
+@pytest.fixture(scope="module")
+def visit(app, browser, tmp_path_factory):
+    """One visitor's page after running the example, with both traces downloaded from it."""
+    page = new_page(browser, viewport={"width": 1500, "height": 1300}, accept_downloads=True)
     page.goto(app)
     page.wait_for_selector("#run_btn")
     run_example(page)
-    assert "ground-truth outlines available" in page.locator("#status").inner_text()
-    assert "The object the question asks about covers 36 patches" in page.locator("#layer_md").inner_text()
-
-    # download both traces
+    folder = tmp_path_factory.mktemp("downloads")
     links = page.locator("#trace_files a")
     links.first.wait_for()
     paths = []
     for i in range(links.count()):
         with page.expect_download() as dl:
             links.nth(i).click()
-        p = tmp_path / dl.value.suggested_filename
+        p = folder / dl.value.suggested_filename
         dl.value.save_as(p)
         paths.append(p)
     traces = [Trace.load(p) for p in paths]
     md = next(t for t in traces if t.meta["config"]["filter"])
-    assert len(traces) == 2
-    geom = vis.geometry(md, viz_app.CANVAS)
+    yield {"page": page, "paths": paths, "traces": traces, "md": md, "geom": vis.geometry(md, CANVAS)}
+    page.close()
 
-    # every stage overlay is there
-    for tab, ids in [("1a merge", ["img_merge", "img_sim"]), ("1b key set", ["img_key"]),
-                     ("2 filter", ["img_filter", "img_gs", "img_im"]), ("3 KV cache", ["img_kv"])]:
-        open_tab(page, tab)
-        for elem in ids:
-            page.locator(f"#{elem} img").first.wait_for(state="visible")
-            px, _ = image_pixels(page, elem)
-            assert px.shape == (geom.size, geom.size, 3), elem
+
+def wait_layer_caption(page, layer):
+    page.wait_for_function("t => document.querySelector('#layer_md').innerText.includes(t)",
+                           arg=f"LLM layer {layer} of", timeout=20_000)
+
+
+def test_run_names_the_ground_truth(visit):
+    page = visit["page"]
+    assert "ground-truth outlines available" in page.locator("#status").inner_text()
+    assert "The object the question asks about covers 36 patches" in page.locator("#layer_md").inner_text()
+
+
+def test_both_traces_download(visit):
+    assert len(visit["traces"]) == 2 and sum(t.is_vanilla for t in visit["traces"]) == 1
+
+
+@pytest.mark.parametrize("tab,ids", [("1a merge", ["img_merge", "img_sim"]), ("1b key set", ["img_key"]),
+                                     ("2 filter", ["img_filter", "img_gs", "img_im"]), ("3 KV cache", ["img_kv"])])
+def test_every_stage_overlay_is_drawn(visit, tab, ids):
+    page, geom = visit["page"], visit["geom"]
+    open_tab(page, tab)
+    for elem in ids:
+        page.locator(f"#{elem} img").first.wait_for(state="visible")
+        px, _ = image_pixels(page, elem)
+        assert px.shape == (geom.size, geom.size, 3), elem
+
+
+def test_counts_and_cost(visit):
+    page = visit["page"]
     open_tab(page, "Counts and cost")
     page.locator("#plot_curve .js-plotly-plot").first.wait_for(timeout=30_000)
     assert "compute convention" in page.locator("#summary_md").inner_text()
 
-    # the kept mask drawn for the prune layer shown equals the trace's kept set
-    layer = md.prune_layers[0]
+
+def test_drawn_kept_mask_is_the_traced_kept_set(visit):
+    """The kept mask drawn for the prune layer shown equals the trace's kept set."""
+    page, md = visit["page"], visit["md"]
     open_tab(page, "2 filter")
     px, _ = image_pixels(page, "img_filter")
-    codes = vis.decode_categories(px, geom, vis.STATUS_COLOURS)
-    assert np.array_equal(np.isin(codes, [0, 1, 2, 3]), kept_from_records(md, layer))
+    codes = vis.decode_categories(px, visit["geom"], vis.STATUS_COLOURS)
+    assert np.array_equal(np.isin(codes, vis.KEPT_STATUSES), kept_from_records(md, md.prune_layers[0]))
 
-    # move the layer slider: KV view and the layer caption follow, from the trace alone
+
+def test_layer_slider_redraws_the_kv_view_from_the_trace(visit):
+    page, md = visit["page"], visit["md"]
     target = md.prune_layers[-1] + 1 if md.prune_layers[-1] + 1 < md.num_layers else md.num_layers - 1
     open_tab(page, "3 KV cache")
     box = page.locator("#layer_slider input[type=number]")
     box.fill(str(target))
     box.press("Enter")
-    page.wait_for_function("t => document.querySelector('#layer_md').innerText.includes(t)",
-                           arg=f"LLM layer {target} of", timeout=20_000)
+    wait_layer_caption(page, target)
     expected = vis.kv_map(md, target)
     assert not np.array_equal(expected, vis.kv_map(md, 0)), "pick a layer whose KV view differs"
     deadline = time.time() + 20
     while True:   # the caption and the images arrive in one response; allow the <img> a moment
         px, _ = image_pixels(page, "img_kv")
-        codes = vis.decode_categories(px, geom, vis.KV_COLOURS)
+        codes = vis.decode_categories(px, visit["geom"], vis.KV_COLOURS)
         if np.array_equal(codes, expected) or time.time() > deadline:
             break
         time.sleep(0.2)
@@ -181,7 +263,9 @@ def test_visitor_path(app, browser, tmp_path):
     ms = float(re.search(r"drawn from the trace in (\d+) ms", page.locator("#layer_md").inner_text()).group(1))
     assert ms < 500
 
-    # inspect a patch by clicking it on the stage-2 overlay
+
+def test_click_on_an_overlay_inspects_that_patch(visit):
+    page, md = visit["page"], visit["md"]
     open_tab(page, "2 filter")
     img = page.locator("#img_filter img").first
     bb = img.bounding_box()
@@ -191,37 +275,47 @@ def test_visitor_path(app, browser, tmp_path):
                            arg=f"Patch ({r}, {c})", timeout=20_000)
     text = page.locator("#inspect_md").inner_text()
     assert "Stage 1a" in text and "Stage 3" in text
-    # ... or by row / column
+
+
+def test_row_and_column_inspect_a_patch(visit):
+    page = visit["page"]
     page.locator("#row_in input").fill("20")
     page.locator("#col_in input").fill("3")
     page.click("#inspect_btn")
     page.wait_for_function("t => document.querySelector('#inspect_md').innerText.includes(t)",
                            arg="Patch (20, 3)", timeout=20_000)
 
-    # export slides
+
+def test_slides_export(visit):
+    page = visit["page"]
     page.click("#slides_btn")
     wait_status(page, "slides exported")
     names = page.locator("#slides_files").inner_text()
     assert ".png" in names and ".pdf" in names
 
-    # upload the downloaded traces again: every view replays, no model call
-    page.locator("#trace_upload input[type=file]").set_input_files([str(p) for p in paths])
+
+def test_uploaded_traces_replay_every_view(visit):
+    """Upload the downloaded traces again: every view replays, no model call."""
+    page, md = visit["page"], visit["md"]
+    layer = md.prune_layers[0]
+    page.locator("#trace_upload input[type=file]").set_input_files([str(p) for p in visit["paths"]])
     wait_status(page, "Replaying")
     open_tab(page, "2 filter")
-    page.wait_for_function("t => document.querySelector('#layer_md').innerText.includes(t)",
-                           arg=f"LLM layer {layer} of", timeout=20_000)
+    wait_layer_caption(page, layer)
     px, _ = image_pixels(page, "img_filter")
-    codes = vis.decode_categories(px, geom, vis.STATUS_COLOURS)
-    assert np.array_equal(np.isin(codes, [0, 1, 2, 3]), kept_from_records(md, layer))
+    codes = vis.decode_categories(px, visit["geom"], vis.STATUS_COLOURS)
+    assert np.array_equal(np.isin(codes, vis.KEPT_STATUSES), kept_from_records(md, layer))
     assert "matching image" in page.locator("#status").inner_text()
 
-    # a hostile file: a clear message, and the app keeps working
+
+def test_hostile_upload_gets_a_message(visit, tmp_path):
+    """A hostile file: a clear message, and the app keeps working."""
+    page = visit["page"]
     bad = tmp_path / "evil.safetensors"
     bad.write_bytes(b"\xff" * 100)
     page.locator("#trace_upload input[type=file]").set_input_files([str(bad)])
     wait_status(page, "not a MustDrop trace")
     assert "Traceback" not in page.content()
-    page.close()
 
 
 # ----------------------------------------------------------------------------- screenshots
@@ -229,10 +323,10 @@ def screenshots(model: str, out: Path, examples_dir: Path | None = None):
     """Take the docs/ screenshots of the main views with the given model."""
     from playwright.sync_api import sync_playwright
 
-    lens = viz_app.Lens(model)
+    lens = Lens(model)
     lens.load()
     import tempfile
-    examples = viz_app.load_examples(examples_dir) if examples_dir and examples_dir.exists() \
+    examples = load_examples(examples_dir) if examples_dir and examples_dir.exists() \
         else make_examples(Path(tempfile.mkdtemp()))
     demo, url = start(lens, examples)
     try:
@@ -278,7 +372,7 @@ def test_two_visitors_and_a_bad_image(app, browser, tmp_path):
     """Two sessions run at once and each sees its own question; a non-image gets a message."""
     from conftest import half_textured_image
 
-    pages = [browser.new_page(viewport={"width": 1400, "height": 1000}) for _ in range(2)]
+    pages = [new_page(browser, viewport={"width": 1400, "height": 1000}) for _ in range(2)]
     img = tmp_path / "scene.png"
     half_textured_image(seed=1).save(img)
     questions = ["how many shapes are there?", "what shape is the yellow one?"]
@@ -304,3 +398,55 @@ def test_two_visitors_and_a_bad_image(app, browser, tmp_path):
     assert "not an image" in page.locator("#status").inner_text()
     for p in pages:
         p.close()
+
+
+def test_every_preset_can_be_chosen_before_and_after_a_run(app, browser):
+    """Choosing a preset fills the advanced panel (or leaves it, for custom) without a server error."""
+    page = new_page(browser, viewport={"width": 1400, "height": 1000})
+    page.goto(app)
+    page.wait_for_selector("#run_btn")
+    for name in ["custom", "128", "custom", "off", "64"]:
+        page.locator("#preset_in").get_by_label(name, exact=True).check()
+        time.sleep(0.5)
+    run_example(page)
+    page.locator("#preset_in").get_by_label("custom", exact=True).check()
+    time.sleep(1)
+    assert "Problem" not in page.locator("#status").inner_text()
+    page.close()
+
+
+def wait_text(page, elem_id, text, present=True, timeout=20_000):
+    page.wait_for_function(
+        "([id, t, want]) => { const e = document.querySelector('#' + id);"
+        " const has = !!e && e.innerText.includes(t); return has === want; }",
+        arg=[elem_id, text, present], timeout=timeout)
+
+
+def test_results_are_marked_stale_until_the_next_run(app, browser):
+    page = new_page(browser, viewport={"width": 1400, "height": 1000})
+    page.goto(app)
+    page.wait_for_selector("#run_btn")
+    run_example(page)
+    assert "Stale" not in page.locator("#stale_md").inner_text()
+    page.locator("#preset_in").get_by_label("128", exact=True).check()
+    wait_text(page, "stale_md", "shown: preset 64; press Run for 128")
+    page.locator("#preset_in").get_by_label("64", exact=True).check()
+    wait_text(page, "stale_md", "Stale", present=False)
+    page.close()
+
+
+def test_editing_a_knob_switches_to_custom_and_runs_it(app, browser):
+    page = new_page(browser, viewport={"width": 1400, "height": 1000})
+    page.goto(app)
+    page.wait_for_selector("#run_btn")
+    run_example(page)
+    page.get_by_text("Advanced: every MustDrop knob").click()
+    box = page.get_by_label("global threshold")
+    box.fill("0.02")
+    box.press("Tab")
+    page.wait_for_function("() => document.querySelector('#preset_in input[value=custom]').checked", timeout=20_000)
+    wait_text(page, "stale_md", "shown: preset 64; press Run for custom")
+    page.click("#run_btn")
+    wait_status(page, "(custom)")
+    wait_text(page, "stale_md", "Stale", present=False)
+    page.close()

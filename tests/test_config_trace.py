@@ -178,3 +178,107 @@ def test_forged_patch_maps_are_rebuilt_on_load(trace, tmp_path):
 def test_token_pieces_concatenate_to_the_text(trace, tiny):
     gen = trace.meta["generation"]
     assert "".join(gen["tokens"]) == tiny.processor.tokenizer.decode(gen["token_ids"])
+
+
+# ------------------------------------------------------------------------------ schema and queries
+FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures"
+
+
+def test_status_codes_are_the_trace_schema():
+    """stages.py writes the codes the trace schema defines (one set of numbers, one set of names)."""
+    from mustdrop import trace as schema
+
+    for name in ("KEPT_BOTH", "KEPT_GLOBAL", "KEPT_INDIVIDUAL", "KEPT_KEY", "DROPPED", "KEPT_PROTECTED"):
+        assert getattr(stages, name) == getattr(schema, name), name
+    assert stages.STATUS_NAMES == schema.STATUS_NAMES
+
+
+@pytest.mark.parametrize("name", ["v1-llava-64", "v1-llava-off", "v1-llava-next-64"])
+def test_traces_written_before_the_rename_load(name):
+    t = Trace.load(FIXTURES / f"{name}.safetensors")
+    assert "stage1b.cls_attention" not in t.arrays and not any("cls_attention" in k for k in t.arrays)
+    assert ("stage1b.key_score" in t.arrays) == t.meta["stage1b"]["enabled"]
+
+
+def test_old_key_score_is_read_under_its_new_name():
+    from safetensors.numpy import load_file
+
+    stored = load_file(str(FIXTURES / "v1-llava-64.safetensors"))
+    t = Trace.load(FIXTURES / "v1-llava-64.safetensors")
+    np.testing.assert_array_equal(t.arrays["stage1b.key_score"], stored["stage1b.cls_attention"])
+    np.testing.assert_array_equal(t.patch("key_score"), stored["patch.cls_attention"])
+
+
+def test_old_trace_saved_again_uses_the_new_name(tmp_path):
+    t = Trace.load(FIXTURES / "v1-llava-64.safetensors")
+    back = Trace.load(t.save(tmp_path / "again.safetensors"))
+    from safetensors.numpy import load_file
+    assert "stage1b.key_score" in load_file(str(tmp_path / "again.safetensors"))
+    assert back.meta == t.meta
+
+
+def test_new_runs_record_the_key_score(trace):
+    assert "stage1b.key_score" in trace.arrays and "stage1b.cls_attention" not in trace.arrays
+
+
+def test_inconsistent_records_are_a_trace_error(trace, tmp_path):
+    """Records that pass validation but cannot be mapped to patches (here: no stage-1a window) are
+    refused with a message, not a KeyError."""
+    path = corrupt(trace, tmp_path, meta_change=lambda m: m["stage1a"].pop("window"))
+    with pytest.raises(TraceError, match="records are inconsistent"):
+        Trace.load(path)
+
+
+def test_derived_maps_not_rebuilt_are_dropped_on_load(trace, tmp_path):
+    path = corrupt(trace, tmp_path, array_change=lambda a: a.__setitem__("patch.stale", np.zeros((24, 24), np.uint8)))
+    assert "patch.stale" not in Trace.load(path).arrays
+
+
+def test_stage2_layer_rule(trace):
+    prune = trace.prune_layers
+    assert trace.stage2_layer_for(None) == prune[0] == trace.start_layer
+    assert trace.stage2_layer_for(prune[1]) == prune[1]
+    assert trace.stage2_layer_for(trace.num_layers - 1) == prune[-1]
+
+
+def test_stage2_layer_rule_before_the_first_prune_layer():
+    t = Trace.load(FIXTURES / "v1-llava-64.safetensors")
+    meta = json.loads(json.dumps(t.meta))
+    meta["stage2"] = meta["stage2"][2:]                # prune layers 2, 3 only
+    late = Trace(meta, t.arrays)
+    assert late.stage2_layer_for(0) == 2 and late.stage2_layer_for(3) == 3
+    meta["stage2"] = []
+    none = Trace(meta, t.arrays)
+    assert none.stage2_layer_for(4) is None and none.start_layer == 0
+
+
+def test_processed_and_alive_follow_the_drop_layer(trace):
+    first = trace.prune_layers[0]
+    dropped_here = trace.stage2_patch(first, "status") == stages.DROPPED
+    assert dropped_here.any()
+    assert trace.processed_at(first)[dropped_here].all(), "a token dropped after layer l is processed at l"
+    assert not trace.alive_after(first)[dropped_here].any()
+    assert not trace.processed_at(first + 1)[dropped_here].any()
+    np.testing.assert_array_equal(trace.alive_after(first), trace.processed_at(first + 1))
+
+
+def test_kv_cached_at_is_the_cache_record(trace):
+    S, N0, G = trace.meta["sequence"]["S"], trace.meta["sequence"]["N0"], trace.grid
+    groups = trace.arrays["tokens.groups"]
+    last = trace.num_layers - 1
+    idx = trace.arrays[f"kv.L{last}"]
+    cached = np.zeros(G * G, bool)
+    for t in idx[(idx >= S) & (idx < S + N0)] - S:
+        cached[groups[t][groups[t] >= 0]] = True
+    np.testing.assert_array_equal(trace.kv_cached_at(last), cached.reshape(G, G))
+
+
+@pytest.mark.parametrize("changes, vanilla", [
+    (dict(merge=False, key_set=False, filter=False, kv_trim=False), True),
+    (dict(merge=False, key_set=False, filter=True, kv_trim=False), False),
+    (dict(merge=False, key_set=False, filter=False, kv_trim=False, method="pool", budget=36.0), False),
+])
+def test_vanilla_is_what_the_config_enables(trace, changes, vanilla):
+    """The pooling baseline switches every MustDrop stage off and still is not the vanilla run."""
+    t = Trace(dict(trace.meta, config=dict(trace.meta["config"], **changes)), trace.arrays)
+    assert t.is_vanilla is vanilla

@@ -101,7 +101,7 @@ def test_key_overlay_outlines_key_tokens(traces):
     assert key.sum() > 0
 
 
-@pytest.mark.parametrize("name", ["similarity", "cls_attention", "global_share", "individual_max"])
+@pytest.mark.parametrize("name", ["similarity", "key_score", "global_share", "individual_max"])
 def test_heatmap_dots_are_the_colormap(traces, name):
     md, _, img = traces
     layer = md.prune_layers[0]
@@ -140,7 +140,7 @@ def test_kv_overlay_matches_cache_indices(traces):
             cached[groups[t][groups[t] >= 0]] = True
         assert np.array_equal(codes == vis.KV_CACHED, cached.reshape(G, G)), f"layer {layer}"
         # trimmed = processed in prefill at this layer but no longer cached
-        assert np.array_equal(codes == vis.KV_TRIMMED, vis.processed_map(md, layer) & ~cached.reshape(G, G))
+        assert np.array_equal(codes == vis.KV_TRIMMED, md.processed_at(layer) & ~cached.reshape(G, G))
 
 
 def test_vanilla_kv_caches_everything(traces):
@@ -197,11 +197,15 @@ def test_model_view_follows_the_mapping(traces):
     assert view[5:-5, 120:210].min() > 200 and view[5:-5, :100].max() < 50
 
 
-def test_patch_at_and_lifecycle(traces):
+def test_patch_at(traces):
     md, _, _ = traces
     geom = vis.geometry(md)
     assert geom.patch_at(geom.cell * 5 + 1, geom.cell * 2 + 1) == (2, 5)
     assert geom.patch_at(-1, 3) is None and geom.patch_at(geom.size, 0) is None
+
+
+def test_lifecycle_of_a_dropped_patch(traces):
+    md, _, _ = traces
     dropped = np.argwhere(md.patch("dropped_after_layer") >= 0)
     r, c = (int(v) for v in dropped[0])
     d = vis.patch_lifecycle(md, r, c)
@@ -212,8 +216,16 @@ def test_patch_at_and_lifecycle(traces):
     assert row["global_share"] < row["global_thr"] and row["individual_max"] < row["individual_thr"]
     text = vis.lifecycle_markdown(md, r, c)
     assert f"after LLM layer {layer}" in text and "Stage 1a" in text and "Stage 3" in text
+
+
+def test_lifecycle_outside_the_grid_is_refused(traces):
+    md, _, _ = traces
     with pytest.raises(ValueError, match="outside"):
         vis.patch_lifecycle(md, md.grid, 0)
+
+
+def test_lifecycle_names_original_pixels_and_key_tokens(traces):
+    md, _, _ = traces
     # 336 x 336 image, no resize: patch (2, 5) covers x 70-84, y 28-42
     assert vis.original_box(md, 2, 5) == (70.0, 28.0, 84.0, 42.0)
     assert "x 70–84, y 28–42" in vis.lifecycle_markdown(md, 2, 5)
@@ -252,7 +264,7 @@ def test_answer_diff(traces):
 
 def test_legends_name_every_colour(traces):
     md, _, _ = traces
-    for kind in ("merge", "similarity", "cls_attention", "global_share", "individual_max", "filter", "kv"):
+    for kind in ("merge", "similarity", "key_score", "global_share", "individual_max", "filter", "kv"):
         h = vis.legend_html(kind, md, md.prune_layers[0])
         assert h.startswith("<div")
     f = vis.legend_html("filter", md)
@@ -314,7 +326,7 @@ def test_every_view_draws_for_partial_configs(tiny, changes, tmp_path):
     for layer in range(t.num_layers):
         vis.kv_overlay(t, layer, img)
     if not changes.get("key_set", True):
-        assert "patch.cls_attention" not in t.arrays or np.isnan(t.patch("cls_attention")).all()
+        assert "patch.key_score" not in t.arrays or np.isnan(t.patch("key_score")).all()
     vis.lifecycle_markdown(t, 0, 0)
     vis.summary_markdown(t)
     vis.token_curve(t)
@@ -362,31 +374,43 @@ def kept_in_crop(trace, layer, crop):
     return kept.reshape(G, G)
 
 
-def test_llava_next_crops_draw_and_decode(other_layouts):
+NEXT_STATUS = {**vis.STATUS_COLOURS, vis.NO_TOKEN_CODE: vis.NO_TOKEN}
+NEXT_KV = {**vis.KV_COLOURS, vis.NO_TOKEN_CODE: vis.NO_TOKEN}
+
+
+def test_llava_next_filter_overlay_of_every_crop_reads_back(other_layouts):
     t, img = other_layouts["next"]
-    assert vis.n_crops(t) > 1
+    assert t.n_crops > 1
     geom = vis.geometry(t)
     layer = t.prune_layers[0]
-    saw_no_token = False
-    for c in range(vis.n_crops(t)):
-        codes = vis.decode_categories(png_roundtrip(vis.filter_overlay(t, layer, img, crop=c)), geom,
-                                      {**vis.STATUS_COLOURS, vis.NO_TOKEN_CODE: vis.NO_TOKEN})
+    for c in range(t.n_crops):
+        codes = vis.decode_categories(png_roundtrip(vis.filter_overlay(t, layer, img, crop=c)), geom, NEXT_STATUS)
         assert (codes != -99).all()
         assert np.array_equal(np.isin(codes, [0, 1, 2, 3]), kept_in_crop(t, layer, c)), f"crop {c}"
-        no_tok = vis.pmap(t, "token", c) < 0
-        assert np.array_equal(codes == vis.NO_TOKEN_CODE, no_tok)
-        kv = vis.decode_categories(vis.kv_overlay(t, layer, img, crop=c), geom,
-                                   {**vis.KV_COLOURS, vis.NO_TOKEN_CODE: vis.NO_TOKEN})
+        assert np.array_equal(codes == vis.NO_TOKEN_CODE, t.patch("token", c) < 0)
+
+
+def test_llava_next_kv_overlay_of_every_crop_reads_back(other_layouts):
+    t, img = other_layouts["next"]
+    geom = vis.geometry(t)
+    layer = t.prune_layers[0]
+    for c in range(t.n_crops):
+        kv = vis.decode_categories(vis.kv_overlay(t, layer, img, crop=c), geom, NEXT_KV)
         assert np.array_equal(kv, vis.kv_map(t, layer, c))
         vis.merge_overlay(t, img, crop=c)
         vis.key_overlay(t, img, crop=c)
-        if no_tok.any():
-            saw_no_token = True
-            r, col = (int(v) for v in np.argwhere(no_tok)[0])
-            assert "No token" in vis.lifecycle_markdown(t, r, col, crop=c)
-    assert saw_no_token, "the 600 x 400 image should leave padded patches in some tile"
-    assert vis.crop_name(t, 1).startswith("tile")
+
+
+def test_llava_next_padding_patches_have_no_token(other_layouts):
+    t, _ = other_layouts["next"]
+    crops = [c for c in range(t.n_crops) if (t.patch("token", c) < 0).any()]
+    assert crops, "the 600 x 400 image should leave padded patches in some tile"
+    c = crops[0]
+    r, col = (int(v) for v in np.argwhere(t.patch("token", c) < 0)[0])
+    assert "No token" in vis.lifecycle_markdown(t, r, col, crop=c)
     assert "no token" in vis.legend_html("filter", t)
+    assert t.crop_name(1).startswith("tile")
+
 
 def test_llava_next_slides_of_a_tile(other_layouts, tmp_path):
     t, img = other_layouts["next"]
@@ -402,7 +426,7 @@ def test_siglip_grid_27(other_layouts):
     layer = t.prune_layers[0]
     codes = vis.decode_categories(vis.filter_overlay(t, layer, base=base), geom, vis.STATUS_COLOURS)
     assert np.array_equal(np.isin(codes, [0, 1, 2, 3]), kept_in_crop(t, layer, 0))
-    assert "no CLS" in vis.legend_html("cls_attention", t)
+    assert "no CLS" in vis.legend_html("key_score", t)
     assert geom.patch_at(geom.size - 1, geom.size - 1) == (26, 26)
 
 
@@ -421,7 +445,7 @@ def test_object_coverage(traces):
     cov = vis.object_coverage(md, vis.GroundTruth(masks, (0,)), layer)
     obj = masks[0] > 0
     assert cov["patches"] == 36
-    assert cov["processed"] == int((vis.processed_map(md, layer) & obj).sum())
+    assert cov["processed"] == int((md.processed_at(layer) & obj).sum())
     assert cov["cached"] == int((md.patch("kv_cached")[layer].astype(bool) & obj).sum())
     assert vis.object_coverage(md, vis.GroundTruth(masks, ()), layer) is None
     assert vis.object_coverage(md, masks, layer) is None
@@ -438,3 +462,77 @@ def test_slides_command_line(traces, tmp_path, capsys):
     (tmp_path / "bad.safetensors").write_bytes(b"nope")
     assert vis.main([str(tmp_path / "bad.safetensors")]) == 2
     assert "not a MustDrop trace" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------ traces written before
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def test_trace_written_before_the_key_score_rename_draws_its_key_score():
+    """stage1b.cls_attention of an older file is drawn as the key score, dot for dot."""
+    from safetensors.numpy import load_file
+
+    t = Trace.load(FIXTURES / "v1-llava-64.safetensors")
+    stored = load_file(str(FIXTURES / "v1-llava-64.safetensors"))["stage1b.cls_attention"]
+    values = vis.heatmap_values(t, "key_score")
+    groups = t.arrays["tokens.groups"]
+    for tok in range(len(groups)):
+        for p in groups[tok][groups[tok] >= 0]:
+            assert values[p // t.grid, p % t.grid] == stored[tok]
+    geom = vis.geometry(t)
+    dots = vis.decode_dots(png_roundtrip(vis.key_overlay(t)), geom)
+    colours, _, finite = vis.heat_colours(values, "cividis", True)
+    assert finite.all() and (dots == colours).all()
+
+
+def test_trace_written_before_draws_every_stage_from_its_records():
+    t = Trace.load(FIXTURES / "v1-llava-64.safetensors")
+    geom = vis.geometry(t)
+    for layer in t.prune_layers:
+        codes = vis.decode_categories(png_roundtrip(vis.filter_overlay(t, layer)), geom, vis.STATUS_COLOURS)
+        assert np.array_equal(np.isin(codes, vis.KEPT_STATUSES), kept_from_records(t, layer))
+    assert "key score: CLS attention" in vis.legend_html("key_score", t)
+
+
+def test_llava_next_trace_written_before_draws_every_crop():
+    t = Trace.load(FIXTURES / "v1-llava-next-64.safetensors")
+    geom = vis.geometry(t)
+    layer = t.prune_layers[0]
+    for c in range(t.n_crops):
+        codes = vis.decode_categories(vis.filter_overlay(t, layer, crop=c), geom, NEXT_STATUS)
+        assert np.array_equal(np.isin(codes, vis.KEPT_STATUSES), kept_in_crop(t, layer, c)), f"crop {c}"
+        assert vis.heatmap_values(t, "key_score", crop=c) is not None
+
+
+def test_slides_default_to_the_first_prune_layer(traces):
+    """With no layer given, the slide's stage-2 panel shows the layer the app opens at."""
+    import copy
+
+    md, _, _ = traces
+    meta = copy.deepcopy(md.meta)
+    meta["stage2"][-1]["dropped"] = 10 ** 6       # a later layer said to drop most: still the first is shown
+    t = Trace(meta, md.arrays)
+    fig = vis.slide_figure(t)
+    titles = [ax.get_title() for ax in fig.axes]
+    first = md.prune_layers[0]
+    assert any(t.startswith(f"2  filter after layer {first}:") for t in titles), titles
+    assert f"3  KV cache of layer {md.start_layer}" in titles
+
+
+def test_bytes_are_decimal_megabytes_as_in_the_readme():
+    """One convention everywhere (decimal MB, as the CLI and README): LLaVA-1.5-7B fp16 holds
+    524,288 B of KV per token, which the README gives as 0.524 MB."""
+    from analysis.flops import DTYPE_BYTES, kv_bytes_per_token, read_config
+
+    cfg = read_config(Path(__file__).resolve().parents[1] / "analysis" / "configs" / "llava-1.5-7b.json")
+    per_token = kv_bytes_per_token(cfg["layers"], cfg["kv_heads"], cfg["head_dim"], DTYPE_BYTES["float16"])
+    assert per_token == 524_288 and vis.format_bytes(per_token) == "0.524 MB"
+    assert vis.format_bytes(1_509_949_440) == "1509.949 MB"          # 2880 tokens of LLaVA-NeXT (README)
+
+
+def test_summary_and_layer_caption_use_the_one_convention(traces):
+    md, va, _ = traces
+    text = vis.summary_markdown(md, va) + vis.layer_markdown(md, 0)
+    assert "KB" not in text and "MiB" not in text
+    kv_total = md.meta["kv"]["bytes_per_entry"] * sum(md.meta["kv"]["entries_per_layer"])
+    assert f"{kv_total / 1e6:.3f} MB" in text

@@ -54,6 +54,10 @@ class Sampling:
 
 
 MAX_NEW_TOKENS_LIMIT = 1024
+# What ``run(progress=...)`` is called with, in this order: a stage id, and what the stage does.
+RUN_STAGES = {"inputs": "preparing inputs", "vision": "vision encoder (stage 1a merge, stage 1b key set)",
+              "prefill": "prefill (stage 2 dual-attention filter)", "kv_trim": "KV trim (stage 3)",
+              "decode": "decoding"}
 MAX_QUESTION_CHARS = 2000
 
 
@@ -165,11 +169,11 @@ class LlavaMustDrop:
         say = progress or (lambda stage: None)
 
         t0 = time.perf_counter()
-        say("preparing inputs")
+        say("inputs")
         inputs, prompt = self._inputs(img, question)
         if inputs["input_ids"].shape[0] != 1 or inputs["pixel_values"].shape[0] != 1:
             raise ValueError("MustDrop runs one image and one prompt at a time (batch size 1)")
-        say("vision encoder (stage 1a merge, stage 1b key set)")
+        say("vision")
         t_vis = time.perf_counter()
         vision = self._encode(inputs, img, config)
         features = vision.features
@@ -178,7 +182,7 @@ class LlavaMustDrop:
         N0 = features.shape[0]
         input_ids, S, T = self._set_placeholders(inputs["input_ids"], N0)
 
-        say("prefill (stage 2 dual-attention filter)")
+        say("prefill")
         t_pre = time.perf_counter()
         state = _Prefill(S, N0, T, vision.key_tokens, features.device, vision.protected)
         cache = DynamicCache(config=self.text_config)
@@ -189,13 +193,13 @@ class LlavaMustDrop:
             out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1,
                              mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=[features])})
         logits = out.logits[0, -1].float()
-        say("KV trim (stage 3)")
+        say("kv_trim")
         kv_indices = self._trim(cache, state, config)
         _sync(logits)
         t_pre = time.perf_counter() - t_pre
         prefill_cache = [(l.keys.clone(), l.values.clone()) for l in cache.layers] if keep_internals else None
 
-        say("decoding")
+        say("decode")
         t_dec = time.perf_counter()
         gen, step_logits = self._decode(cache, logits, state, config, sampling, max_new_tokens, keep_internals)
         _sync(logits)
@@ -228,10 +232,6 @@ class LlavaMustDrop:
         if "image_sizes" in inputs:
             out["image_sizes"] = inputs["image_sizes"].to(device)
         return out, prompt
-
-    def expected_placeholders(self, inputs) -> int:
-        """How many <image> ids the stock processor writes for this input (one per stock feature row)."""
-        return self.grid * self.grid
 
     def _set_placeholders(self, input_ids, N0):
         """Replace the one block of <image> ids by exactly N0 of them (one per vision token after
@@ -499,7 +499,7 @@ class LlavaMustDrop:
             newline[vision.protected.cpu().numpy()] = 1
             arrays["tokens.newline"] = newline
         if vision.key_score is not None:
-            arrays["stage1b.cls_attention"] = vision.key_score.cpu().numpy().astype(np.float32)
+            arrays["stage1b.key_score"] = vision.key_score.cpu().numpy().astype(np.float32)
         merged_windows = vision.crops[0]["merged_windows"]
         key_tokens = vision.key_tokens
         tc = self.text_config

@@ -1,0 +1,38 @@
+"""The question and both answers side by side, tokens from the first divergence on highlighted,
+each token's probability under the run that chose it."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from mustdrop import vis
+
+from .base import View, view
+
+
+@view
+class AnswersView(View):
+    slot, order = "top", 0
+
+    def build(self):
+        self.question = gr.Markdown(elem_id="q_md")
+        with gr.Row():
+            kw = dict(color_map={"differs": "#E69F00"}, show_inline_category=False, show_legend=False)
+            self.vanilla = gr.HighlightedText(label="Vanilla answer", elem_id="ans_vanilla", **kw)
+            self.mustdrop = gr.HighlightedText(label="MustDrop answer", elem_id="ans_md", **kw)
+        self.diff = gr.Markdown(elem_id="diff_md")
+        with gr.Accordion("Each token's probability (under the run that chose it)", open=False):
+            self.probs = gr.Markdown()
+
+    @property
+    def outputs(self):
+        return [self.question, self.vanilla, self.mustdrop, self.diff, self.probs]
+
+    def draw(self, s, f):
+        tr, va = s.trace, s.vanilla
+        d = vis.answer_diff(va, tr)
+        return {self.question: f"**Question:** {tr.meta['input']['question']}\n\n"
+                               f"**Vanilla:** {va.answer if va is not None else '–'}  \n"
+                               f"**MustDrop ({tr.meta['config'].get('preset')}):** {tr.answer}",
+                self.vanilla: d["vanilla"], self.mustdrop: d["mustdrop"], self.diff: d["text"],
+                self.probs: d["table"]}

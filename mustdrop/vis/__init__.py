@@ -1,0 +1,41 @@
+"""Trace -> pictures: per-stage overlays, legends, text readouts, curves and the slide figure.
+
+Everything here reads a :class:`mustdrop.trace.Trace` (and, for the background only, the image the
+run saw); nothing touches a model. The trace's patch queries (``Trace.patch``, ``processed_at``,
+``kv_cached_at`` ...) are already in original-patch coordinates (G x G per crop), so no view
+re-maps token ids. One module per job:
+
+    palette    exact category colours (Okabe-Ito, colour-blind safe) and score colormaps
+    geometry   the canvas: the image as the model saw it, patch cells, painting, reading pixels back
+    overlays   one picture per stage decision (1a merge, heatmaps, 1b key set, 2 filter, 3 KV)
+    legends    what each colour means (HTML)
+    readouts   patch lifecycle, one layer in numbers, run summary, answer comparison (Markdown)
+    plots      token curve and KV bytes (plotly)
+    slides     the 1920 x 1080 slide (PNG + PDF); ``python -m mustdrop.vis TRACE --out DIR``
+"""
+
+from .geometry import (Geometry, base_canvas, decode_categories, decode_dots, geometry, model_view,
+                       original_box, outline, paint)
+from .legends import legend_html
+from .overlays import (GroundTruth, blank_overlay, filter_overlay, has_untokened, heatmap_overlay, heatmap_values,
+                       key_overlay, kv_map, kv_overlay, merge_overlay, status_map)
+from .palette import (BACKGROUND, GT_OUTLINE, GT_TARGET, HEATMAPS, KEPT_STATUSES, KEY_OUTLINE, KV_ABSENT,
+                      KV_CACHED, KV_COLOURS, KV_LABELS, KV_TRIMMED, NAN_COLOUR, NO_TOKEN, NO_TOKEN_CODE,
+                      NO_TOKEN_LABEL, SELECT_OUTLINE, STATUS_COLOURS, STATUS_LABELS, UNMERGED_DOT, group_colour,
+                      heat_colours, lut)
+from .plots import kv_bytes_figure, token_curve
+from .readouts import (answer_diff, display_pieces, format_bytes, layer_markdown, lifecycle_markdown,
+                       object_coverage, patch_lifecycle, summary_markdown)
+from .slides import SLIDE_RC, main, save_slides, slide_figure
+
+__all__ = [
+    "Geometry", "base_canvas", "decode_categories", "decode_dots", "geometry", "model_view", "original_box",
+    "outline", "paint", "legend_html", "GroundTruth", "blank_overlay", "filter_overlay", "has_untokened",
+    "heatmap_overlay", "heatmap_values", "key_overlay", "kv_map", "kv_overlay", "merge_overlay", "status_map",
+    "BACKGROUND", "GT_OUTLINE", "GT_TARGET", "HEATMAPS", "KEPT_STATUSES", "KEY_OUTLINE", "KV_ABSENT", "KV_CACHED",
+    "KV_COLOURS", "KV_LABELS", "KV_TRIMMED", "NAN_COLOUR", "NO_TOKEN", "NO_TOKEN_CODE", "NO_TOKEN_LABEL",
+    "SELECT_OUTLINE", "STATUS_COLOURS", "STATUS_LABELS", "UNMERGED_DOT", "group_colour", "heat_colours", "lut",
+    "kv_bytes_figure", "token_curve", "answer_diff", "display_pieces", "format_bytes", "layer_markdown",
+    "lifecycle_markdown", "object_coverage", "patch_lifecycle", "summary_markdown", "SLIDE_RC", "main",
+    "save_slides", "slide_figure",
+]

@@ -1,0 +1,3 @@
+from .slides import main
+
+raise SystemExit(main())

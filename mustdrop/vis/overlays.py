@@ -1,0 +1,205 @@
+"""Per-stage overlays: each a (size, size, 3) uint8 picture of one decision, painted on the image.
+
+Every function reads a Trace (and, for the background only, the image the run saw or a ready
+canvas ``base``); ``crop=`` picks a LLaVA-NeXT crop, ``selected=`` outlines an inspected patch,
+``gt_masks=`` outlines ground-truth objects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..trace import DROPPED
+from .geometry import Geometry, base_canvas, geometry, outline, paint
+from .palette import (GT_OUTLINE, GT_TARGET, HEATMAPS, KEY_OUTLINE, KV_ABSENT, KV_CACHED, KV_COLOURS,
+                      KV_TRIMMED, NAN_COLOUR, NO_TOKEN, NO_TOKEN_CODE, SELECT_OUTLINE, STATUS_COLOURS,
+                      UNMERGED_DOT, group_colour, heat_colours)
+
+
+@dataclass(frozen=True, eq=False)
+class GroundTruth:
+    """Object masks of a scene: (k, G, G) patch coverage or (k, H, W) boolean pixel masks, and the
+    ids of the objects the question asks about (outlined in GT_TARGET instead of GT_OUTLINE)."""
+
+    masks: np.ndarray
+    targets: tuple = ()
+
+
+# ----------------------------------------------------------------------------- category maps
+def status_map(trace, layer: int, crop: int = 0) -> np.ndarray:
+    """(G, G) stage-2 status codes at a prune layer (NOT_ENTERING where the patch's token had gone,
+    NO_TOKEN_CODE where the patch reaches the LLM in no token)."""
+    out = trace.stage2_patch(layer, "status", crop).astype(np.int64)
+    out[~trace.has_token(crop)] = NO_TOKEN_CODE
+    return out
+
+
+def kv_map(trace, layer: int, crop: int = 0) -> np.ndarray:
+    """(G, G) KV_CACHED / KV_TRIMMED / KV_ABSENT (/ NO_TOKEN_CODE) for one LLM layer."""
+    cached = trace.kv_cached_at(layer, crop)
+    out = np.full(cached.shape, KV_ABSENT, np.int64)
+    out[trace.processed_at(layer, crop)] = KV_TRIMMED
+    out[cached] = KV_CACHED
+    out[~trace.has_token(crop)] = NO_TOKEN_CODE
+    return out
+
+
+def heatmap_values(trace, name: str, layer: int | None = None, crop: int = 0) -> np.ndarray | None:
+    """The (G, G) values a heatmap shows, or None when the trace has none (stage off)."""
+    if name in ("global_share", "individual_max"):
+        if layer is None or layer not in trace.prune_layers:
+            return None
+        return trace.stage2_patch(layer, name, crop)
+    key = HEATMAPS[name][0]
+    return trace.patch(key, crop) if trace.has_patch(key, crop) else None
+
+
+def has_untokened(trace) -> bool:
+    """Whether some patch reaches the LLM in no token (LLaVA-NeXT tiles' unpadded borders)."""
+    return any((~trace.has_token(c)).any() for c in range(trace.n_crops))
+
+
+# ----------------------------------------------------------------------------- outlines
+def _select(img, geom, selected):
+    if selected is None:
+        return img
+    r, c = selected
+    cells = np.zeros((geom.grid, geom.grid), bool)
+    if 0 <= r < geom.grid and 0 <= c < geom.grid:
+        cells[r, c] = True
+    return outline(img, geom, cells, SELECT_OUTLINE, width=3)
+
+
+def _gt(img, geom, gt_masks):
+    """Outline ground-truth objects: a GroundTruth, or bare (k, G, G) / (k, H, W) masks."""
+    if gt_masks is None:
+        return img
+    gt = gt_masks if isinstance(gt_masks, GroundTruth) else GroundTruth(np.asarray(gt_masks))
+    masks = np.asarray(gt.masks)
+    if masks.ndim == 2:
+        masks = masks[None]
+    targets = [int(i) for i in gt.targets if 0 <= int(i) < len(masks)]
+    others = [i for i in range(len(masks)) if i not in targets]
+    img = img.copy()
+    for ids, colour in ((others, GT_OUTLINE), (targets, GT_TARGET)):
+        if not ids:
+            continue
+        dark, light = _gt_rings(geom, masks[ids])
+        img[dark] = (0, 0, 0)
+        img[light] = colour
+    return img
+
+
+_GT_CACHE: dict = {}
+
+
+def _gt_rings(geom: Geometry, masks: np.ndarray):
+    """Pixel masks of the dark (4 px) and light (2 px) contour lines of every object (memoised)."""
+    import cv2
+
+    key = (geom, masks.shape, hashlib.sha1(np.ascontiguousarray(masks).tobytes()).hexdigest())
+    if key in _GT_CACHE:
+        return _GT_CACHE[key]
+    if masks.ndim == 2:
+        masks = masks[None]
+    dark = np.zeros((geom.size, geom.size), np.uint8)
+    light = np.zeros_like(dark)
+    for m in masks:
+        m = np.asarray(m, np.float32)
+        m = cv2.resize((m > (0.25 if m.shape[0] == geom.grid else 0.5)).astype(np.uint8) * 255,
+                       (geom.size, geom.size), interpolation=cv2.INTER_NEAREST)
+        contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(dark, contours, -1, 1, 4)
+        cv2.drawContours(light, contours, -1, 1, 2)
+    if len(_GT_CACHE) > 64:
+        _GT_CACHE.clear()
+    _GT_CACHE[key] = (dark.astype(bool), light.astype(bool))
+    return _GT_CACHE[key]
+
+
+def _prepare(trace, image, base, crop=0):
+    """Geometry and background: from a ready canvas (its size sets the cell) or from the image."""
+    if base is not None:
+        return Geometry(trace.grid, max(1, base.shape[0] // trace.grid)), base
+    geom = geometry(trace)
+    return geom, base_canvas(image, trace, geom, crop=crop)
+
+
+def _finish(img, geom, selected=None, gt_masks=None):
+    return _select(_gt(img, geom, gt_masks), geom, selected)
+
+
+# ----------------------------------------------------------------------------- stage views
+def merge_overlay(trace, image=None, *, selected=None, gt_masks=None, base=None, crop: int = 0) -> np.ndarray:
+    """Stage 1a: each merged window tinted with its group's random colour (exact colour dot);
+    unmerged patches keep the image and a white dot."""
+    geom, base = _prepare(trace, image, base, crop)
+    G = trace.grid
+    token = trace.patch("token", crop)
+    merged = trace.patch("merged", crop).astype(bool)
+    colours = np.empty((G, G, 3), np.uint8)
+    colours[:] = UNMERGED_DOT
+    for t in np.unique(token[merged]):
+        colours[token == t] = group_colour(int(t))
+    colours[token < 0] = NO_TOKEN
+    alpha = np.where(merged, 0.55, np.where(token < 0, 0.7, 0.0)).astype(np.float32)
+    return _finish(paint(base, geom, colours, alpha), geom, selected, gt_masks)
+
+
+def heatmap_overlay(trace, name: str, image=None, layer: int | None = None, *, selected=None,
+                    gt_masks=None, base=None, outline_key: bool | None = None, crop: int = 0) -> np.ndarray:
+    """A score as a colour-blind-safe heatmap over the image; key patches outlined on the key-score map."""
+    geom, base = _prepare(trace, image, base, crop)
+    values = heatmap_values(trace, name, layer, crop)
+    G = trace.grid
+    if values is None:
+        colours = np.full((G, G, 3), NAN_COLOUR, np.uint8)
+        img = paint(base, geom, colours, 0.25)
+    else:
+        _, cmap, log, _ = HEATMAPS[name]
+        colours, _, finite = heat_colours(values, cmap, log)
+        img = paint(base, geom, colours, np.where(finite, 0.6, 0.3).astype(np.float32))
+    if outline_key or (outline_key is None and name == "key_score"):
+        img = outline(img, geom, trace.patch("key", crop).astype(bool), KEY_OUTLINE, width=2)
+    return _finish(img, geom, selected, gt_masks)
+
+
+def key_overlay(trace, image=None, **kw) -> np.ndarray:
+    """Stage 1b: the key score as a heatmap with the key token set outlined in white."""
+    return heatmap_overlay(trace, "key_score", image, outline_key=True, **kw)
+
+
+def filter_overlay(trace, layer: int, image=None, *, selected=None, gt_masks=None, base=None,
+                   crop: int = 0) -> np.ndarray:
+    """Stage 2 at prune layer ``layer``: kept (and why) vs dropped, exact colours in STATUS_COLOURS."""
+    geom, base = _prepare(trace, image, base, crop)
+    codes = status_map(trace, layer, crop)
+    colours = np.zeros(codes.shape + (3,), np.uint8)
+    for code, rgb in STATUS_COLOURS.items():
+        colours[codes == code] = rgb
+    colours[codes == NO_TOKEN_CODE] = NO_TOKEN
+    alpha = np.where(codes == DROPPED, 0.65, np.where(codes < 0, 0.75, 0.35)).astype(np.float32)
+    return _finish(paint(base, geom, colours, alpha), geom, selected, gt_masks)
+
+
+def kv_overlay(trace, layer: int, image=None, *, selected=None, gt_masks=None, base=None,
+               crop: int = 0) -> np.ndarray:
+    """Stage 3: which image patches LLM layer ``layer`` still holds in its KV cache after prefill."""
+    geom, base = _prepare(trace, image, base, crop)
+    codes = kv_map(trace, layer, crop)
+    colours = np.zeros(codes.shape + (3,), np.uint8)
+    for code, rgb in KV_COLOURS.items():
+        colours[codes == code] = rgb
+    colours[codes == NO_TOKEN_CODE] = NO_TOKEN
+    alpha = np.where(codes == KV_CACHED, 0.3, 0.7).astype(np.float32)
+    return _finish(paint(base, geom, colours, alpha), geom, selected, gt_masks)
+
+
+def blank_overlay(trace, base: np.ndarray) -> np.ndarray:
+    """A view of a stage that did not run: every cell grey."""
+    geom = Geometry(trace.grid, max(1, base.shape[0] // trace.grid))
+    return paint(base, geom, np.full((trace.grid, trace.grid, 3), NAN_COLOUR, np.uint8), 0.2)
+

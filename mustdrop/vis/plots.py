@@ -1,0 +1,44 @@
+"""Interactive curves (plotly): vision tokens per LLM layer, KV-cache bytes per layer."""
+
+from __future__ import annotations
+
+from .. import accounting
+
+
+def token_curve(trace, vanilla=None):
+    """Plotly figure: vision tokens each LLM layer processes in prefill and holds in its KV cache."""
+    import plotly.graph_objects as go
+
+    x = list(range(trace.num_layers))
+    fig = go.Figure()
+    if vanilla is not None:
+        fig.add_trace(go.Scatter(x=x, y=vanilla.meta["vision_tokens_per_layer"], mode="lines+markers",
+                                 name="vanilla: vision tokens", line=dict(color="rgb(96,96,96)", dash="dot")))
+    fig.add_trace(go.Scatter(x=x, y=trace.meta["vision_tokens_per_layer"], mode="lines+markers",
+                             name="MustDrop: vision tokens in prefill", line=dict(color="rgb(0,114,178)", width=3)))
+    fig.add_trace(go.Scatter(x=x, y=trace.meta["kv"]["vision_entries_per_layer"], mode="lines+markers",
+                             name="MustDrop: vision entries in KV cache", line=dict(color="rgb(230,159,0)", dash="dash")))
+    for p in trace.prune_layers:
+        fig.add_vline(x=p, line=dict(color="rgb(213,94,0)", width=1, dash="dot"))
+    fig.update_layout(title=f"Vision tokens per LLM layer (prune layers {trace.prune_layers or 'none'})",
+                      xaxis_title="LLM layer", yaxis_title="vision tokens", height=360,
+                      margin=dict(l=50, r=20, t=50, b=40), legend=dict(orientation="h", y=-0.25),
+                      template="plotly_white")
+    return fig
+
+
+def kv_bytes_figure(trace, vanilla=None):
+    """Plotly bars: KV-cache bytes per LLM layer after prefill (MustDrop vs vanilla)."""
+    import plotly.graph_objects as go
+
+    s = accounting.summarize(trace)
+    x = list(range(trace.num_layers))
+    fig = go.Figure()
+    if vanilla is not None:
+        fig.add_trace(go.Bar(x=x, y=accounting.summarize(vanilla)["kv"]["bytes_per_layer"], name="vanilla",
+                             marker_color="rgb(160,160,160)"))
+    fig.add_trace(go.Bar(x=x, y=s["kv"]["bytes_per_layer"], name="MustDrop", marker_color="rgb(0,114,178)"))
+    fig.update_layout(title="KV-cache bytes per LLM layer after prefill", xaxis_title="LLM layer",
+                      yaxis_title="bytes", barmode="group", height=300, template="plotly_white",
+                      margin=dict(l=50, r=20, t=50, b=40))
+    return fig
