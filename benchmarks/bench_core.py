@@ -302,18 +302,20 @@ def counted_image():
 
 
 def count_runs(runner, max_new_tokens: int = 1, prune_layers=COUNTED_PRUNE_LAYERS, global_thr: float = 0.0026,
-               individual_thr: float = 1.0) -> dict:
+               individual_thr: float = 1.0, merge: bool = True, warm_up: bool = True) -> dict:
     """Ops and syncing ops of one whole vanilla run (preset off) and one whole MustDrop run (every
-    stage on, ``prune_layers``), each counted on its second call so that one-off caches are not
-    counted. Raises if some prune layer drops nothing: the count would not cover every drop."""
+    stage on, ``prune_layers``), each counted after an uncounted warm-up call (``warm_up``; a
+    runner that already ran needs none) so that one-off caches are not counted. Raises if some
+    prune layer drops nothing: the count would not cover every drop."""
     image = counted_image()
     q = "what colour is the square?"
     configs = {"vanilla": runner.config_for("off"),
                "mustdrop": runner.config_for("64").replace(prune_layers=tuple(prune_layers), global_thr=global_thr,
-                                                           individual_thr=individual_thr)}
+                                                           individual_thr=individual_thr, merge=merge)}
     out = {}
     for name, cfg in configs.items():
-        runner.run(image, q, cfg, max_new_tokens=max_new_tokens)
+        if warm_up:
+            runner.run(image, q, cfg, max_new_tokens=max_new_tokens)
         with OpCounter() as c:
             res = runner.run(image, q, cfg, max_new_tokens=max_new_tokens)
         out[name] = {"ops": c.total_ops, "syncs": c.total_syncs, "sync_ops": dict(c.syncs), "op_counts": c.ops,

@@ -247,8 +247,8 @@ def _check_host_indices(idx: torch.Tensor, n: int, name: str) -> None:
     """Refuse indices outside 0..n-1, on host tensors only (reading device values would stall it)."""
     if idx.device.type != "cpu" or not idx.numel():
         return
-    a = idx.numpy()
-    if a.min() < 0 or a.max() >= n:
+    values = idx.tolist()
+    if min(values) < 0 or max(values) >= n:
         raise ValueError(f"{name} must lie in 0..{n - 1}")
 
 
@@ -342,7 +342,10 @@ def random_keep(attn: torch.Tensor, keep: int, seed: int) -> FilterResult:
     """Random drop: a seeded uniform choice of ``keep`` tokens (scores recorded, not used)."""
     v = attn.shape[-1]
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    kept = torch.randperm(v, generator=gen)[: min(max(int(keep), 0), v)].to(attn.device)
+    kept = torch.randperm(v, generator=gen)[: min(max(int(keep), 0), v)]
+    if attn.is_cuda:     # a copy from pinned memory does not wait for the device's queue
+        kept = kept.pin_memory().to(attn.device, non_blocking=True)
+    kept = kept.to(attn.device)
     score = attn.float().mean(0).sum(0)
     return _single_drop_result(kept, v, score / score.sum().clamp_min(1e-30))
 

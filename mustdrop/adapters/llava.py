@@ -371,7 +371,7 @@ class LlavaMustDrop:
             start = (state.L if reference else state.L0) - state.T
             probs = _text_rows_probs(queries[:, -state.T:], keys, module.head_dim,
                                      lambda q: state.rows_rope(q, start), state.rows_rope.causal)
-            state.text_attn = probs[0, :, :, state.S:state.S + state.V]          # (H, T, V)
+            state.text_attn = probs[:, :, state.S:state.S + state.V]             # (H, T, V)
 
         def drop(module, args, kwargs, output):
             hidden = output[0] if isinstance(output, tuple) else output
@@ -395,9 +395,11 @@ class LlavaMustDrop:
             state.alive = state.alive[sel]
             state.V = kept.numel()
             state.layer_kwargs = None
-            state.key_pos = torch.searchsorted(kept, state.key_pos)
             if state.protected_pos.numel():
+                state.key_pos = torch.searchsorted(kept, state.key_pos)
                 state.protected_pos = torch.searchsorted(kept, state.protected_pos)
+            else:   # the filter already placed the key set among the survivors (baselines keep none)
+                state.key_pos = res.key_after if res is not None else state.key_pos[:0]
             new = hidden[:, sel]
             return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
 
@@ -656,7 +658,7 @@ def _to_host(tensors: dict, pack: bool | None = None) -> dict:
     if packed:
         packed = [(key, t.float() if t.dtype == torch.bfloat16 else t) for key, t in packed]
         packed.sort(key=lambda kt: -kt[1].element_size())
-        buf = torch.cat([t.reshape(-1).view(torch.uint8) for _, t in packed]).cpu().numpy()
+        buf = torch.cat([t.contiguous().view(-1).view(torch.uint8) for _, t in packed]).cpu().numpy()
         offset = 0
         for key, t in packed:
             size = t.numel() * t.element_size()
@@ -685,11 +687,11 @@ def text_rows_attention(attn_module, hidden, position_embeddings, keys, T: int, 
 
     def rotate(q):
         return rope(q, q, cos[:, L - T:], sin[:, L - T:])[0] * attn_module.scaling
-    return _text_rows_probs(queries, keys, attn_module.head_dim, rotate, causal)
+    return _text_rows_probs(queries, keys, attn_module.head_dim, rotate, causal).unsqueeze(0)
 
 
 def _text_rows_probs(queries, keys, head_dim: int, rotate, causal) -> torch.Tensor:
-    """(1, H, T, L) float32 probabilities of T query rows over the L cached keys. ``queries`` is the
+    """(H, T, L) float32 probabilities of T query rows over the L cached keys. ``queries`` is the
     q_proj output of the rows (1, T, H * head_dim); ``rotate`` applies RoPE and the attention
     scaling to (1, H, T, head_dim); ``causal`` (T, T) is True where a text row would see a later one."""
     T = queries.shape[1]
@@ -698,7 +700,7 @@ def _text_rows_probs(queries, keys, head_dim: int, rotate, causal) -> torch.Tens
     # grouped-query heads share their key head: one batched matmul over the key heads, keys not copied
     scores = torch.bmm(q.reshape(kv, H // kv * T, head_dim).float(), keys[0].float().mT)   # (kv, g*T, L)
     scores.view(kv, H // kv, T, L)[..., L - T:].masked_fill_(causal, float("-inf"))
-    return torch.softmax(scores, dim=-1).view(1, H, T, L)
+    return torch.softmax(scores, dim=-1).view(H, T, L)
 
 
 class _RowsRope:
