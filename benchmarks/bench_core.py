@@ -333,7 +333,10 @@ def count_runs(runner, max_new_tokens: int = 1, prune_layers=COUNTED_PRUNE_LAYER
 def bench_counted(token_counts=(1, 8)) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         runner = build_counted_runner(Path(tmp) / "counted-tiny")
-        return [count_runs(runner, n) for n in token_counts]
+        rows = [count_runs(runner, n) for n in token_counts]
+        no_merge = count_runs(runner, token_counts[0], merge=False)
+        no_merge["label"] = "stage 1a off"
+        return rows + [no_merge]
 
 
 def print_counted(rows) -> None:
@@ -343,7 +346,8 @@ def print_counted(rows) -> None:
           f"{', '.join(f'{e}->{k}' for _, e, k in rows[0]['mustdrop']['stage2'])}):")
     for r in rows:
         v, m = r["vanilla"], r["mustdrop"]
-        print(f"   {r['max_new_tokens']:>2} new token(s): aten ops vanilla {v['ops']}, MustDrop {m['ops']}: ratio "
+        label = f", {r['label']}" if "label" in r else ""
+        print(f"   {r['max_new_tokens']:>2} new token(s){label}: aten ops vanilla {v['ops']}, MustDrop {m['ops']}: ratio "
               f"{r['ops_ratio']:.3f} (target <= 1.10); syncing ops vanilla {v['syncs']}, MustDrop {m['syncs']} = "
               f"vanilla + {r['extra_syncs']} (target <= vanilla + {n_prune})")
         print(f"      MustDrop syncing ops: {dict(sorted(m['sync_ops'].items()))}")
