@@ -9,6 +9,11 @@ On a ~100M-parameter LLaVA-1.5-shaped random model (CLIP 336/14, 577 vision toke
 3. stage-2 scoring vs eager full-attention scoring at L >= 640 (7B-like attention: 32 heads of
    128): time ratio (target <= 0.5) and peak extra memory, measured each in a fresh process,
    growing as T x L for ours and L^2 for eager.
+
+And a counted section (``--counted-only`` runs just it), exact and load-independent, on CPU: the
+aten ops and the host-syncing ops of one whole vanilla run and one whole MustDrop run (4 prune
+layers, drops at each) on a 32-layer tiny decoder. Targets: ops ratio <= 1.10; syncing ops <=
+vanilla's + one per prune layer (the kept count, a dynamic shape). tests/test_sync_budget.py pins it.
 """
 
 from __future__ import annotations
@@ -22,9 +27,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -218,6 +226,133 @@ def bench_scoring(args):
     return rows
 
 
+# ---------------------------------------------------------------------------------------------
+# Counted section: what the device is asked to do, not how long it takes.
+
+SYNC_OPS = frozenset({"_local_scalar_dense", "nonzero", "masked_select", "unique", "masked_scatter", "equal",
+                      "is_nonzero", "item"})
+_UNIQUE_OPS = frozenset({"_unique", "_unique2", "unique_dim", "unique_consecutive"})
+COUNTED_PRUNE_LAYERS = (2, 6, 10, 14)
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts every aten op dispatched inside the ``with`` block, and those that make the host wait
+    for the device: the ops of SYNC_OPS (a value or a data-dependent shape read back) and, when a
+    tensor lives on an accelerator, every copy from it to host memory."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = Counter()
+        self.syncs = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        out = func(*args, **kwargs)
+        self.ops[name] += 1
+        family = "unique" if name in _UNIQUE_OPS else name
+        if family in SYNC_OPS:
+            self.syncs[family] += 1
+        elif _device_to_host(name, args, kwargs, out):
+            self.syncs["device_to_host"] += 1
+        return out
+
+    @property
+    def total_ops(self) -> int:
+        return sum(self.ops.values())
+
+    @property
+    def total_syncs(self) -> int:
+        return sum(self.syncs.values())
+
+
+_COPY_OPS = frozenset({"_to_copy", "copy_", "_copy_from", "_copy_from_and_resize"})
+
+
+def _device_to_host(name, args, kwargs, out) -> bool:
+    if name not in _COPY_OPS:
+        return False
+    tensors = [t for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
+    return any(t.device.type != "cpu" for t in tensors) and any(t.device.type == "cpu" for t in tensors)
+
+
+def build_counted_runner(folder: Path, num_layers: int = 32, sharpen: float = 32.0):
+    """A tiny LLaVA-1.5-layout model with a ``num_layers`` decoder, its queries scaled by ``sharpen``
+    so that attention is peaked enough for stage 2 to drop tokens at every prune layer (with the
+    seeded random weights as saved, attention is almost uniform and only the first drop bites)."""
+    from mustdrop.adapters import LlavaMustDrop, load_llava
+    from mustdrop.testing import build_tiny_llava
+
+    build_tiny_llava(folder, text_layers=num_layers, text_hidden=32, intermediate=64, vision_hidden=32,
+                     vision_layers=3, seed=0)
+    model, proc = load_llava(str(folder), "cpu", "float32")
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            layer.self_attn.q_proj.weight.mul_(sharpen)
+    return LlavaMustDrop(model, proc, "counted-tiny")
+
+
+def counted_image():
+    from PIL import Image
+    import numpy as np
+    rng = np.random.default_rng(0)
+    img = np.full((336, 336, 3), (40, 120, 200), np.uint8)
+    img[:, :168] = rng.integers(0, 256, (336, 168, 3))
+    return Image.fromarray(img)
+
+
+def count_runs(runner, max_new_tokens: int = 1, prune_layers=COUNTED_PRUNE_LAYERS, global_thr: float = 0.0026,
+               individual_thr: float = 1.0, merge: bool = True, warm_up: bool = True) -> dict:
+    """Ops and syncing ops of one whole vanilla run (preset off) and one whole MustDrop run (every
+    stage on, ``prune_layers``), each counted after an uncounted warm-up call (``warm_up``; a
+    runner that already ran needs none) so that one-off caches are not counted. Raises if some
+    prune layer drops nothing: the count would not cover every drop."""
+    image = counted_image()
+    q = "what colour is the square?"
+    configs = {"vanilla": runner.config_for("off"),
+               "mustdrop": runner.config_for("64").replace(prune_layers=tuple(prune_layers), global_thr=global_thr,
+                                                           individual_thr=individual_thr, merge=merge)}
+    out = {}
+    for name, cfg in configs.items():
+        if warm_up:
+            runner.run(image, q, cfg, max_new_tokens=max_new_tokens)
+        with OpCounter() as c:
+            res = runner.run(image, q, cfg, max_new_tokens=max_new_tokens)
+        out[name] = {"ops": c.total_ops, "syncs": c.total_syncs, "sync_ops": dict(c.syncs), "op_counts": c.ops,
+                     "stage2": [(s["layer"], s["entering"], s["kept"]) for s in res.trace.meta["stage2"]],
+                     "merged_windows": len(res.trace.meta["stage1a"]["merged_windows"])}
+    drops = out["mustdrop"]["stage2"]
+    if len(drops) != len(prune_layers) or any(kept >= entering for _, entering, kept in drops):
+        raise RuntimeError(f"the counted MustDrop run must drop at every prune layer; got {drops}")
+    out["ops_ratio"] = out["mustdrop"]["ops"] / out["vanilla"]["ops"]
+    out["extra_syncs"] = out["mustdrop"]["syncs"] - out["vanilla"]["syncs"]
+    out["max_new_tokens"] = max_new_tokens
+    return out
+
+
+def bench_counted(token_counts=(1, 8)) -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        runner = build_counted_runner(Path(tmp) / "counted-tiny")
+        rows = [count_runs(runner, n) for n in token_counts]
+        no_merge = count_runs(runner, token_counts[0], merge=False)
+        no_merge["label"] = "stage 1a off"
+        return rows + [no_merge]
+
+
+def print_counted(rows) -> None:
+    n_prune = len(COUNTED_PRUNE_LAYERS)
+    print(f"0. counted, CPU, 32-layer tiny decoder, MustDrop with every stage on and {n_prune} prune layers "
+          f"{list(COUNTED_PRUNE_LAYERS)} (vision tokens entering -> kept: "
+          f"{', '.join(f'{e}->{k}' for _, e, k in rows[0]['mustdrop']['stage2'])}):")
+    for r in rows:
+        v, m = r["vanilla"], r["mustdrop"]
+        label = f", {r['label']}" if "label" in r else ""
+        print(f"   {r['max_new_tokens']:>2} new token(s){label}: aten ops vanilla {v['ops']}, MustDrop {m['ops']}: ratio "
+              f"{r['ops_ratio']:.3f} (target <= 1.10); syncing ops vanilla {v['syncs']}, MustDrop {m['syncs']} = "
+              f"vanilla + {r['extra_syncs']} (target <= vanilla + {n_prune})")
+        print(f"      MustDrop syncing ops: {dict(sorted(m['sync_ops'].items()))}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
@@ -230,6 +365,7 @@ def main():
     ap.add_argument("--lengths", type=int, nargs="+", default=[640, 1280, 2560])
     ap.add_argument("--text-rows", type=int, default=20)
     ap.add_argument("--skip-model", action="store_true")
+    ap.add_argument("--counted-only", action="store_true", help="print only the counted section (CPU, exact)")
     ap.add_argument("--scoring-worker", nargs=4, metavar=("METHOD", "L", "T", "REPEATS"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -240,6 +376,9 @@ def main():
         print(json.dumps(scoring_worker(m, int(L), int(T), int(rep), args.device)))
         return
     print(f"torch {torch.__version__}, {args.threads} threads, device {args.device}")
+    print_counted(bench_counted())
+    if args.counted_only:
+        return
     if not args.skip_model:
         r = bench_model(args)
         print(f"model: {r['model_params_M']} M parameters; vision tokens per LLM layer at preset 64: "

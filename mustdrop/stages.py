@@ -9,12 +9,18 @@ Numbering used throughout:
 - windows of size w x w tile the grid row-major, ``window = (row // w) * (G // w) + (col // w)``;
 - "vision positions" index the vision block as it is at a given moment (after merging, after each
   prune layer), always in the order the language model sees it.
+
+On an accelerator these functions do not read values back to the host, except where a result's
+size depends on data (the merged-window count of stage 1a, the kept count of stage 2): a read-back
+stalls the device until all queued work is done. Index checks on caller input run on host tensors
+only (they are free there); tensors already on a device are trusted (they come from these stages).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -85,6 +91,13 @@ def window_patch_ids(grid: int, window: int) -> torch.Tensor:
     return ids.permute(0, 2, 1, 3).reshape(g * g, window * window)
 
 
+@lru_cache(maxsize=32)
+def _window_ids_on(grid: int, window: int, device: torch.device) -> torch.Tensor:
+    """window_patch_ids, built once per device: a host-to-device copy blocks until the device is idle,
+    and the ids are the same for every image. Read-only: callers index with it, never write to it."""
+    return window_patch_ids(grid, window).to(device)
+
+
 def window_similarity(patches: torch.Tensor, grid: int, window: int) -> torch.Tensor:
     """Mean cosine similarity over ordered pairs of distinct patches in each window, (G/w, G/w)."""
     check_grid(grid, window)
@@ -93,7 +106,7 @@ def window_similarity(patches: torch.Tensor, grid: int, window: int) -> torch.Te
     x = patches.float()
     x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     w2 = window * window
-    xw = x[window_patch_ids(grid, window).to(x.device)]     # (num_windows, w2, C)
+    xw = x[_window_ids_on(grid, window, x.device)]          # (num_windows, w2, C)
     gram = xw @ xw.transpose(1, 2)
     off_diag = gram.sum(dim=(1, 2)) - gram.diagonal(dim1=1, dim2=2).sum(-1)
     return (off_diag / (w2 * (w2 - 1))).view(grid // window, grid // window)
@@ -126,7 +139,7 @@ def local_spatial_merge(tokens: torch.Tensor, grid: int, window: int, threshold:
     sim = window_similarity(patches, grid, window)
     flat = sim.flatten()
     order = torch.sort(flat, descending=True, stable=True).indices
-    r = int((flat >= threshold).sum())
+    r = int((flat >= threshold).sum())     # the one read-back: the merged length is a dynamic shape
     return _merge_windows(tokens, grid, window, sim, order[:r], num_prefix)
 
 
@@ -147,15 +160,17 @@ def local_spatial_merge_batch(tokens: torch.Tensor, grid: int, window: int, thre
 def _merge_windows(tokens, grid, window, sim, merged, num_prefix) -> MergeResult:
     patches = tokens[num_prefix:]
     r = merged.numel()
-    win_ids = window_patch_ids(grid, window).to(tokens.device)
-    merged_tokens = patches[win_ids[merged]].mean(dim=1)           # plain mean, sizes not carried
-    is_merged_patch = torch.zeros(grid * grid, dtype=torch.bool, device=tokens.device)
-    is_merged_patch[win_ids[merged].flatten()] = True
-    rest = torch.nonzero(~is_merged_patch).flatten()
-    out = torch.cat([tokens[:num_prefix], merged_tokens.to(tokens.dtype), patches[rest]], dim=0)
     w2 = window * window
+    merged_ids = _window_ids_on(grid, window, tokens.device)[merged]   # (r, w2)
+    merged_tokens = patches[merged_ids].mean(dim=1)                # plain mean, sizes not carried
+    is_merged_patch = torch.zeros(grid * grid, dtype=torch.bool, device=tokens.device)
+    is_merged_patch.index_fill_(0, merged_ids.flatten(), True)
+    # the unmerged patches in ascending order; their count is known (r windows of w2 patches each),
+    # so a stable sort takes the place of nonzero, which would read the count back from the device
+    rest = torch.sort(is_merged_patch, stable=True).indices[: grid * grid - r * w2]
+    out = torch.cat([tokens[:num_prefix], merged_tokens.to(tokens.dtype), patches[rest]], dim=0)
     groups = torch.full((r + rest.numel(), w2), -1, dtype=torch.long, device=tokens.device)
-    groups[:r] = win_ids[merged]
+    groups[:r] = merged_ids
     groups[r:, 0] = rest
     return MergeResult(out, sim, merged, groups)
 
@@ -190,7 +205,8 @@ class FilterResult:
     global_share: torch.Tensor    # (V,) share of the text rows' total attention to vision going to each token
     individual_max: torch.Tensor  # (V,) max attention any single text row gives each token
     status: torch.Tensor          # (V,) int8 status code (KEPT_* / DROPPED), see STATUS_NAMES
-    dropped_by_filter_only: int   # how many tokens the two conditions alone would drop
+    dropped_by_filter_only: int | torch.Tensor   # how many tokens the two conditions alone would drop
+                                                 # (a 0-dim tensor where reading it would stall the device)
 
 
 def dual_attention_filter(attn: torch.Tensor, global_thr: float, individual_thr: float,
@@ -199,6 +215,7 @@ def dual_attention_filter(attn: torch.Tensor, global_thr: float, individual_thr:
 
     ``attn`` is (H, T, V): attention probabilities of the T post-image text rows to the V current
     vision tokens (sliced from a softmax over all keys). Key tokens are always united back in.
+    The only value read back to the host is the kept count (``kept`` has a data-dependent size).
     """
     global_thr = check_unit_interval("global threshold", global_thr)
     individual_thr = check_unit_interval("individual threshold", individual_thr)
@@ -206,26 +223,33 @@ def dual_attention_filter(attn: torch.Tensor, global_thr: float, individual_thr:
         raise ValueError(f"attn must be (heads, text rows, vision tokens), got {tuple(attn.shape)}")
     v = attn.shape[-1]
     key_tokens = key_tokens.to(device=attn.device, dtype=torch.long)
-    if key_tokens.numel() and (int(key_tokens.min()) < 0 or int(key_tokens.max()) >= v):
-        raise ValueError(f"key token positions must lie in 0..{v - 1}")
+    _check_host_indices(key_tokens, v, "key token positions")
     mean_attn = attn.float().mean(dim=0)                   # (T, V)
     column_sum = mean_attn.sum(dim=0)
     global_share = column_sum / column_sum.sum()
-    individual_max = mean_attn.max(dim=0).values
+    individual_max = mean_attn.amax(dim=0)
     low_global = global_share < global_thr
     low_individual = individual_max < individual_thr
     drop = low_global & low_individual
-    is_key = torch.zeros(v, dtype=torch.bool, device=attn.device)
-    is_key[key_tokens] = True
-    keep = ~drop | is_key
-    status = torch.full((v,), KEPT_BOTH, dtype=torch.int8, device=attn.device)
-    status[low_individual & ~low_global] = KEPT_GLOBAL
-    status[low_global & ~low_individual] = KEPT_INDIVIDUAL
-    status[drop] = DROPPED
-    status[drop & is_key] = KEPT_KEY
-    kept = torch.nonzero(keep).flatten()
+    is_key = torch.zeros(v, dtype=torch.bool, device=attn.device).index_fill_(0, key_tokens, True)
+    dropped = drop & ~is_key
+    # KEPT_BOTH 0, KEPT_GLOBAL 1 (low individual only), KEPT_INDIVIDUAL 2 (low global only),
+    # KEPT_KEY 3 (both low, key token), DROPPED 4 (both low): one sum instead of masked writes,
+    # each of which would turn its mask into indices (a read-back on an accelerator)
+    status = low_individual.to(torch.int8)
+    status.add_(low_global, alpha=2).add_(dropped)
+    kept = torch.nonzero(~dropped).flatten()
     key_after = torch.searchsorted(kept, torch.sort(key_tokens).values)
-    return FilterResult(kept, key_after, global_share, individual_max, status, int(drop.sum()))
+    return FilterResult(kept, key_after, global_share, individual_max, status, drop.sum())
+
+
+def _check_host_indices(idx: torch.Tensor, n: int, name: str) -> None:
+    """Refuse indices outside 0..n-1, on host tensors only (reading device values would stall it)."""
+    if idx.device.type != "cpu" or not idx.numel():
+        return
+    values = idx.tolist()
+    if min(values) < 0 or max(values) >= n:
+        raise ValueError(f"{name} must lie in 0..{n - 1}")
 
 
 def kv_keep_indices(num_layers: int, prune_layers, S: int, T: int, N0: int,
@@ -235,33 +259,42 @@ def kv_keep_indices(num_layers: int, prune_layers, S: int, T: int, N0: int,
     Layers before the first prune layer keep everything; layers from the first through the last
     prune layer keep only the tokens that survived the last prune layer (the composition of the
     per-layer kept positions); later layers already hold only those and keep everything.
+    Indices live where the kept positions do; layers with the same indices share one tensor.
     """
     layers = check_prune_layers(prune_layers, num_layers)
     kept_per_prune_layer = [torch.as_tensor(k, dtype=torch.long) for k in kept_per_prune_layer]
     if len(kept_per_prune_layer) != len(layers):
         raise ValueError(f"need one kept set per prune layer ({len(layers)}), got {len(kept_per_prune_layer)}")
-    # alive[i]: positions, in the vision block entering prune layer i, of the final survivors.
-    final_vision = [None] * len(layers)
-    alive = torch.arange(kept_per_prune_layer[-1].numel()) if layers else None
-    for i in range(len(layers) - 1, -1, -1):
-        alive = kept_per_prune_layer[i][alive]
-        final_vision[i] = alive
+    device = kept_per_prune_layer[0].device if layers else torch.device("cpu")
     seq_len = [S + N0 + T]
     v = N0
     for k in kept_per_prune_layer:
-        if k.numel() and (int(k.min()) < 0 or int(k.max()) >= v):
-            raise ValueError(f"kept positions out of range 0..{v - 1}")
+        _check_host_indices(k, v, "kept positions")
         v = k.numel()
         seq_len.append(S + v + T)
+    # final_vision[i]: positions, in the vision block entering prune layer i, of the final survivors.
+    final_vision = [None] * len(layers)
+    alive = kept_per_prune_layer[-1] if layers else None
+    for i in range(len(layers) - 1, -1, -1):
+        if i < len(layers) - 1:
+            alive = kept_per_prune_layer[i][alive]
+        final_vision[i] = alive
+    everything, head, trimmed = {}, None, {}
     out = []
     stage = 0   # how many prune layers lie strictly before the current layer
     for layer in range(num_layers):
         length = seq_len[stage]
         if not layers or layer < layers[0] or layer > layers[-1]:
-            out.append(torch.arange(length))
+            if length not in everything:
+                everything[length] = torch.arange(length, device=device)
+            out.append(everything[length])
         else:
-            v_here = length - S - T
-            out.append(torch.cat([torch.arange(S), S + final_vision[stage], torch.arange(S + v_here, length)]))
+            if stage not in trimmed:
+                head = torch.arange(S, device=device) if head is None else head
+                v_here = length - S - T
+                trimmed[stage] = torch.cat([head, S + final_vision[stage],
+                                            torch.arange(S + v_here, length, device=device)])
+            out.append(trimmed[stage])
         if stage < len(layers) and layer == layers[stage]:
             stage += 1
     return out
@@ -309,7 +342,10 @@ def random_keep(attn: torch.Tensor, keep: int, seed: int) -> FilterResult:
     """Random drop: a seeded uniform choice of ``keep`` tokens (scores recorded, not used)."""
     v = attn.shape[-1]
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    kept = torch.randperm(v, generator=gen)[: min(max(int(keep), 0), v)].to(attn.device)
+    kept = torch.randperm(v, generator=gen)[: min(max(int(keep), 0), v)]
+    if attn.is_cuda:     # a copy from pinned memory does not wait for the device's queue
+        kept = kept.pin_memory().to(attn.device, non_blocking=True)
+    kept = kept.to(attn.device)
     score = attn.float().mean(0).sum(0)
     return _single_drop_result(kept, v, score / score.sum().clamp_min(1e-30))
 

@@ -11,6 +11,11 @@ Where each stage is attached:
   embeddings / position ids / mask that the decoder loop hands to every layer.
 - 3 output-aware KV trim: after prefill, cache layers first..last prune layer are index-selected.
 The decode loop is ours (greedy or sampling, seeded), so stages 2-3 run in both modes.
+
+On an accelerator a prefill reads back from the device once per prune layer (the kept count, which
+sizes the next layer's input) and once for stage 1a's merged count; scores, statuses and indices stay
+on the device until the run is over and the trace takes them in one transfer. Decode reads one value
+per step (the token, which decides whether to stop).
 """
 
 from __future__ import annotations
@@ -23,7 +28,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from transformers import DynamicCache
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .. import stages
 from ..config import MustDropConfig, ModelDefaults
@@ -90,27 +94,33 @@ class VisionResult:
 
 
 class _Prefill:
-    """Mutable state of one prefill: which tokens of the sequence are still alive."""
+    """Mutable state of one prefill: which tokens of the sequence are still alive.
+
+    Device tensors are replaced, never written to, so that the records can hold them as they were.
+    """
 
     def __init__(self, S, N0, T, key_tokens, device, protected=None):
         self.S, self.N0, self.T = S, N0, T
         self.protected_pos = (protected if protected is not None else torch.zeros(0, dtype=torch.long)).to(device)
         self.L0 = S + N0 + T
+        self.V = N0                                                 # vision tokens alive (host count)
         self.alive = torch.arange(self.L0, device=device)           # original sequence indices
-        self.vision_ids = torch.arange(N0, device=device)           # merged-token ids in the block
+        self.head = self.alive[:S]                                  # the S tokens before the image
         self.key_pos = key_tokens.to(device)                        # key positions in the block
         self.text_attn = None
+        self.queries = None                                         # the prune layer's q_proj output
+        self.rows_rope = None                                       # text-row rotary tables (_RowsRope)
         self.records = []                                           # per prune layer
         self.kept_positions = []                                    # per prune layer (for stage 3)
         self.layer_kwargs = None    # shortened layer kwargs, computed once after each drop
 
     @property
-    def V(self):
-        return self.vision_ids.numel()
+    def L(self):
+        return self.S + self.V + self.T
 
     @property
     def shortened(self):
-        return self.alive.numel() < self.L0
+        return self.L < self.L0
 
 
 class LlavaMustDrop:
@@ -145,6 +155,7 @@ class LlavaMustDrop:
         self.image_token_id = cfg.image_token_id
         self.defaults = defaults or ModelDefaults.load(model_id, self.num_layers)
         self._rope = sys.modules[type(self.decoder_layers[0].self_attn).__module__].apply_rotary_pos_emb
+        self._rotate_half_rope = _is_rotate_half_rope(self._rope, self.decoder_layers[0].self_attn.head_dim)
 
     # ------------------------------------------------------------------ public
     def config_for(self, preset: str) -> MustDropConfig:
@@ -180,18 +191,18 @@ class LlavaMustDrop:
         _sync(features)
         t_vis = time.perf_counter() - t_vis
         N0 = features.shape[0]
-        input_ids, S, T = self._set_placeholders(inputs["input_ids"], N0)
+        text_ids, S, T = self._split_prompt(inputs["input_ids"])
 
         say("prefill")
         t_pre = time.perf_counter()
         state = _Prefill(S, N0, T, vision.key_tokens, features.device, vision.protected)
+        embeds = self._embeds(text_ids, S, features)
         cache = DynamicCache(config=self.text_config)
         hooks = HookSet()
         with attached(hooks):
             if config.filter:
                 self._attach_prefill(hooks, state, config, record)
-            out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1,
-                             mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=[features])})
+            out = self.model(inputs_embeds=embeds, past_key_values=cache, use_cache=True, logits_to_keep=1)
         logits = out.logits[0, -1].float()
         say("kv_trim")
         kv_indices = self._trim(cache, state, config)
@@ -210,12 +221,7 @@ class LlavaMustDrop:
         if record:
             trace = self._trace(img, question, prompt, config, sampling, max_new_tokens, state, vision,
                                 kv_indices, gen, timings)
-        embeds = None
-        if keep_internals:
-            embeds = self.model.get_input_embeddings()(input_ids)
-            mask = (input_ids == self.image_token_id).unsqueeze(-1)
-            embeds = embeds.masked_scatter(mask, features.to(embeds.dtype))
-        return RunResult(trace, step_logits, prefill_cache, embeds)
+        return RunResult(trace, step_logits, prefill_cache, embeds if keep_internals else None)
 
     # ------------------------------------------------------------------ inputs
     def _inputs(self, img, question):
@@ -227,26 +233,32 @@ class LlavaMustDrop:
         inputs = self.processor(images=img, text=prompt, return_tensors="pt")
         device = self.model.device
         dtype = self.model.dtype
-        out = {"input_ids": inputs["input_ids"].to(device),
+        out = {"input_ids": inputs["input_ids"],                          # stays on the host (_split_prompt)
                "pixel_values": inputs["pixel_values"].to(device=device, dtype=dtype)}
         if "image_sizes" in inputs:
             out["image_sizes"] = inputs["image_sizes"].to(device)
         return out, prompt
 
-    def _set_placeholders(self, input_ids, N0):
-        """Replace the one block of <image> ids by exactly N0 of them (one per vision token after
-        stage 1); return ids, S (tokens before the image) and T (tokens after it)."""
-        ids = input_ids[0]
-        pos = torch.nonzero(ids == self.image_token_id).flatten()
-        if pos.numel() == 0:
+    def _split_prompt(self, input_ids):
+        """Find the prompt's one block of <image> ids, on the host (the processor's ids never went to
+        the device); return the ids without it (1, S + T), S (tokens before the image) and T."""
+        ids = input_ids.numpy()[0]
+        pos = np.flatnonzero(ids == self.image_token_id)
+        if pos.size == 0:
             raise ValueError("the prompt holds no <image> placeholder")
-        if int(pos[-1] - pos[0]) + 1 != pos.numel():
-            raise ValueError(f"expected one contiguous block of <image> tokens, found {pos.numel()} scattered: "
+        if pos[-1] - pos[0] + 1 != pos.size:
+            raise ValueError(f"expected one contiguous block of <image> tokens, found {pos.size} scattered: "
                              "the question may contain the image token string")
         S = int(pos[0])
-        block = torch.full((N0,), self.image_token_id, dtype=ids.dtype, device=ids.device)
-        ids = torch.cat([ids[:S], block, ids[int(pos[-1]) + 1:]]).unsqueeze(0)
-        return ids, S, ids.shape[1] - S - N0
+        text = np.concatenate([ids[:S], ids[pos[-1] + 1:]])[None]
+        return torch.from_numpy(text), S, text.shape[1] - S
+
+    def _embeds(self, text_ids, S, features):
+        """What enters the language model: the prompt's token embeddings with the N0 vision tokens
+        in place of the <image> block. Built here, not by transformers' placeholder scatter, which
+        reads the placeholder count back from the device and scatters through a mask."""
+        e = self.model.get_input_embeddings()(text_ids.to(self.model.device))
+        return torch.cat([e[:, :S], features.to(e.dtype).unsqueeze(0), e[:, S:]], dim=1)
 
     # ------------------------------------------------------------------ stage 1
     def _encode(self, inputs, img, config) -> VisionResult:
@@ -272,7 +284,7 @@ class LlavaMustDrop:
         features = out.pooler_output[0]
         merge = merge_box.get("result")
         if merge is not None:
-            groups, similarity, merged = merge.groups, merge.similarity, merge.merged_windows.cpu().tolist()
+            groups, similarity, merged = merge.groups, merge.similarity, merge.merged_windows   # to host in the trace
         else:
             groups = torch.arange(features.shape[0], device=features.device).unsqueeze(1)
             similarity, merged = None, []
@@ -318,7 +330,7 @@ class LlavaMustDrop:
 
         def shorten(kwargs):
             idx = state.alive
-            n = idx.numel()
+            n = state.L
             cos, sin = kwargs["position_embeddings"]
             new = {}
             if reference:   # survivors' positions compacted to 0..n-1, as the authors' code does
@@ -346,11 +358,20 @@ class LlavaMustDrop:
             kwargs.update(state.layer_kwargs)
             return args, kwargs
 
+        def keep_queries(module, args, kwargs, output):
+            state.queries = output
+
         def score_text_rows(module, args, kwargs, output):
             keys = kwargs["past_key_values"].layers[module.layer_idx].keys
-            probs = text_rows_attention(module, kwargs["hidden_states"], kwargs["position_embeddings"], keys,
-                                        state.T, self._rope)
-            state.text_attn = probs[0, :, :, state.S:state.S + state.V]          # (H, T, V)
+            queries, state.queries = state.queries, None
+            if state.rows_rope is None:       # the first prune layer sees the full-length tables
+                state.rows_rope = _RowsRope(kwargs["position_embeddings"], state.T, module.scaling,
+                                            self._rope if not self._rotate_half_rope else None)
+            # text rows sit at the end: positions n-T..n-1 (reference) or L0-T..L0-1 (original)
+            start = (state.L if reference else state.L0) - state.T
+            probs = _text_rows_probs(queries[:, -state.T:], keys, module.head_dim,
+                                     lambda q: state.rows_rope(q, start), state.rows_rope.causal)
+            state.text_attn = probs[:, :, state.S:state.S + state.V]             # (H, T, V)
 
         def drop(module, args, kwargs, output):
             hidden = output[0] if isinstance(output, tuple) else output
@@ -366,17 +387,19 @@ class LlavaMustDrop:
                 res = self._decide(attn, state, layer, config)
                 kept = res.kept
             state.kept_positions.append(kept)
-            state.records.append({"layer": layer, "tokens": state.vision_ids.clone(), "result": res})
+            state.records.append({"layer": layer, "alive": state.alive, "V": V, "result": res})
             if kept.numel() == V:
                 return None
             S = state.S
-            sel = torch.cat([torch.arange(S, device=kept.device), S + kept,
-                             torch.arange(S + V, hidden.shape[1], device=kept.device)])
+            sel = torch.cat([state.head, S + kept, torch.arange(S + V, hidden.shape[1], device=kept.device)])
             state.alive = state.alive[sel]
+            state.V = kept.numel()
             state.layer_kwargs = None
-            state.vision_ids = state.vision_ids[kept]
-            state.key_pos = torch.searchsorted(kept, state.key_pos)
-            state.protected_pos = torch.searchsorted(kept, state.protected_pos)
+            if state.protected_pos.numel():
+                state.key_pos = torch.searchsorted(kept, state.key_pos)
+                state.protected_pos = torch.searchsorted(kept, state.protected_pos)
+            else:   # the filter already placed the key set among the survivors (baselines keep none)
+                state.key_pos = res.key_after if res is not None else state.key_pos[:0]
             new = hidden[:, sel]
             return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
 
@@ -384,6 +407,7 @@ class LlavaMustDrop:
             if i > first:
                 hooks.pre(f"llm.layer{i}.gather_positions", layer, gather)
             if i in prune:
+                hooks.post(f"llm.layer{i}.self_attn.q_proj.keep", layer.self_attn.q_proj, keep_queries)
                 hooks.post(f"llm.layer{i}.self_attn.text_rows", layer.self_attn, score_text_rows)
                 hooks.post(f"llm.layer{i}.stage2_filter", layer, drop)
 
@@ -393,7 +417,7 @@ class LlavaMustDrop:
         prot = state.protected_pos
         if config.method == "mustdrop":
             res = stages.dual_attention_filter(attn, config.global_thr, config.individual_thr,
-                                               torch.cat([state.key_pos, prot]))
+                                               torch.cat([state.key_pos, prot]) if prot.numel() else state.key_pos)
         else:
             keep = stages.keep_count_for_budget(config.budget, state.N0, layer, self.num_layers)
             if config.method == "fastv":
@@ -403,42 +427,36 @@ class LlavaMustDrop:
             if prot.numel():
                 kept = torch.unique(torch.cat([res.kept, prot]))
                 res.status[prot] = stages.KEPT_BOTH
-                res.kept, res.dropped_by_filter_only = kept, int((res.status == stages.DROPPED).sum())
+                res.kept, res.dropped_by_filter_only = kept, (res.status == stages.DROPPED).sum()
         if prot.numel():
             res.status[prot] = stages.KEPT_PROTECTED
         return res
 
     # ------------------------------------------------------------------ stage 3
     def _trim(self, cache, state, config):
-        """Index-select the cache of layers first..last prune layer; return kept ids per layer."""
-        if config.filter:
-            per_layer = stages.kv_keep_indices(self.num_layers, config.prune_layers, state.S, state.T,
-                                               state.N0, [k.cpu() for k in state.kept_positions])
-        else:
-            per_layer = [torch.arange(state.L0)] * self.num_layers
-        # the original-sequence index of each entry each layer processed in prefill
-        processed = []
-        alive = torch.arange(state.L0)
+        """Index-select the cache of layers first..last prune layer; return, per layer, the
+        original-sequence indices of its cached entries (device tensors, shared between layers)."""
         prune = list(config.prune_layers) if config.filter else []
-        stage = 0
-        for layer in range(self.num_layers):
-            processed.append(alive)
-            if stage < len(prune) and layer == prune[stage]:
-                S, kept = state.S, state.kept_positions[stage].cpu()
-                v = alive.numel() - state.S - state.T
-                alive = alive[torch.cat([torch.arange(S), S + kept, torch.arange(S + v, alive.numel())])]
-                stage += 1
+        # what each stage of layers processed: the sequence entering each prune layer, then the survivors
+        processed = [rec["alive"] for rec in state.records] + [state.alive]
+        per_layer = None
+        if prune:
+            per_layer = stages.kv_keep_indices(self.num_layers, prune, state.S, state.T, state.N0,
+                                               state.kept_positions)
         out = []
-        for layer, (idx, proc) in enumerate(zip(per_layer, processed)):
+        stage = 0   # how many prune layers lie strictly before the current layer
+        for layer in range(self.num_layers):
+            proc = processed[stage] if prune else state.alive
             trim = config.kv_trim and prune and prune[0] <= layer <= prune[-1]
-            if trim and idx.numel() < proc.numel():
+            if trim and per_layer[layer].numel() < proc.numel():
                 cl = cache.layers[layer]
-                dev_idx = idx.to(cl.keys.device)
-                cl.keys = cl.keys.index_select(-2, dev_idx)
-                cl.values = cl.values.index_select(-2, dev_idx)
-                out.append(proc[idx])
+                cl.keys = cl.keys.index_select(-2, per_layer[layer])
+                cl.values = cl.values.index_select(-2, per_layer[layer])
+                out.append(state.alive)       # a trimmed layer keeps exactly the final survivors
             else:
                 out.append(proc)
+            if stage < len(prune) and layer == prune[stage]:
+                stage += 1
         return out
 
     # ------------------------------------------------------------------ decode
@@ -449,15 +467,29 @@ class LlavaMustDrop:
         stop = "max_new_tokens"
         hooks = HookSet()
         reference = config.positions == "reference" and config.enabled
+        device = self.model.device
+        # decode forward k places its token at position L0 + k; in reference positions a layer whose
+        # cache was trimmed places it at its own cache length instead, base + k (the authors' decode)
+        positions = torch.arange(state.L0, state.L0 + max_new_tokens, device=device).view(1, -1)
+        base = [cache.layers[i].get_seq_length() for i in range(self.num_layers)]
+        tables = {}                       # (base, step) -> (position_embeddings, position_ids)
+        current = {"step": 0}
+
+        def own_position(hidden, b):
+            k = current["step"]
+            if (b, k) not in tables:
+                if ("all", b) not in tables:      # every step's rotary table of this base, computed once
+                    pos = torch.arange(b, b + max_new_tokens, device=device).view(1, -1)
+                    tables[("all", b)] = (self.rotary_emb(hidden, position_ids=pos), pos)
+                (cos, sin), pos = tables[("all", b)]
+                tables[(b, k)] = ((cos[:, k:k + 1], sin[:, k:k + 1]), pos[:, k:k + 1])
+            return tables[(b, k)]
 
         def per_layer_position(module, args, kwargs):
-            hidden = hidden_states_of(args, kwargs)
             kwargs["attention_mask"] = None      # batch 1, q_len 1: every cached entry is visible
-            if reference:                         # the authors' decode: position = this layer's cache length
-                length = kwargs["past_key_values"].layers[module.self_attn.layer_idx].get_seq_length()
-                pos = torch.tensor([[length]], device=hidden.device)
-                kwargs["position_embeddings"] = self.rotary_emb(hidden, position_ids=pos)
-                kwargs["position_ids"] = pos
+            b = base[module.self_attn.layer_idx]
+            if reference and b != state.L0:
+                kwargs["position_embeddings"], kwargs["position_ids"] = own_position(hidden_states_of(args, kwargs), b)
             return args, kwargs
 
         if config.enabled:
@@ -468,19 +500,19 @@ class LlavaMustDrop:
                 if keep_logits:
                     step_logits.append(logits.clone())
                 p = torch.softmax(logits, dim=-1)
-                tok = _choose(logits, sampling, gen)
+                tok = _choose(logits, sampling, gen)          # the one read-back of a step
                 tokens.append(tok)
-                probs.append(float(p[tok]))
+                probs.append(p[tok])                           # stays on the device until the trace
                 if tok in eos:
                     stop = "eos"
                     break
                 if step == max_new_tokens - 1:
                     break
-                pos = torch.tensor([[state.L0 + step]], device=self.model.device)
-                out = self.model(input_ids=torch.tensor([[tok]], device=self.model.device), past_key_values=cache,
-                                 position_ids=pos, use_cache=True)
+                current["step"] = step
+                out = self.model(input_ids=torch.tensor([[tok]], device=device), past_key_values=cache,
+                                 position_ids=positions[:, step:step + 1], use_cache=True)
                 logits = out.logits[0, -1].float()
-        return {"token_ids": tokens, "probs": probs, "stop": stop}, step_logits
+        return {"token_ids": tokens, "probs": torch.stack(probs), "stop": stop}, step_logits
 
     # ------------------------------------------------------------------ trace
     def _trace(self, img, question, prompt, config, sampling, max_new_tokens, state, vision: VisionResult,
@@ -489,40 +521,59 @@ class LlavaMustDrop:
         w = config.window
         N = G * G
         N0, S, T = state.N0, state.S, state.T
-        arrays: dict[str, np.ndarray] = {"tokens.groups": vision.groups.cpu().numpy().astype(np.int64)}
+        # everything the trace needs from the device, in one transfer
+        want = {"groups": vision.groups, "key_tokens": vision.key_tokens, "protected": vision.protected,
+                "probs": gen["probs"]}
+        for c, sim in enumerate(vision.similarity):
+            if sim is not None:
+                want[f"sim{c}"] = sim
+        if vision.key_score is not None:
+            want["key_score"] = vision.key_score
+        for c, crop in enumerate(vision.crops):
+            if isinstance(crop["merged_windows"], torch.Tensor):
+                want[f"merged{c}"] = crop["merged_windows"]
+        for i, rec in enumerate(state.records):
+            want[f"alive{i}"] = rec["alive"]
+            if rec["result"] is not None:
+                res = rec["result"]
+                want.update({f"gs{i}": res.global_share, f"im{i}": res.individual_max, f"st{i}": res.status})
+        for layer, idx in enumerate(kv_indices):
+            want[f"kv{layer}"] = idx
+        host = _to_host(want)
+        crops = [{**crop, "merged_windows": host[f"merged{c}"].tolist() if f"merged{c}" in host
+                  else crop["merged_windows"]} for c, crop in enumerate(vision.crops)]
+        arrays: dict[str, np.ndarray] = {"tokens.groups": host["groups"].astype(np.int64)}
         for c, sim in enumerate(vision.similarity):
             if sim is not None:
                 arrays["stage1a.similarity" if c == 0 else f"stage1a.c{c}.similarity"] = \
-                    sim.cpu().numpy().astype(np.float32)
-        if vision.protected.numel():
+                    host[f"sim{c}"].astype(np.float32)
+        if host["protected"].size:
             newline = np.zeros(N0, np.uint8)
-            newline[vision.protected.cpu().numpy()] = 1
+            newline[host["protected"]] = 1
             arrays["tokens.newline"] = newline
         if vision.key_score is not None:
-            arrays["stage1b.key_score"] = vision.key_score.cpu().numpy().astype(np.float32)
-        merged_windows = vision.crops[0]["merged_windows"]
-        key_tokens = vision.key_tokens
+            arrays["stage1b.key_score"] = host["key_score"].astype(np.float32)
+        merged_windows = crops[0]["merged_windows"]
         tc = self.text_config
         head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
         n_kv = getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads
         bytes_per_entry = 2 * n_kv * head_dim * torch.finfo(self.model.dtype).bits // 8
         stage2 = []
-        for rec in state.records:
-            layer, res = rec["layer"], rec["result"]
+        for i, rec in enumerate(state.records):
+            layer, res, V = rec["layer"], rec["result"], rec["V"]
             p = f"stage2.L{layer}"
-            arrays[f"{p}.tokens"] = rec["tokens"].cpu().numpy().astype(np.int64)
+            arrays[f"{p}.tokens"] = (host[f"alive{i}"][S:S + V] - S).astype(np.int64)   # merged-token ids
             if res is not None:
-                arrays[f"{p}.global_share"] = res.global_share.cpu().numpy().astype(np.float32)
-                arrays[f"{p}.individual_max"] = res.individual_max.cpu().numpy().astype(np.float32)
-                arrays[f"{p}.status"] = res.status.cpu().numpy().astype(np.int8)
-                kept_n, dropped_n = int(res.kept.numel()), int((res.status == stages.DROPPED).sum())
+                arrays[f"{p}.global_share"] = host[f"gs{i}"].astype(np.float32)
+                arrays[f"{p}.individual_max"] = host[f"im{i}"].astype(np.float32)
+                arrays[f"{p}.status"] = host[f"st{i}"].astype(np.int8)
+                kept_n, dropped_n = int(res.kept.numel()), int((arrays[f"{p}.status"] == stages.DROPPED).sum())
             else:
                 arrays[f"{p}.global_share"] = np.zeros(0, np.float32)
                 arrays[f"{p}.individual_max"] = np.zeros(0, np.float32)
                 arrays[f"{p}.status"] = np.zeros(0, np.int8)
                 kept_n, dropped_n = 0, 0
-            stage2.append({"layer": layer, "entering": int(rec["tokens"].numel()), "kept": kept_n,
-                           "dropped": dropped_n})
+            stage2.append({"layer": layer, "entering": V, "kept": kept_n, "dropped": dropped_n})
         vision_per_layer, n = [], N0
         kept_iter = iter(stage2)
         nxt = next(kept_iter, None)
@@ -531,11 +582,12 @@ class LlavaMustDrop:
             if nxt is not None and nxt["layer"] == layer:
                 n = nxt["kept"]
                 nxt = next(kept_iter, None)
-        entries = []
-        for layer, idx in enumerate(kv_indices):
-            arrays[f"kv.L{layer}"] = idx.numpy().astype(np.int64)
-            entries.append(int(idx.numel()))
-        vision_entries = [int(((idx >= S) & (idx < S + N0)).sum()) for idx in kv_indices]
+        entries, vision_entries = [], []
+        for layer in range(len(kv_indices)):
+            idx = host[f"kv{layer}"].astype(np.int64)
+            arrays[f"kv.L{layer}"] = idx
+            entries.append(int(idx.size))
+            vision_entries.append(int(((idx >= S) & (idx < S + N0)).sum()))
         tok = self.processor.tokenizer
         ids = gen["token_ids"]   # pieces that concatenate to the decoded text (leading spaces kept)
         texts = [tok.decode(ids[:i]) for i in range(len(ids) + 1)]
@@ -562,7 +614,7 @@ class LlavaMustDrop:
                       "image": {"width": img.width, "height": img.height,
                                 "sha256": hashlib.sha256(pixels.tobytes()).hexdigest()},
                       "mapping": vision.crops[0]["mapping"]},
-            "crops": vision.crops,
+            "crops": crops,
             "sequence": {"S": S, "T": T, "N": N * len(vision.crops), "N0": N0},
             "stage1a": {"enabled": config.merge, "window": w, "threshold": config.merge_threshold,
                         "merged_windows": merged_windows},
@@ -570,7 +622,7 @@ class LlavaMustDrop:
                         "score": ("CLS attention of the last vision layer (head mean)" if self.has_cls else
                                   "mean attention received in the last vision layer, all queries, head mean "
                                   "(no CLS token: documented substitute)"),
-                        "key_tokens": key_tokens.cpu().tolist()},
+                        "key_tokens": host["key_tokens"].tolist()},
             "stage2": stage2,
             "vision_tokens_per_layer": vision_per_layer,
             "kv": {"entries_per_layer": entries, "vision_entries_per_layer": vision_entries,
@@ -578,12 +630,41 @@ class LlavaMustDrop:
             "generation": {"mode": "greedy" if sampling.greedy else "sampling",
                            "temperature": sampling.temperature, "top_p": sampling.top_p, "seed": sampling.seed,
                            "max_new_tokens": max_new_tokens, "token_ids": gen["token_ids"], "tokens": pieces,
-                           "probs": gen["probs"], "answer": answer, "stop": gen["stop"]},
+                           "probs": host["probs"].tolist(), "answer": answer, "stop": gen["stop"]},
             "timings": timings,
         }
         meta["input"]["input_hash"] = input_hash(meta["input"]["image"]["sha256"], question)
         return Trace.build(meta, arrays)
 
+
+
+_NUMPY_DTYPES = {torch.float64: np.float64, torch.float32: np.float32, torch.float16: np.float16,
+                 torch.int64: np.int64, torch.int32: np.int32, torch.int16: np.int16, torch.int8: np.int8,
+                 torch.uint8: np.uint8, torch.bool: np.bool_}
+
+
+def _to_host(tensors: dict, pack: bool | None = None) -> dict:
+    """Host numpy arrays of ``tensors`` (name -> tensor), with ONE device-to-host copy for all that
+    live on a device: each copy waits until the device has finished everything queued before it,
+    so one per array would stall it once per array. The tensors are packed as bytes into one
+    buffer (widest elements first, so every array stays aligned) and split on the host; a tensor
+    under several names is copied once. Host tensors are read in place unless ``pack`` is True."""
+    distinct = {}
+    for t in tensors.values():
+        distinct.setdefault(id(t), t)
+    packed = [(key, t) for key, t in distinct.items() if pack or (pack is None and t.device.type != "cpu")]
+    packed_keys = {key for key, _ in packed}
+    host = {key: t.numpy() for key, t in distinct.items() if key not in packed_keys}
+    if packed:
+        packed = [(key, t.float() if t.dtype == torch.bfloat16 else t) for key, t in packed]
+        packed.sort(key=lambda kt: -kt[1].element_size())
+        buf = torch.cat([t.contiguous().view(-1).view(torch.uint8) for _, t in packed]).cpu().numpy()
+        offset = 0
+        for key, t in packed:
+            size = t.numel() * t.element_size()
+            host[key] = buf[offset:offset + size].view(_NUMPY_DTYPES[t.dtype]).reshape(tuple(t.shape))
+            offset += size
+    return {name: host[id(t)] for name, t in tensors.items()}
 
 
 def _sync(t: torch.Tensor) -> None:
@@ -601,16 +682,66 @@ def text_rows_attention(attn_module, hidden, position_embeddings, keys, T: int, 
     """
     cos, sin = position_embeddings
     L = hidden.shape[1]
-    hd = attn_module.head_dim
-    q = attn_module.q_proj(hidden[:, L - T:]).view(1, T, -1, hd).transpose(1, 2)
-    q, _ = rope(q, q, cos[:, L - T:], sin[:, L - T:])
-    b, h, kv_heads = q.shape[0], q.shape[1], keys.shape[1]
-    # grouped-query heads broadcast against their shared key head: no copy of the keys
-    q = q.reshape(b, kv_heads, h // kv_heads, T, hd).float()
-    scores = (q @ keys.float().unsqueeze(2).transpose(-1, -2)).reshape(b, h, T, -1) * attn_module.scaling
-    rows = torch.arange(L - T, L, device=q.device).unsqueeze(1)
-    future = torch.arange(keys.shape[-2], device=q.device).unsqueeze(0) > rows
-    return torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
+    queries = attn_module.q_proj(hidden[:, L - T:])
+    causal = torch.ones(T, T, dtype=torch.bool, device=hidden.device).triu(1)
+
+    def rotate(q):
+        return rope(q, q, cos[:, L - T:], sin[:, L - T:])[0] * attn_module.scaling
+    return _text_rows_probs(queries, keys, attn_module.head_dim, rotate, causal).unsqueeze(0)
+
+
+def _text_rows_probs(queries, keys, head_dim: int, rotate, causal) -> torch.Tensor:
+    """(H, T, L) float32 probabilities of T query rows over the L cached keys. ``queries`` is the
+    q_proj output of the rows (1, T, H * head_dim); ``rotate`` applies RoPE and the attention
+    scaling to (1, H, T, head_dim); ``causal`` (T, T) is True where a text row would see a later one."""
+    T = queries.shape[1]
+    q = rotate(queries.view(1, T, -1, head_dim).transpose(1, 2))           # (1, H, T, hd)
+    H, kv, L = q.shape[1], keys.shape[1], keys.shape[-2]
+    # grouped-query heads share their key head: one batched matmul over the key heads, keys not copied
+    scores = torch.bmm(q.reshape(kv, H // kv * T, head_dim).float(), keys[0].float().mT)   # (kv, g*T, L)
+    scores.view(kv, H // kv, T, L)[..., L - T:].masked_fill_(causal, float("-inf"))
+    return torch.softmax(scores, dim=-1).view(H, T, L)
+
+
+class _RowsRope:
+    """RoPE (with the attention scaling folded in) for the T text rows at every prune layer, from
+    the full-length tables the first prune layer receives: later prune layers slice them at their
+    rows' positions instead of recomputing or re-shaping tables. With the standard rotate-half RoPE
+    the rotation is q * cos + roll(q) * sin' (sin' = sin with its first half negated), equal to
+    rotate_half's concatenation of -q2 and q1 bit for bit; any other RoPE goes through ``rope``."""
+
+    def __init__(self, position_embeddings, T: int, scaling: float, rope=None):
+        cos, sin = position_embeddings                     # (1, L0, hd): positions 0..L0-1
+        self.rope, self.scaling = rope, scaling
+        if rope is None:           # float32 tables: the scores are float32, half-precision q is promoted
+            half = cos.shape[-1] // 2
+            self.cos = (cos.float() * scaling).unsqueeze(1)
+            self.sin = (torch.cat([-sin[..., :half], sin[..., half:]], dim=-1).float() * scaling).unsqueeze(1)
+        else:
+            self.cos, self.sin = cos, sin
+        self.causal = torch.ones(T, T, dtype=torch.bool, device=cos.device).triu(1)
+
+    def __call__(self, q, start: int):
+        end = start + q.shape[-2]
+        if self.rope is None:
+            return q * self.cos[:, :, start:end] + q.roll(q.shape[-1] // 2, -1) * self.sin[:, :, start:end]
+        return self.rope(q, q, self.cos[:, start:end], self.sin[:, start:end])[0] * self.scaling
+
+
+def _is_rotate_half_rope(rope, head_dim: int) -> bool:
+    """Whether the model's apply_rotary_pos_emb is the standard rotate-half form (checked on numbers)."""
+    if head_dim % 2:
+        return False
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, 3, head_dim, generator=g)
+    cos, sin = torch.randn(1, 3, head_dim, generator=g), torch.randn(1, 3, head_dim, generator=g)
+    try:
+        want = rope(q, q, cos, sin)[0]
+    except Exception:  # noqa: BLE001 - a RoPE of another signature: use it through ``rope``
+        return False
+    half = head_dim // 2
+    signed = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+    return torch.equal(want, q * cos.unsqueeze(1) + q.roll(half, -1) * signed.unsqueeze(1))
 
 
 def input_hash(image_sha256: str, question: str) -> str:
