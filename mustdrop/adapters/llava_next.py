@@ -45,8 +45,8 @@ class LlavaNextMustDrop(LlavaMustDrop):
         self.pinpoints = model.config.image_grid_pinpoints
 
     def _encode(self, inputs, img, config) -> VisionResult:
-        if config.method == "pool":
-            raise ValueError("the pooling baseline is defined on one 24 x 24 grid; use LLaVA-1.5 models")
+        if config.method == "pool" or config.method in stages.VISION_SIDE:
+            raise ValueError(f"the {config.method} baseline is defined on one 24 x 24 grid; use LLaVA-1.5 models")
         if self.layout == "reference":
             return self._encode_reference(inputs, img, config)
         return self._encode_stock(inputs, img, config)
