@@ -129,3 +129,18 @@ def test_with_protected_keeps_newline_rows():
     out = stages.with_protected(res, torch.tensor([0, 9]))
     assert {0, 9} <= set(out.kept.tolist()) and out.status[0] == out.status[9] == stages.KEPT_PROTECTED
     assert out.dropped_by_filter_only == int((out.status == stages.DROPPED).sum())
+
+
+@pytest.mark.parametrize("method", ["fastv", "pdrop", "random"])
+def test_a_traces_config_replays_the_same_plan(tiny, image, method):
+    a = tiny.run(image, QUESTION, MustDropConfig.baseline(method, 64, layer=1, seed=4), max_new_tokens=1).trace
+    b = tiny.run(image, QUESTION, MustDropConfig.from_dict(a.meta["config"]), max_new_tokens=1).trace
+    assert b.meta["vision_tokens_per_layer"] == a.meta["vision_tokens_per_layer"]
+    assert np.array_equal(a.patch("token") >= 0, b.patch("token") >= 0)
+    for layer in a.prune_layers:
+        assert np.array_equal(a.arrays[f"stage2.L{layer}.status"], b.arrays[f"stage2.L{layer}.status"])
+
+
+def test_pdrop_takes_given_layers(tiny, image):
+    t = tiny.run(image, QUESTION, MustDropConfig.baseline("pdrop", 300, layers=(0, 3)), max_new_tokens=1).trace
+    assert t.prune_layers == [0, 3] and abs(summarize(t)["equivalent_tokens"]["compute"] - 300) <= 0.5
