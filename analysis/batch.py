@@ -53,8 +53,8 @@ import sys
 import time
 from pathlib import Path
 
-from analysis.common import (TIMING_COLUMNS, build_config, folder_items, hf_items, iter_progress, load_runner,
-                             order_specs, safe_name, scene_items, shard)
+from analysis.common import (TIMING_COLUMNS, baseline_columns, build_config, folder_items, hf_items, iter_progress,
+                             load_runner, order_specs, safe_name, scene_items, shard)
 from analysis.evaluate import aggregate, trace_row
 
 SUMMARY = "summary"
@@ -130,6 +130,7 @@ def run_batch(runner, items, configs, out, *, max_new_tokens: int = 8, baseline_
                         failure_path(out, spec.text, item.id).unlink(missing_ok=True)
                 traces[spec.text] = trace
                 row = trace_row(trace, item, vanilla=traces.get("off"))
+                row.update(baseline_columns(trace))
                 row.update(base, status="ok", error="", wall_s=wall,
                            trace=str(path.relative_to(out)) if write and save_traces else "")
             except Exception as e:  # noqa: BLE001 - one bad sample must not stop a batch

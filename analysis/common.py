@@ -10,8 +10,9 @@ the same way):
     64-no-merge                     the preset with one stage switched off
                                     (no-merge, no-key_set, no-filter, no-kv_trim)
     fastv@64 | random@64 | pool@64  a same-budget baseline: its budget is, per sample, the
-                                    layer-averaged vision tokens (compute convention) of that
-                                    sample's run of the named spec ("64" here)
+    fastervlm@64 | visionzip@64     layer-averaged vision tokens (compute convention) of that
+    pdrop@64                        sample's run of the named spec ("64" here); how each one
+                                    meets it: MustDropConfig.baseline
     fastv=150                       a baseline at a fixed budget of 150 tokens
     SPEC+key=value+...              any MustDropConfig field overridden, e.g.
                                     64+global_thr=0.02+individual_thr=0.02, 64+prune_layers=1,3
@@ -32,7 +33,7 @@ from typing import Callable, Iterator
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 STAGES = ("merge", "key_set", "filter", "kv_trim")
-BASELINES = ("fastv", "random", "pool")
+BASELINES = ("fastv", "random", "pool", "fastervlm", "visionzip", "pdrop")
 TIMING_COLUMNS = ("vision_s", "prefill_s", "decode_s", "total_s", "wall_s")
 TOKEN_CONVENTIONS = ("authors' convention: (p0 N0 + (p1-p0) N1 + ... + (L-p_last) Nk) / L, as the paper "
                      "prints and quotes its budgets; compute convention: mean over layers of the vision "
@@ -210,7 +211,7 @@ def parse_spec(text: str) -> Spec:
             raise ValueError(f"config spec {text!r}: override {o!r} must be key=value")
         k, v = o.split("=", 1)
         overrides.append((k.strip(), v.strip()))
-    m = re.fullmatch(r"(fastv|random|pool)(@|=)(.+)", head)
+    m = re.fullmatch(rf"({'|'.join(BASELINES)})(@|=)(.+)", head)
     if m:
         method, how, arg = m.groups()
         if how == "@":
@@ -220,7 +221,8 @@ def parse_spec(text: str) -> Spec:
     m = re.fullmatch(r"(off|192|128|64)(?:-no-(merge|key_set|filter|kv_trim))?", head)
     if not m:
         raise ValueError(f"unknown config spec {text!r}: use a preset ({', '.join(PRESET_NAMES)}), PRESET-no-STAGE, "
-                         f"fastv@SPEC / random@SPEC / pool@SPEC, METHOD=BUDGET, each optionally +key=value")
+                         f"METHOD@SPEC or METHOD=BUDGET for a baseline METHOD in {', '.join(BASELINES)}, "
+                         f"each optionally +key=value")
     return Spec(text, m.group(1), off_stage=m.group(2), overrides=tuple(overrides))
 
 
@@ -269,11 +271,36 @@ def auto_baseline_layer(runner, budget: float) -> int:
     """FastV / random drop layer K when none is given: the model's first prune layer (FastV's K = 2
     on LLaVA-1.5-7B), moved earlier when the layers up to K alone already average more vision tokens
     than the budget (a shallow model at a small budget); 0 when even that is too many (the adapter
-    then refuses the budget as unreachable, and the batch records the row as failed)."""
+    then drops the remainder before the LLM: stages.plan_single_drop)."""
     first = runner.defaults.prune_layers[0] if runner.defaults.prune_layers else 2
     n, L = runner.grid * runner.grid, runner.num_layers
     deepest = math.floor(budget * L / n + 1e-9) - 1          # (K + 1) n / L <= budget
     return int(max(0, min(first, deepest, L - 2)))
+
+
+def baseline_columns(trace) -> dict:
+    """A baseline's plan as table columns: tokens a baseline that drops inside the LLM had to drop
+    before it to meet its budget (pre_llm_keep, NaN when none) and PyramidDrop's share (pdrop_ratio)."""
+    plan = (trace.meta.get("baseline") or {}).get("plan") or {}
+    pre = plan.get("pre_keep")
+    in_llm = bool(plan.get("layers"))          # FasterVLM / VisionZip / pooling select before the LLM by design
+    return {"pre_llm_keep": float(pre) if in_llm and pre < plan.get("n0", pre) else float("nan"),
+            "pdrop_ratio": float(plan["ratio"]) if plan.get("ratio") is not None else float("nan")}
+
+
+def bootstrap_interval(values, level: float = 0.95, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of a mean (NaN-free values, e.g. per-question correctness);
+    seeded, so the same table prints the same interval."""
+    import numpy as np
+
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, v.size, size=(resamples, v.size))].mean(axis=1)
+    a = (1 - level) / 2
+    return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
 
 
 def order_specs(texts: list[str]) -> list[Spec]:

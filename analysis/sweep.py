@@ -5,7 +5,7 @@
     python -m analysis.sweep merge  --model M --out runs/s2 --values 0.7 0.8 0.9 0.95
     python -m analysis.sweep keep   --model M --out runs/s3 --values 0.02 0.08 0.2
     python -m analysis.sweep layers --model M --out runs/s4 --values 2,6,10,14 1,3,5,7 2
-    python -m analysis.sweep compare --model M --out runs/cmp --preset 192 128 64 --n 200
+    python -m analysis.sweep compare --model M --out runs/cmp --preset 192 128 64 --n 1000
 
 Why: a pruning method is a trade-off curve, not a point; and its stages are only worth their
 complexity if each one earns its place next to simple baselines at the SAME budget.
@@ -15,16 +15,19 @@ configs "BASE+knob=value"; the per-config means go to sweep.csv and the trade-of
 (accuracy against equivalent tokens in both conventions, FLOPs ratio and KV bytes) to figures/.
 
 compare: MustDrop at the preset; MustDrop with each stage switched off alone (no-merge, no-key_set,
-no-filter, no-kv_trim); FastV, random drop and spatial pooling, each given per sample the
-layer-averaged vision tokens (compute convention) of that sample's MustDrop run as budget
-("fastv@64"). FastV and random drop once after layer K (--baseline-layer; default the model's
-first prune layer, moved earlier for a sample whose budget the layers up to K alone exceed — see
-analysis.common.auto_baseline_layer; the K used is in each row's prune_layers), keeping exactly
-the count that makes the layer average equal the budget (up to rounding to a whole token); pooling keeps round(sqrt(budget))^2 tokens (a square grid), so
-its budget is met only to that granularity. A budget FastV cannot reach after layer K (the K+1
-layers before the drop already average more) is a failed row, reported in the table's n column.
-The table is written as compare.md (markdown) and compare.csv; with several presets they share the
-vanilla runs and stack into one table with a preset column.
+no-filter, no-kv_trim); and six same-budget baselines, each given per sample the layer-averaged
+vision tokens (compute convention) of that sample's MustDrop run as budget ("fastv@64"):
+FasterVLM-style and VisionZip-style selection before the LLM (round(budget) tokens), FastV and random
+drop once after layer K (--baseline-layer; default the model's first prune layer, moved earlier for
+a sample whose budget the layers up to K alone exceed, see analysis.common.auto_baseline_layer),
+PyramidDrop-style drops with a solved share, and spatial pooling (round(sqrt(budget))^2 tokens, a
+square grid, so its budget is met only to that granularity). No baseline refuses a budget: where
+its drops inside the LLM cannot meet it, the remainder is dropped before the LLM (column
+pre_llm_drop: on how many samples; rules in MustDropConfig.baseline and mustdrop.stages.plan_*).
+Accuracy comes with a 95% percentile bootstrap interval over the questions (2000 resamples,
+seeded). The table is written as compare.md (markdown) and compare.csv; with several presets they
+share the vanilla runs and stack into one table with a preset column. Inputs: the scene world, or
+any folder + JSONL or local datasets dataset (see analysis.batch).
 """
 
 from __future__ import annotations
@@ -54,9 +57,12 @@ def sweep_specs(kind: str, base: str, values=None, global_values=None, individua
     return [f"{base}+{key}={v}" for v in values]
 
 
-def compare_specs(preset: str) -> list[str]:
-    return ([preset] + [f"{preset}-no-{s}" for s in ABLATIONS]
-            + [f"{m}@{preset}" for m in ("fastv", "random", "pool")])
+COMPARED = ("fastervlm", "visionzip", "pdrop", "fastv", "random", "pool")
+
+
+def compare_specs(preset: str, ablations: bool = True) -> list[str]:
+    return ([preset] + ([f"{preset}-no-{s}" for s in ABLATIONS] if ablations else [])
+            + [f"{m}@{preset}" for m in COMPARED])
 
 
 def describe(spec: str, preset: str) -> tuple[str, str]:
@@ -67,13 +73,16 @@ def describe(spec: str, preset: str) -> tuple[str, str]:
         return "MustDrop", "all stages"
     if spec.startswith(f"{preset}-no-"):
         return "MustDrop", f"without {spec.split('-no-')[1]}"
-    method = spec.split("@")[0]
-    return {"fastv": "FastV", "random": "random drop", "pool": "spatial pooling"}[method], f"same budget as MustDrop {preset}"
+    from mustdrop.config import BASELINE_NAMES
+
+    return BASELINE_NAMES[spec.split("@")[0]], f"same budget as MustDrop {preset}"
 
 
 def compare_table(df, preset: str):
     """The per-config comparison with the budget each baseline was given and how closely it kept it."""
     import pandas as pd
+
+    from analysis.common import bootstrap_interval
 
     ct = config_table(df).set_index("config")
     rows = []
@@ -89,8 +98,13 @@ def compare_table(df, preset: str):
         ks = sorted(set(g["prune_layers"].astype(str))) if spec.split("@")[0] in ("fastv", "random") else []
         if ks:
             what += f", K = {'/'.join(ks)}"
+        if spec.startswith("pdrop@") and "pdrop_ratio" in g and g["pdrop_ratio"].notna().any():
+            what += f", share kept per drop {g['pdrop_ratio'].min():.2f}-{g['pdrop_ratio'].max():.2f}"
+        pre = int(g["pre_llm_keep"].notna().sum()) if "pre_llm_keep" in g else 0
+        lo, hi = bootstrap_interval(g["correct"]) if "correct" in g else (float("nan"), float("nan"))
         rows.append({"method": method, "variant": what, "config": spec, "n": int(r["n"]), "failed": int(r["n_failed"]),
-                     "accuracy": r["accuracy"], "recall_final_tokens": r.get("recall_final_tokens", float("nan")),
+                     "accuracy": r["accuracy"], "acc_ci95_low": lo, "acc_ci95_high": hi, "pre_llm_drop": pre,
+                     "recall_final_tokens": r.get("recall_final_tokens", float("nan")),
                      "recall_final_kv": r.get("recall_final_kv", float("nan")),
                      "eq_tokens_authors": r["eq_tokens_authors"], "eq_tokens_compute": r["eq_tokens_compute"],
                      "budget_gap_max": gap, "flops_ratio_image": r["flops_ratio_image"],
@@ -156,6 +170,7 @@ def main(argv=None) -> int:
     ap.add_argument("--individual", dest="individual_values", nargs="+", type=float, default=None)
     ap.add_argument("--max-new-tokens", type=int, default=8)
     ap.add_argument("--baseline-layer", type=int, default=None)
+    ap.add_argument("--no-ablations", action="store_true", help="compare: baselines only, no stage switched off")
     ap.add_argument("--no-figures", action="store_true")
     ap.add_argument("--no-traces", action="store_true", help="tables only (saves disk; not resumable)")
     ap.add_argument("--threads", type=int, default=None)
@@ -164,7 +179,7 @@ def main(argv=None) -> int:
     items = items_from_args(a)
     runner = load_runner(a.model, threads=a.threads)
     if a.kind == "compare":
-        specs = [s for p in a.preset for s in compare_specs(p)]
+        specs = [s for p in a.preset for s in compare_specs(p, ablations=not a.no_ablations)]
         df, stats = run_batch(runner, items, specs, a.out, max_new_tokens=a.max_new_tokens,
                               baseline_layer=a.baseline_layer, seed=a.seed, save_traces=not a.no_traces)
         table = multi_compare_table(df, a.preset)
@@ -190,9 +205,14 @@ def main(argv=None) -> int:
 def compare_caption(model: str, preset: str, n: int, a) -> str:
     return (f"Same-budget comparison on {model}, MustDrop preset {preset}, {n} questions "
             f"({a.split if not (a.images or a.hf_dataset) else 'custom inputs'}). Baselines get, per sample, the "
-            f"layer-averaged vision tokens (compute convention) of the MustDrop run; FastV / random drop once after "
-            f"layer K = {a.baseline_layer if a.baseline_layer is not None else 'the first prune layer (earlier where the budget needs it)'}; pooling "
-            f"keeps round(sqrt(budget))^2 tokens. recall = coverage-weighted share of the asked objects' patches "
+            f"layer-averaged vision tokens (compute convention) of the MustDrop run. FasterVLM-style / VisionZip-style: "
+            f"round(budget) tokens chosen before the LLM by the vision tower's CLS attention (VisionZip: 10/64 of "
+            f"them contextual, merged by key similarity); FastV / random drop once after layer K = "
+            f"{a.baseline_layer if a.baseline_layer is not None else 'the first prune layer (earlier where the budget needs it)'}"
+            f"; PyramidDrop-style: one share kept after each quarter of the depth, solved for the budget; where the "
+            f"drops inside the LLM cannot meet the budget keeping half, the remainder is dropped before the LLM "
+            f"(pre_llm_drop: samples where it was). Pooling keeps round(sqrt(budget))^2 tokens. accuracy with a 95% "
+            f"bootstrap interval (acc_ci95_low / high). recall = coverage-weighted share of the asked objects' patches "
             f"still present after the last layer / in the final KV cache. FLOPs: 4nd^2 + 2n^2d + 3ndm per layer "
             f"(image tokens only / full sequence), as a ratio to vanilla. Token conventions: {TOKEN_CONVENTIONS}.")
 

@@ -75,7 +75,7 @@ from analysis.toy_model import MUSTDROP_DEFAULTS, build_model, pixel_values, sav
 from analysis.toyworld import (COLOR_NAMES, GRID, PATCH_SIZE, QUESTION_TYPES, SHAPES, generate_scene,
                                make_sample, scene_questions, scene_seed)
 from mustdrop.hooks import hidden_states_of, with_hidden_states
-from mustdrop.stages import local_spatial_merge
+from mustdrop.stages import cls_key_score, local_spatial_merge
 
 
 class QKRecorder:
@@ -376,11 +376,9 @@ class Trainer:
     def cls_attention_loss(self, scenes) -> torch.Tensor:
         cfg = self.model.config.vision_config
         H, hd = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
-        q = self.vis_rec.store[0]["q_proj"][:, 0].view(-1, H, 1, hd)
-        k = self.vis_rec.store[0]["k_proj"]
-        B, L, _ = k.shape
-        k = k.view(B, L, H, hd).transpose(1, 2)
-        p = ((q @ k.transpose(-1, -2)) * hd ** -0.5).softmax(-1).mean(1)[:, 0, 1:]   # (B,576)
+        rec = self.vis_rec.store[0]
+        # the score stage 1b ranks the key set by at inference (adapters call the same function)
+        p = cls_key_score(rec["q_proj"], rec["k_proj"], H, hd ** -0.5).mean(1)      # (B,576)
         t = np.stack([sc.union_patch_mask().reshape(-1) for sc in scenes])
         t = torch.from_numpy(t / t.sum(1, keepdims=True)).to(p.device)
         return -(t * torch.log(p + 1e-6)).sum(-1).mean()

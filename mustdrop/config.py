@@ -29,7 +29,9 @@ PRESET_NAMES = ("off", "192", "128", "64")
 REFERENCE_PRUNE_LAYERS = (2, 6, 10, 14)
 REFERENCE_DEPTH = 32
 POSITION_MODES = ("reference", "original")
-METHODS = ("mustdrop", "fastv", "random", "pool")
+METHODS = ("mustdrop", "fastv", "random", "pool", "fastervlm", "visionzip", "pdrop")
+BASELINE_NAMES = {"fastv": "FastV", "random": "random drop", "pool": "spatial pooling",
+                  "fastervlm": "FasterVLM-style", "visionzip": "VisionZip-style", "pdrop": "PyramidDrop-style"}
 
 
 @dataclass(frozen=True)
@@ -57,12 +59,16 @@ class MustDropConfig:
     filter: bool = True              # stage 2
     kv_trim: bool = True             # stage 3
     preset: str = "custom"           # the name this config came from, for captions
-    method: str = "mustdrop"         # or a same-budget baseline: "fastv", "random", "pool"
+    method: str = "mustdrop"         # or a same-budget baseline, see MustDropConfig.baseline
     budget: float | None = None      # baselines: layer-averaged vision tokens (compute convention)
     seed: int = 0                    # baseline "random": which tokens
+    keep_counts: tuple[int, ...] = ()   # fastv / random / pdrop: tokens kept after each prune layer;
+    pre_keep: int | None = None         # ... and before the LLM. Empty / None: solved from the budget
+                                        # (stages.plan_*) by the adapter, which records the result
 
     def __post_init__(self):
         object.__setattr__(self, "prune_layers", tuple(int(x) for x in self.prune_layers))
+        object.__setattr__(self, "keep_counts", tuple(int(x) for x in self.keep_counts))
         for name in ("merge_threshold",):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(float(v)):
@@ -79,6 +85,11 @@ class MustDropConfig:
                 raise ValueError(f"baseline {self.method!r} needs a positive token budget, got {self.budget!r}")
             if self.method in ("fastv", "random") and len(self.prune_layers) != 1:
                 raise ValueError(f"baseline {self.method!r} drops at one layer; got prune layers {list(self.prune_layers)}")
+            if self.keep_counts and len(self.keep_counts) != len(self.prune_layers):
+                raise ValueError(f"keep_counts {list(self.keep_counts)} must give one count per prune layer "
+                                 f"{list(self.prune_layers)}")
+            if any(k < 0 for k in self.keep_counts) or (self.pre_keep is not None and int(self.pre_keep) < 1):
+                raise ValueError("keep_counts must be >= 0 and pre_keep >= 1")
         if self.positions not in POSITION_MODES:
             raise ValueError(f"positions must be one of {POSITION_MODES}, got {self.positions!r}")
         if not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 2:
@@ -89,30 +100,42 @@ class MustDropConfig:
 
     @classmethod
     def baseline(cls, method: str, budget: float, layer: int = 2, seed: int = 0,
-                 positions: str = "reference") -> "MustDropConfig":
-        """A same-budget baseline through the same adapter and trace format.
+                 positions: str = "reference", layers=None) -> "MustDropConfig":
+        """A same-budget baseline through the same adapter and trace format. ``budget`` is the
+        layer-averaged count of vision tokens (compute convention) the baseline must meet; how each
+        one meets it (documented in mustdrop.stages, recorded in the trace under "baseline"):
 
-        fastv / random: one drop after ``layer`` (FastV's K), keeping as many tokens as make the
-        layer-averaged count equal ``budget``; pool: the grid average-pooled to round(sqrt(budget))^2
-        tokens before the language model. Neither merges nor keeps a key set.
+        fastv / random: one drop after ``layer`` (FastV's K), ranked by the last token's attention /
+          seeded at random (stages.plan_single_drop: where the drop cannot meet the budget keeping
+          half, the remainder is dropped before the LLM first); within 0.5 of a token.
+        pdrop: the same share kept after each of ``layers`` (default stages.pyramid_layers, the
+          depth cut in four), ranked by the last instruction token, share solved for the budget
+          (stages.plan_pyramid); within 0.5 of a token.
+        fastervlm / visionzip: round(budget) tokens chosen before the LLM by the vision tower's CLS
+          attention (SigLIP: the stage 1b substitute score), VisionZip with 10/64 of them contextual
+          tokens merged by key similarity; within 0.5 of a token.
+        pool: the grid average-pooled to round(sqrt(budget))^2 tokens (a square grid only).
+        None of them merges windows or keeps a key set.
         """
         if method not in METHODS or method == "mustdrop":
             raise ValueError(f"baseline method must be one of {METHODS[1:]}, got {method!r}")
         single = method in ("fastv", "random")
+        in_llm = single or method == "pdrop"
+        prune = (int(layer),) if single else tuple(int(x) for x in (layers or ())) if method == "pdrop" else ()
         return cls(method=method, budget=float(budget), seed=int(seed), merge=False, key_set=False,
-                   filter=single, kv_trim=single, prune_layers=(int(layer),) if single else (),
+                   filter=in_llm, kv_trim=single, prune_layers=prune,
                    positions=positions, preset=f"{method}@{float(budget):g}")
 
     @property
     def enabled(self) -> bool:
         """False when no stage can change anything: the run is the vanilla model."""
-        return self.merge or self.key_set or self.filter or self.kv_trim or self.method == "pool"
+        return self.merge or self.key_set or self.filter or self.kv_trim or self.method != "mustdrop"
 
     def validate_for(self, grid: int, num_llm_layers: int) -> None:
         """Check the knobs that depend on the model: the grid and the LLM depth."""
         if self.merge:
             stages.check_grid(grid, self.window)
-        if self.filter:
+        if self.filter and not (self.method == "pdrop" and not self.prune_layers):   # pdrop: default schedule
             if not self.prune_layers:
                 raise ValueError("stage 2 is on but no prune layer is given: name at least one, or switch stage 2 off")
             stages.check_prune_layers(self.prune_layers, num_llm_layers)
@@ -120,6 +143,7 @@ class MustDropConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["prune_layers"] = list(self.prune_layers)
+        d["keep_counts"] = list(self.keep_counts)
         return d
 
     @classmethod

@@ -137,10 +137,16 @@ def local_spatial_merge(tokens: torch.Tensor, grid: int, window: int, threshold:
         raise ValueError(f"expected {num_prefix} prefix + {grid * grid} patch tokens, got {tuple(tokens.shape)}")
     patches = tokens[num_prefix:]
     sim = window_similarity(patches, grid, window)
-    flat = sim.flatten()
+    return _merge_windows(tokens, grid, window, sim, windows_to_merge(sim, threshold), num_prefix)
+
+
+def windows_to_merge(similarity: torch.Tensor, threshold: float, count: int | None = None) -> torch.Tensor:
+    """Stage 1a's choice of windows, most similar first (ties in window order): every window at/above
+    ``threshold``, or the ``count`` most similar ones when a count is imposed (the batch rule)."""
+    flat = similarity.flatten()
     order = torch.sort(flat, descending=True, stable=True).indices
-    r = int((flat >= threshold).sum())     # the one read-back: the merged length is a dynamic shape
-    return _merge_windows(tokens, grid, window, sim, order[:r], num_prefix)
+    r = int((flat >= float(threshold)).sum()) if count is None else int(count)   # the one read-back: the merged length is a dynamic shape
+    return order[:r]
 
 
 def local_spatial_merge_batch(tokens: torch.Tensor, grid: int, window: int, threshold: float,
@@ -152,9 +158,9 @@ def local_spatial_merge_batch(tokens: torch.Tensor, grid: int, window: int, thre
     if tokens.dim() != 3:
         raise ValueError(f"expected a batch (B, prefix + N, C), got {tuple(tokens.shape)}")
     sims = [window_similarity(t[num_prefix:], grid, window) for t in tokens]
-    r = min(int((s.flatten() >= float(threshold)).sum()) for s in sims)
-    return [_merge_windows(t, grid, window, s, torch.sort(s.flatten(), descending=True, stable=True).indices[:r],
-                           num_prefix) for t, s in zip(tokens, sims)]
+    r = min(windows_to_merge(s, threshold).numel() for s in sims)
+    return [_merge_windows(t, grid, window, s, windows_to_merge(s, threshold, count=r), num_prefix)
+            for t, s in zip(tokens, sims)]
 
 
 def _merge_windows(tokens, grid, window, sim, merged, num_prefix) -> MergeResult:
@@ -187,6 +193,43 @@ def key_token_set(cls_attn: torch.Tensor, keep_rate: float) -> torch.Tensor:
     score = cls_attn.float().mean(dim=0)
     k = min(math.ceil(keep_rate * score.numel()), score.numel())
     return torch.sort(torch.topk(score, k).indices).values
+
+
+def key_token_set_per_crop(score: torch.Tensor, crop_of: torch.Tensor, keep_rate: float) -> torch.Tensor:
+    """Stage 1b on several crops (LLaVA-NeXT): each crop keeps its own ceil(keep_rate * n_c) tokens.
+
+    ``score`` is (H, V) or (V,) over the vision block, ``crop_of`` (V,) the crop of each position
+    (-1 for tokens of no crop, e.g. newline rows, which are never key tokens). Returns positions in
+    the block, ascending."""
+    score = score if score.dim() == 2 else score.unsqueeze(0)
+    if crop_of.shape[0] != score.shape[1]:
+        raise ValueError(f"crop_of has {crop_of.shape[0]} entries for {score.shape[1]} scored tokens")
+    chosen = []
+    for c in torch.unique(crop_of[crop_of >= 0]).tolist():
+        mine = torch.nonzero(crop_of == c).flatten()
+        chosen.append(mine[key_token_set(score[:, mine], keep_rate).to(mine.device)])
+    if not chosen:
+        return torch.zeros(0, dtype=torch.long, device=score.device)
+    return torch.sort(torch.cat(chosen)).values
+
+
+def cls_key_score(q: torch.Tensor, k: torch.Tensor, num_heads: int, scale: float, has_cls: bool = True) -> torch.Tensor:
+    """The key-set score of each patch, (B, H, N), from one vision layer's q / k projections (B, L, C).
+
+    With a CLS token (first position): the CLS query's post-softmax attention to the N patches,
+    CLS->CLS removed and not renormalised (the authors' stage 1b). Without one (SigLIP):
+    ``mean_received_attention``, the documented substitute. One function for inference (adapters,
+    and the vision-side baselines) and for the shipped model's training, so both read the same score.
+    """
+    b, length, c = k.shape
+    hd = c // num_heads
+    keys = k.float().reshape(b, length, num_heads, hd).transpose(1, 2)          # (B, H, L, hd)
+    if has_cls:
+        q0 = q[:, :1].float().reshape(b, 1, num_heads, hd).transpose(1, 2)
+        return torch.softmax((q0 @ keys.transpose(-1, -2)) * scale, dim=-1)[:, :, 0, 1:]
+    qs = q.float().reshape(b, length, num_heads, hd).transpose(1, 2)
+    probs = torch.softmax((qs @ keys.transpose(-1, -2)) * scale, dim=-1)
+    return torch.stack([mean_received_attention(p) for p in probs])
 
 
 def mean_received_attention(attn: torch.Tensor) -> torch.Tensor:
@@ -362,3 +405,239 @@ def pool_groups(grid: int, side: int) -> torch.Tensor:
     for i, c in enumerate(cells):
         out[i, : len(c)] = torch.tensor(c)
     return out
+
+
+def with_protected(res: FilterResult, protected: torch.Tensor, recount: bool = True) -> FilterResult:
+    """Unite positions that are never dropped (LLaVA-NeXT newline rows) back into a decision.
+
+    Their status becomes KEPT_PROTECTED. ``recount`` re-counts the drops for a baseline, whose
+    count is what it actually dropped; MustDrop's filter keeps the count its two conditions alone
+    would drop (the protected positions are already in its key set)."""
+    protected = protected.to(device=res.status.device, dtype=torch.long)
+    if not protected.numel():
+        return res
+    res.kept = torch.unique(torch.cat([res.kept, protected]))
+    res.status[protected] = KEPT_PROTECTED
+    if recount:
+        res.dropped_by_filter_only = (res.status == DROPPED).sum()
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# Budget plans: how each baseline meets a layer-averaged budget (compute convention: the mean over
+# LLM layers of the vision tokens each layer processes). A plan is computed once per sample from
+# the budget, the vision tokens n0 the baseline starts from and the depth, and recorded in the trace.
+
+FASTV_MIN_KEEP = 0.5      # FastV's R = 50%: its drop after K never keeps less than half
+PDROP_MIN_RATIO = 0.5     # PyramidDrop's lambda = 0.5: each of its drops never keeps less than half
+VISIONZIP_CONTEXTUAL = 10 / 64   # VisionZip's 54 dominant + 10 contextual tokens for 64 (same share at 128, 192)
+VISION_SIDE = ("fastervlm", "visionzip")
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    """Where a baseline drops and how many it keeps. ``pre_keep`` < ``n0`` means tokens are dropped
+    before the LLM; ``keep[i]`` tokens survive the drop after LLM layer ``layers[i]``."""
+
+    method: str
+    budget: float
+    n0: int
+    pre_keep: int
+    layers: tuple = ()
+    keep: tuple = ()
+    ratio: float | None = None
+    rule: str = ""
+
+    def tokens_per_layer(self, num_layers: int) -> list[int]:
+        out, n, drops = [], self.pre_keep, dict(zip(self.layers, self.keep))
+        for layer in range(num_layers):
+            out.append(n)
+            n = drops.get(layer, n)
+        return out
+
+    def layer_average(self, num_layers: int) -> float:
+        return sum(self.tokens_per_layer(num_layers)) / num_layers
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "budget": self.budget, "n0": self.n0, "pre_keep": self.pre_keep,
+                "layers": list(self.layers), "keep": list(self.keep), "ratio": self.ratio, "rule": self.rule}
+
+
+def _check_budget(budget) -> float:
+    try:
+        b = float(budget)
+    except (TypeError, ValueError):
+        raise ValueError(f"token budget must be a number, got {budget!r}") from None
+    if not math.isfinite(b) or b <= 0:
+        raise ValueError(f"token budget must be a finite number > 0, got {budget!r}")
+    return b
+
+
+def _spans(layers, num_layers) -> list[int]:
+    """Layers processed with the count left by each drop: from after layers[i] up to layers[i+1]."""
+    ends = list(layers[1:]) + [num_layers - 1]
+    return [e - p for p, e in zip(layers, ends)]
+
+
+def _fit_counts(budget: float, n: int, layers, num_layers: int, ratio: float) -> tuple[int, ...]:
+    """Counts kept after each drop: round(n * ratio^i), the last one solved so that the layer
+    average equals the budget to the nearest whole token of that last stage."""
+    spans = _spans(layers, num_layers)
+    counts = [int(min(max(round(n * ratio ** (i + 1)), 0), n)) for i in range(len(layers))]
+    fixed = (layers[0] + 1) * n + sum(s * c for s, c in zip(spans[:-1], counts[:-1]))
+    upper = counts[-2] if len(counts) > 1 else n
+    counts[-1] = int(min(max(round((budget * num_layers - fixed) / spans[-1]), 0), upper))
+    return tuple(counts)
+
+
+def plan_single_drop(method: str, budget: float, n0: int, layer: int, num_layers: int) -> BudgetPlan:
+    """FastV / random drop: one drop after LLM layer K (``layer``), never refusing a budget.
+
+    If the drop after K can meet the budget keeping at least FASTV_MIN_KEEP of its tokens, it
+    alone does: keep = round((budget L - (K+1) n0) / (L-K-1)). Otherwise tokens are first dropped
+    before the LLM, to n' = round(budget L / ((K+1) + (L-K-1) / 2)), and the drop after K keeps the
+    count that makes the layer average equal the budget from n' (about n'/2). Either way the layer
+    average is the budget up to rounding to whole tokens (within 0.5 of a token)."""
+    budget = _check_budget(budget)
+    check_prune_layers([layer], num_layers)
+    if layer >= num_layers - 1:
+        raise ValueError(f"a drop after the last layer ({layer}) changes nothing; choose K <= {num_layers - 2}")
+    n0 = int(n0)
+    after = num_layers - layer - 1
+    if budget * num_layers >= n0 * ((layer + 1) + after * FASTV_MIN_KEEP) - 1e-9:
+        pre = n0
+        rule = "one drop after layer K"
+    else:
+        pre = int(min(max(round(budget * num_layers / ((layer + 1) + after * FASTV_MIN_KEEP)), 1), n0))
+        rule = "drop before the LLM to n', then one drop after layer K keeping about half"
+    keep = _fit_counts(budget, pre, [layer], num_layers, 1.0)
+    return BudgetPlan(method, budget, n0, pre, (int(layer),), keep, None, rule)
+
+
+def pyramid_layers(num_layers: int, stages_count: int = 4) -> tuple[int, ...]:
+    """PyramidDrop's schedule scaled to a depth: drops at the ends of the first three of four equal
+    segments (after layers 7, 15, 23 of 32, as its layers 8 / 16 / 24 start the next segment)."""
+    if num_layers < 2:
+        raise ValueError(f"a language model of {num_layers} layer(s) has no room for drop layers")
+    out: list[int] = []
+    for i in range(1, stages_count):
+        x = min(max(round(i * num_layers / stages_count) - 1, 0), num_layers - 2)
+        if not out or x > out[-1]:
+            out.append(x)
+    return tuple(out)
+
+
+def plan_pyramid(budget: float, n0: int, layers, num_layers: int) -> BudgetPlan:
+    """PyramidDrop: after each of ``layers`` the same share lambda of the entering tokens is kept,
+    ranked by the last instruction token's attention; lambda is solved (bisection) so that the layer
+    average equals the budget, the last stage's count rounded to hit it to the nearest token. Where
+    even lambda = PDROP_MIN_RATIO exceeds the budget, tokens are first dropped before the LLM, to
+    the n' at which lambda = PDROP_MIN_RATIO meets it."""
+    budget = _check_budget(budget)
+    layers = check_prune_layers(layers, num_layers)
+    if not layers or layers[-1] >= num_layers - 1:
+        raise ValueError(f"PyramidDrop needs drop layers before the last layer {num_layers - 1}, got {layers}")
+    n0 = int(n0)
+    spans = _spans(layers, num_layers)
+
+    def average(n, lam):
+        return n * ((layers[0] + 1) + sum(s * lam ** (i + 1) for i, s in enumerate(spans))) / num_layers
+
+    if budget >= n0 - 1e-9:
+        return BudgetPlan("pdrop", budget, n0, n0, tuple(layers), (n0,) * len(layers), 1.0, "budget >= n0: no drop")
+    if average(n0, PDROP_MIN_RATIO) <= budget + 1e-9:
+        pre, lo, hi = n0, PDROP_MIN_RATIO, 1.0
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if average(n0, mid) < budget else (lo, mid)
+        lam, rule = (lo + hi) / 2, "one share lambda kept at every drop, solved for the budget"
+    else:
+        lam = PDROP_MIN_RATIO
+        pre = int(min(max(round(budget / average(1, lam)), 1), n0))
+        rule = "drop before the LLM to n', then lambda = 0.5 at every drop"
+    return BudgetPlan("pdrop", budget, n0, pre, tuple(layers), _fit_counts(budget, pre, layers, num_layers, lam),
+                      lam, rule)
+
+
+def plan_vision_side(method: str, budget: float, n0: int) -> BudgetPlan:
+    """FasterVLM / VisionZip select before the LLM: every layer then holds the same count, round(budget)."""
+    budget = _check_budget(budget)
+    pre = int(min(max(round(budget), 1), int(n0)))
+    return BudgetPlan(method, budget, int(n0), pre, (), (), None, "round(budget) tokens selected before the LLM")
+
+
+def evenly_spaced(n: int, k: int) -> torch.Tensor:
+    """k of n positions spread evenly in raster order, ascending: the content-blind choice used for
+    the part of a text-ranked baseline's budget that must be dropped before the LLM ranks anything."""
+    k = min(max(int(k), 0), int(n))
+    return torch.unique(((torch.arange(k, dtype=torch.float64) + 0.5) * n / max(k, 1)).floor().long())
+
+
+def top_score_tokens(score: torch.Tensor, keep: int) -> torch.Tensor:
+    """FasterVLM: the ``keep`` tokens with the highest vision-side score (CLS attention, head mean),
+    ascending (the order the LLM then sees them in)."""
+    keep = min(max(int(keep), 0), score.numel())
+    return torch.sort(torch.topk(score.float(), keep).indices).values
+
+
+@dataclass
+class VisionZipResult:
+    tokens: torch.Tensor      # (K, C): prefix (CLS), dominant patches ascending, contextual tokens
+    groups: torch.Tensor      # (K, k) patches each output token covers, -1 padded (the CLS row covers none)
+    dominant: torch.Tensor    # patch ids of the dominant tokens, ascending
+    targets: torch.Tensor     # patch ids the contextual tokens are built on
+
+
+def visionzip_split(keep: int, num_prefix: int) -> tuple[int, int]:
+    """(dominant patches, contextual tokens) of a VisionZip budget: contextual = round(keep * 10/64),
+    the rest dominant, the CLS token (kept, as VisionZip keeps it) counted among the dominant."""
+    keep = int(keep)
+    contextual = min(max(round(keep * VISIONZIP_CONTEXTUAL), 1 if keep - num_prefix > 1 else 0), keep - num_prefix)
+    return max(keep - num_prefix - contextual, 0), max(contextual, 0)
+
+
+def visionzip_merge(hidden: torch.Tensor, score: torch.Tensor, metric: torch.Tensor, dominant: int,
+                    contextual: int, num_prefix: int = 1) -> VisionZipResult:
+    """VisionZip (Yang et al. 2024, dvlab-research/VisionZip clip_encoder.py) on one image.
+
+    ``hidden`` (num_prefix + N, C) is the vision feature layer's output, ``score`` (N,) the head-mean
+    CLS attention of that layer to the patches, ``metric`` (num_prefix + N, d) its head-mean keys.
+    Dominant: the prefix (CLS) and the ``dominant`` patches of highest score. Contextual: of the
+    remaining M patches (ascending), every (M // contextual)-th is a target; every other one joins
+    the target whose key it is most cosine-similar to; a contextual token is its target's hidden state
+    PLUS the mean of the states joining it (VisionZip adds, it does not average the target in)."""
+    n = hidden.shape[0] - num_prefix
+    if score.shape != (n,) or metric.shape[0] != hidden.shape[0]:
+        raise ValueError(f"score must be ({n},) and metric ({hidden.shape[0]}, d); got {tuple(score.shape)}, "
+                         f"{tuple(metric.shape)}")
+    dominant = min(max(int(dominant), 0), n)
+    dom = top_score_tokens(score, dominant)
+    is_dom = torch.zeros(n, dtype=torch.bool, device=hidden.device)
+    is_dom[dom] = True
+    rest = torch.nonzero(~is_dom).flatten()
+    contextual = min(max(int(contextual), 0), rest.numel())
+    parts = [hidden[:num_prefix], hidden[num_prefix + dom]]
+    rows = [[-1]] * num_prefix + [[int(p)] for p in dom.tolist()]
+    targets = torch.zeros(0, dtype=torch.long, device=hidden.device)
+    if contextual:
+        m = metric[num_prefix + rest].float()
+        m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        step = max(1, rest.numel() // contextual)
+        t_idx = torch.arange(0, rest.numel(), step, device=hidden.device)[:contextual]
+        is_t = torch.zeros(rest.numel(), dtype=torch.bool, device=hidden.device)
+        is_t[t_idx] = True
+        others = torch.nonzero(~is_t).flatten()
+        assign = (m[others] @ m[t_idx].T).argmax(dim=1)
+        h_rest = hidden[num_prefix + rest].float()
+        counts = torch.bincount(assign, minlength=contextual).clamp_min(1).unsqueeze(1).float()
+        agg = torch.zeros(contextual, hidden.shape[1], device=hidden.device).index_add_(0, assign, h_rest[others])
+        parts.append((h_rest[t_idx] + agg / counts).to(hidden.dtype))
+        targets = rest[t_idx]
+        members = rest[others]
+        for c in range(contextual):
+            rows.append([int(targets[c])] + members[assign == c].tolist())
+    width = max(len(r) for r in rows)
+    groups = torch.full((len(rows), width), -1, dtype=torch.long)
+    for i, r in enumerate(rows):
+        groups[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return VisionZipResult(torch.cat(parts, dim=0), groups.to(hidden.device), dom, targets)

@@ -24,6 +24,9 @@ JSON document (``meta``), schema "mustdrop-trace/1":
   kv          entries_per_layer and vision_entries_per_layer after the trim, bytes_per_entry (K+V)
   generation  mode, temperature, top_p, seed, max_new_tokens, token_ids, tokens, probs, answer, stop
   timings     vision_s, prefill_s, decode_s, total_s
+  baseline    (same-budget baselines only, optional) plan {method, budget, n0, pre_keep (tokens
+              kept before the LLM), layers, keep (kept after each), ratio, rule}, params (method
+              parameters, e.g. VisionZip's dominant / contextual counts), score (what ranked them)
 
 Arrays. "Token ids" are the merged numbering 0..N0-1 (the order the LLM sees the vision block).
   tokens.groups              (N0, k) int64: original patches each vision token covers, -1 padded
@@ -36,11 +39,13 @@ Arrays. "Token ids" are the merged numbering 0..N0-1 (the order the LLM sees the
   stage2.L{l}.global_share   (V,) float32;  stage2.L{l}.individual_max (V,) float32
   stage2.L{l}.status         (V,) int8, the status codes below (STATUS_NAMES)
   kv.L{l}                    (n,) int64 indices into the prefill sequence (S + N0 + T) still cached
+  baseline.vision_score      (N,) float32 vision-side baseline's score of every original patch (optional)
   Original-patch coordinates (G x G), derived from the above so that no view re-maps anything:
   patch.token (int64), patch.merged (uint8), patch.similarity (float32), patch.key (uint8),
   patch.key_score (float32, NaN without stage 1b), patch.dropped_after_layer (int64, -1 = never),
   patch.stage2.L{l}.status (int8, NOT_ENTERING = -1), patch.stage2.L{l}.global_share /
-  .individual_max (float32, NaN = not entering), patch.kv_cached (num_layers, G, G) uint8.
+  .individual_max (float32, NaN = not entering), patch.kv_cached (num_layers, G, G) uint8,
+  patch.vision_score (float32, when baseline.vision_score is present).
   A patch with patch.token -1 reaches the LLM in no token (a LLaVA-NeXT tile's unpadded border).
 Several crops (LLaVA-NeXT: base image + any-res tiles): meta "crops" lists each crop's name,
 mapping and merged windows; tokens.groups then holds global ids crop * G*G + patch; crop 0's maps
@@ -322,6 +327,8 @@ class Trace:
         for name in ("stage1a.similarity", "stage1b.key_score"):
             if name in a and not isinstance(a[name], np.ndarray):
                 raise TraceError(f"{name} is not an array")
+        if "baseline.vision_score" in a and a["baseline.vision_score"].shape != (N,):
+            raise TraceError(f"baseline.vision_score must have N = {N} entries")
         if "stage1b.key_score" in a and a["stage1b.key_score"].shape != (N0,):
             raise TraceError(f"stage1b.key_score must have N0 = {N0} entries")
         for k, v in a.items():
@@ -386,6 +393,8 @@ def patch_maps(t: Trace) -> dict:
     maps["key"] = spread(is_key, 0, np.uint8)
     if "stage1b.key_score" in a:
         maps["key_score"] = spread(a["stage1b.key_score"])
+    if "baseline.vision_score" in a:
+        maps["vision_score"] = np.asarray(a["baseline.vision_score"], dtype=np.float32)
     dropped_after = np.full(N0, -1, dtype=np.int64)
     for s in m["stage2"]:
         p = f"stage2.L{s['layer']}"

@@ -157,12 +157,17 @@ def test_baselines_and_ablations_at_the_same_budget(model_dir, tmp_path):
         if r["config"] == "64-no-filter":
             assert t.meta["vision_tokens_per_layer"] == [t.meta["sequence"]["N0"]] * L
     md = (tmp_path / "compare.md").read_text()
-    for word in ("FastV", "random drop", "spatial pooling", "without merge", "without kv_trim", "accuracy",
+    for word in ("FastV", "random drop", "spatial pooling", "FasterVLM-style", "VisionZip-style", "PyramidDrop-style",
+                 "bootstrap", "without merge", "without kv_trim", "accuracy",
                  "recall_final_tokens", "eq_tokens_authors", "flops_ratio_image", "compute convention"):
         assert word in md, word
     ct = pd.read_csv(tmp_path / "compare.csv", dtype={"preset": str})
     assert ct.loc[ct["method"] == "FastV", "budget_gap_max"].item() <= 0.5
-    assert list(ct["preset"]) == ["–"] + ["64"] * 8
+    assert list(ct["preset"]) == ["–"] + ["64"] * 11
+    assert (ct["failed"] == 0).all(), "no baseline refuses a budget"
+    exact = ct[ct["config"].str.contains("@") & ~ct["config"].str.startswith("pool@")]
+    assert len(exact) == 5 and (exact["budget_gap_max"] <= 0.5 + 1e-9).all()
+    assert (ct["acc_ci95_low"] <= ct["accuracy"]).all() and (ct["accuracy"] <= ct["acc_ci95_high"]).all()
     paths = F.baseline_bars(ct, tmp_path / "bars", model="tiny", preset="64")
     assert [p.suffix for p in paths] == [".png", ".pdf", ".svg"]
     assert "preset 64" in paths[-1].read_text()

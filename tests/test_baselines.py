@@ -55,9 +55,15 @@ def test_pool_groups_tile_the_grid():
     assert sorted(set(ids.tolist())) == list(range(576))
 
 
-def test_unreachable_budget_is_refused(tiny, image):
-    with pytest.raises(ValueError, match="cannot be reached"):
-        tiny.run(image, QUESTION, MustDropConfig.baseline("fastv", 64, layer=1), max_new_tokens=1)
+def test_a_budget_one_drop_cannot_reach_drops_the_rest_before_the_llm(tiny, image):
+    """64 tokens on 6 layers after layer 1: the two layers up to the drop alone average 192, so the
+    remainder is dropped before the LLM, and the sample is never refused."""
+    t = tiny.run(image, QUESTION, MustDropConfig.baseline("fastv", 64, layer=1), max_new_tokens=1).trace
+    plan = t.meta["baseline"]["plan"]
+    assert plan["pre_keep"] < 576 and t.meta["sequence"]["N0"] == plan["pre_keep"]
+    assert t.meta["vision_tokens_per_layer"] == [plan["pre_keep"]] * 2 + [plan["keep"][0]] * 4
+    assert abs(summarize(t)["equivalent_tokens"]["compute"] - 64) <= 0.5
+    assert (t.patch("token") == -1).sum() == 576 - plan["pre_keep"], "patches dropped before the LLM reach no token"
 
 
 def test_bad_baselines_are_refused():
@@ -67,3 +73,5 @@ def test_bad_baselines_are_refused():
         MustDropConfig.baseline("mustdrop", 64)
     with pytest.raises(ValueError, match="one layer"):
         MustDropConfig(method="random", budget=64, prune_layers=(1, 2))
+    with pytest.raises(ValueError, match="one count per prune layer"):
+        MustDropConfig(method="pdrop", budget=64, prune_layers=(1, 2), keep_counts=(10,))

@@ -91,6 +91,7 @@ class VisionResult:
     protected: torch.Tensor                # positions never dropped that are not key tokens (newlines)
     crops: list                            # per crop: {"name", "mapping", "merged_windows"}
     similarity: list                       # per crop: (G/w, G/w) window similarity or None
+    baseline: dict | None = None           # a same-budget baseline's plan, parameters and scores
 
 
 class _Prefill:
@@ -187,6 +188,7 @@ class LlavaMustDrop:
         say("vision")
         t_vis = time.perf_counter()
         vision = self._encode(inputs, img, config)
+        vision, config = self._plan_baseline(vision, config)
         features = vision.features
         _sync(features)
         t_vis = time.perf_counter() - t_vis
@@ -263,6 +265,8 @@ class LlavaMustDrop:
     # ------------------------------------------------------------------ stage 1
     def _encode(self, inputs, img, config) -> VisionResult:
         """Run the hooked vision tower: stage 1a merge after layer 0, stage 1b key set at the end."""
+        if config.method in stages.VISION_SIDE:
+            return self._encode_vision_side(inputs, img, config)
         pixel_values = inputs["pixel_values"]
         hooks = HookSet()
         merge_box, qk = {}, {}
@@ -303,24 +307,104 @@ class LlavaMustDrop:
         return VisionResult(features, groups, key_tokens, key_score, torch.zeros(0, dtype=torch.long),
                             [{"name": "image", "mapping": mapping, "merged_windows": merged}], [similarity])
 
-    def _hook_last_qk(self, hooks, qk):
-        attn = self.vision_layers[-1].self_attn
-        hooks.post("vision.last.q_proj", attn.q_proj, lambda m, a, k, o: qk.__setitem__("q", o))
-        hooks.post("vision.last.k_proj", attn.k_proj, lambda m, a, k, o: qk.__setitem__("k", o))
+    def _hook_last_qk(self, hooks, qk, layer=None, name="vision.last"):
+        attn = (self.vision_layers[-1] if layer is None else layer).self_attn
+        hooks.post(f"{name}.q_proj", attn.q_proj, lambda m, a, k, o: qk.__setitem__("q", o))
+        hooks.post(f"{name}.k_proj", attn.k_proj, lambda m, a, k, o: qk.__setitem__("k", o))
 
     def _key_scores(self, qk) -> torch.Tensor:
-        """Stage 1b's score per crop, (B, H, N): the CLS query's attention to the patches (CLS->CLS
-        removed, not renormalised), or without CLS the mean attention each patch receives."""
+        """Stage 1b's score per crop, (B, H, N): stages.cls_key_score on the last vision layer."""
         attn = self.vision_layers[-1].self_attn
-        h, hd = attn.num_heads, attn.head_dim
-        b = qk["k"].shape[0]
-        k = qk["k"].float().view(b, -1, h, hd).transpose(1, 2)           # (B, H, prefix + N, hd)
-        if self.has_cls:
-            q = qk["q"][:, :1].float().view(b, 1, h, hd).transpose(1, 2)
-            return torch.softmax((q @ k.transpose(-1, -2)) * attn.scale, dim=-1)[:, :, 0, 1:]
-        q = qk["q"].float().view(b, -1, h, hd).transpose(1, 2)
-        probs = torch.softmax((q @ k.transpose(-1, -2)) * attn.scale, dim=-1)
-        return torch.stack([stages.mean_received_attention(p) for p in probs])
+        return stages.cls_key_score(qk["q"], qk["k"], attn.num_heads, attn.scale, self.has_cls)
+
+    # ------------------------------------------------------------------ same-budget baselines
+    def _encode_vision_side(self, inputs, img, config) -> VisionResult:
+        """FasterVLM / VisionZip: round(budget) tokens chosen inside the vision tower, scored on the
+        feature layer (the one whose output the projector reads) as both methods do."""
+        fl = self.model.config.vision_feature_layer
+        layer_index = fl % len(self.vision_layers) if fl < 0 else fl - 1
+        if layer_index < 0:
+            raise ValueError("vision-side baselines need a vision feature layer after the embeddings")
+        layer = self.vision_layers[layer_index]
+        hooks, qk = HookSet(), {}
+        self._hook_last_qk(hooks, qk, layer, name=f"vision.layer{layer_index}")
+        with attached(hooks):
+            out = self.model.model.get_image_features(pixel_values=inputs["pixel_values"])
+        features = out.pooler_output[0]
+        attn = layer.self_attn
+        score = stages.cls_key_score(qk["q"], qk["k"], attn.num_heads, attn.scale, self.has_cls)[0].mean(0)
+        plan = stages.plan_vision_side(config.method, config.budget, features.shape[0])
+        params = {"vision_layer": layer_index}
+        if config.method == "fastervlm":
+            kept = stages.top_score_tokens(score, plan.pre_keep).to(features.device)
+            features, groups = features[kept], kept.unsqueeze(1)
+        else:
+            prefix = 1 if self.has_cls else 0
+            hidden = out.hidden_states[fl][0]
+            h = attn.num_heads
+            metric = qk["k"][0].float().view(hidden.shape[0], h, -1).mean(1)       # head-mean keys
+            dominant, contextual = stages.visionzip_split(plan.pre_keep, prefix)
+            res = stages.visionzip_merge(hidden, score, metric, dominant, contextual, prefix)
+            features = self.model.model.multi_modal_projector(res.tokens.unsqueeze(0))[0]
+            groups = res.groups
+            params.update(dominant=dominant, contextual=contextual, cls_kept=bool(prefix),
+                          contextual_targets=res.targets.cpu().tolist())
+        mapping = image_mapping(self.processor, img.width, img.height, self.vision_config.image_size)
+        empty = torch.zeros(0, dtype=torch.long, device=features.device)
+        return VisionResult(features, groups, empty, None, empty.cpu(),
+                            [{"name": "image", "mapping": mapping, "merged_windows": []}], [None],
+                            baseline={"plan": plan.to_dict(), "params": params, "vision_score": score,
+                                      "score": self._key_score_name()})
+
+    def _key_score_name(self) -> str:
+        return ("CLS attention of the last vision layer (head mean)" if self.has_cls else
+                "mean attention received in the last vision layer, all queries, head mean "
+                "(no CLS token: documented substitute)")
+
+    def _plan_baseline(self, vision: VisionResult, config):
+        """Solve how a same-budget baseline meets its budget on this sample (stages.plan_*), drop
+        before the LLM what the plan drops there, and return the config with the plan's drop layers
+        and counts, so that the prefill hooks, the trace and its replay all use the same plan."""
+        m = config.method
+        if m == "mustdrop" or m in stages.VISION_SIDE:
+            return vision, config
+        n0 = int(vision.features.shape[0])
+        if m == "pool":
+            vision.baseline = {"plan": stages.BudgetPlan(m, float(config.budget), self.grid * self.grid, n0, (), (),
+                                                         None, "round(sqrt(budget))^2 pooled cells").to_dict(),
+                               "params": {"side": int(round(n0 ** 0.5))}}
+            return vision, config
+        if config.keep_counts:
+            plan = stages.BudgetPlan(m, float(config.budget), n0, int(config.pre_keep or n0), config.prune_layers,
+                                     config.keep_counts, None, "counts given in the config")
+        elif m == "pdrop":
+            plan = stages.plan_pyramid(config.budget, n0, config.prune_layers or stages.pyramid_layers(self.num_layers),
+                                       self.num_layers)
+        else:
+            plan = stages.plan_single_drop(m, config.budget, n0, config.prune_layers[0], self.num_layers)
+        pre_llm = None
+        if plan.pre_keep < n0:
+            if m == "random":
+                gen = torch.Generator(device="cpu").manual_seed(int(config.seed))
+                sel = torch.sort(torch.randperm(n0, generator=gen)[: plan.pre_keep]).values
+                pre_llm = "seeded random"
+            else:
+                sel = stages.evenly_spaced(n0, plan.pre_keep)
+                pre_llm = "evenly spaced in raster order (no LLM score exists before the LLM)"
+            vision = _select_tokens(vision, sel.to(vision.features.device))
+        vision.baseline = {"plan": plan.to_dict(), "params": {"pre_llm_selection": pre_llm}}
+        return vision, config.replace(prune_layers=plan.layers, keep_counts=plan.keep, pre_keep=plan.pre_keep)
+
+    def _record_baseline(self, vision: VisionResult, meta: dict, arrays: dict) -> None:
+        """A baseline's plan and parameters into meta["baseline"]; its vision-side score (one per
+        original patch) into the array baseline.vision_score."""
+        if not vision.baseline:
+            return
+        b = dict(vision.baseline)
+        score = b.pop("vision_score", None)
+        meta["baseline"] = b
+        if score is not None:
+            arrays["baseline.vision_score"] = score.float().cpu().numpy().astype(np.float32)
 
     # ------------------------------------------------------------------ stage 2
     def _attach_prefill(self, hooks, state, config, record):
@@ -418,19 +502,13 @@ class LlavaMustDrop:
         if config.method == "mustdrop":
             res = stages.dual_attention_filter(attn, config.global_thr, config.individual_thr,
                                                torch.cat([state.key_pos, prot]) if prot.numel() else state.key_pos)
-        else:
-            keep = stages.keep_count_for_budget(config.budget, state.N0, layer, self.num_layers)
-            if config.method == "fastv":
-                res = stages.fastv_keep(attn, keep)
-            else:
-                res = stages.random_keep(attn, keep, config.seed)
-            if prot.numel():
-                kept = torch.unique(torch.cat([res.kept, prot]))
-                res.status[prot] = stages.KEPT_BOTH
-                res.kept, res.dropped_by_filter_only = kept, (res.status == stages.DROPPED).sum()
-        if prot.numel():
-            res.status[prot] = stages.KEPT_PROTECTED
-        return res
+            return stages.with_protected(res, prot, recount=False)
+        keep = config.keep_counts[config.prune_layers.index(layer)]      # the plan of _plan_baseline
+        if config.method == "random":
+            res = stages.random_keep(attn, keep, config.seed)
+        else:                          # fastv, pdrop: ranked by the last (instruction) token's attention
+            res = stages.fastv_keep(attn, keep)
+        return stages.with_protected(res, prot)
 
     # ------------------------------------------------------------------ stage 3
     def _trim(self, cache, state, config):
@@ -619,9 +697,7 @@ class LlavaMustDrop:
             "stage1a": {"enabled": config.merge, "window": w, "threshold": config.merge_threshold,
                         "merged_windows": merged_windows},
             "stage1b": {"enabled": config.key_set, "keep_rate": config.key_keep_rate,
-                        "score": ("CLS attention of the last vision layer (head mean)" if self.has_cls else
-                                  "mean attention received in the last vision layer, all queries, head mean "
-                                  "(no CLS token: documented substitute)"),
+                        "score": self._key_score_name(),
                         "key_tokens": host["key_tokens"].tolist()},
             "stage2": stage2,
             "vision_tokens_per_layer": vision_per_layer,
@@ -634,6 +710,7 @@ class LlavaMustDrop:
             "timings": timings,
         }
         meta["input"]["input_hash"] = input_hash(meta["input"]["image"]["sha256"], question)
+        self._record_baseline(vision, meta, arrays)
         return Trace.build(meta, arrays)
 
 
@@ -665,6 +742,19 @@ def _to_host(tensors: dict, pack: bool | None = None) -> dict:
             host[key] = buf[offset:offset + size].view(_NUMPY_DTYPES[t.dtype]).reshape(tuple(t.shape))
             offset += size
     return {name: host[id(t)] for name, t in tensors.items()}
+
+
+def _select_tokens(vision: VisionResult, sel: torch.Tensor) -> VisionResult:
+    """The vision block reduced to positions ``sel`` (ascending) before the LLM; protected positions
+    are always kept, and key and protected positions are renumbered."""
+    if vision.protected.numel():
+        sel = torch.unique(torch.cat([sel, vision.protected.to(sel.device)]))
+    def renumber(pos):
+        pos = pos.to(sel.device)
+        return torch.searchsorted(sel, pos[torch.isin(pos, sel)])
+    return VisionResult(vision.features[sel], vision.groups[sel.to(vision.groups.device)], renumber(vision.key_tokens),
+                        None if vision.key_score is None else vision.key_score[sel], renumber(vision.protected).cpu(),
+                        vision.crops, vision.similarity, vision.baseline)
 
 
 def _sync(t: torch.Tensor) -> None:

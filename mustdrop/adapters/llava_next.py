@@ -45,8 +45,8 @@ class LlavaNextMustDrop(LlavaMustDrop):
         self.pinpoints = model.config.image_grid_pinpoints
 
     def _encode(self, inputs, img, config) -> VisionResult:
-        if config.method == "pool":
-            raise ValueError("the pooling baseline is defined on one 24 x 24 grid; use LLaVA-1.5 models")
+        if config.method == "pool" or config.method in stages.VISION_SIDE:
+            raise ValueError(f"the {config.method} baseline is defined on one 24 x 24 grid; use LLaVA-1.5 models")
         if self.layout == "reference":
             return self._encode_reference(inputs, img, config)
         return self._encode_stock(inputs, img, config)
@@ -113,8 +113,7 @@ class LlavaNextMustDrop(LlavaMustDrop):
             for c in range(n_crops):
                 sim = stages.window_similarity(layer0["h"][c, 1:], G, config.window)
                 similarity[c] = sim
-                order = torch.sort(sim.flatten(), descending=True, stable=True).indices
-                for wdx in order[: int((sim.flatten() >= config.merge_threshold).sum())].tolist():
+                for wdx in stages.windows_to_merge(sim, config.merge_threshold).tolist():
                     pos = pos_of[win[wdx] + c * G2]
                     pos = torch.sort(pos[pos >= 0]).values
                     if pos.numel() < 2:
@@ -135,13 +134,7 @@ class LlavaNextMustDrop(LlavaMustDrop):
             key_score = torch.tensor([float(patch_score[g].sum()) if g else 0.0 for g in groups],
                                      device=features.device)
             crop_of = torch.tensor([g[0] // G2 if g else -1 for g in groups], device=features.device)
-            chosen = []
-            for c in range(n_crops):
-                mine = torch.nonzero(crop_of == c).flatten()
-                if mine.numel():
-                    k = stages.key_token_set(key_score[mine].unsqueeze(0), config.key_keep_rate)
-                    chosen.append(mine[k])
-            key_tokens = torch.sort(torch.cat(chosen)).values if chosen else key_tokens
+            key_tokens = stages.key_token_set_per_crop(key_score, crop_of, config.key_keep_rate)
         for c, crop in enumerate(crops):
             crop["merged_windows"] = merged_windows[c]
         return VisionResult(features, _pad_groups(groups, features.device), key_tokens, key_score,
@@ -191,8 +184,9 @@ class LlavaNextMustDrop(LlavaMustDrop):
         if config.key_set:
             scores = self._key_scores(qk)                                   # (n_crops, H, N0c)
             key_score = scores.mean(1).flatten()
-            key_tokens = torch.cat([stages.key_token_set(scores[c], config.key_keep_rate).to(features.device) + c * n0c
-                                    for c in range(n_crops)])
+            crop_of = torch.arange(n_crops, device=features.device).repeat_interleave(n0c)
+            key_tokens = stages.key_token_set_per_crop(scores.permute(1, 0, 2).reshape(scores.shape[1], -1),
+                                                       crop_of, config.key_keep_rate).to(features.device)
         crops = self._crops(img, n_crops)
         for c, crop in enumerate(crops):
             crop["merged_windows"] = results[c].merged_windows.cpu().tolist() if results else []

@@ -1,0 +1,25 @@
+"""Baselines on LLaVA-NeXT (stock layout): newline rows survive every drop, including the part of a
+budget dropped before the LLM; the vision-side baselines, defined on one grid, are refused."""
+
+import pytest
+
+from mustdrop.config import MustDropConfig
+from test_llava_next import next_model, stock, wide_image  # noqa: F401 - fixtures
+
+QUESTION = "what colour is the square?"
+
+
+def test_fastv_on_next_keeps_newline_rows_when_dropping_before_the_llm(stock, wide_image):  # noqa: F811
+    t = stock.run(wide_image, QUESTION, MustDropConfig.baseline("fastv", 64, layer=1), max_new_tokens=1).trace
+    plan = t.meta["baseline"]["plan"]
+    assert plan["pre_keep"] < plan["n0"], "64 on 6 layers needs a drop before the LLM"
+    newline = t.arrays["tokens.newline"].astype(bool)
+    assert newline.sum() > 0
+    status = t.arrays[f"stage2.L{t.prune_layers[0]}.status"]
+    assert (status[newline[t.arrays[f"stage2.L{t.prune_layers[0]}.tokens"]]] == 5).all()
+
+
+@pytest.mark.parametrize("method", ["fastervlm", "visionzip", "pool"])
+def test_vision_side_baselines_are_refused_on_next(stock, wide_image, method):  # noqa: F811
+    with pytest.raises(ValueError, match="one 24 x 24 grid"):
+        stock.run(wide_image, QUESTION, MustDropConfig.baseline(method, 64), max_new_tokens=1)
