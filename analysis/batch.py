@@ -90,7 +90,7 @@ def run_batch(runner, items, configs, out, *, max_new_tokens: int = 8, baseline_
     traces (large runs where disk matters; such a run cannot be resumed)."""
     import pandas as pd
 
-    from mustdrop.accounting import summarize
+    from mustdrop.matched import run_budget
     from mustdrop.trace import Trace
 
     out = Path(out)
@@ -116,7 +116,7 @@ def run_batch(runner, items, configs, out, *, max_new_tokens: int = 8, baseline_
                         dep = traces.get(spec.match)
                         if dep is None:
                             raise RuntimeError(f"its matched run {spec.match!r} failed for this sample")
-                        budget = summarize(dep)["equivalent_tokens"]["compute"]
+                        budget = run_budget(dep)          # the rule the app's comparison uses too
                     cfg = build_config(runner, spec, budget=budget, baseline_layer=baseline_layer,
                                        seed=_sample_seed(seed, item.id))
                     if image is None:

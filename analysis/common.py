@@ -268,14 +268,11 @@ def build_config(runner, spec: Spec, budget: float | None = None, baseline_layer
 
 
 def auto_baseline_layer(runner, budget: float) -> int:
-    """FastV / random drop layer K when none is given: the model's first prune layer (FastV's K = 2
-    on LLaVA-1.5-7B), moved earlier when the layers up to K alone already average more vision tokens
-    than the budget (a shallow model at a small budget); 0 when even that is too many (the adapter
-    then drops the remainder before the LLM: stages.plan_single_drop)."""
-    first = runner.defaults.prune_layers[0] if runner.defaults.prune_layers else 2
-    n, L = runner.grid * runner.grid, runner.num_layers
-    deepest = math.floor(budget * L / n + 1e-9) - 1          # (K + 1) n / L <= budget
-    return int(max(0, min(first, deepest, L - 2)))
+    """FastV / random drop layer K when none is given (mustdrop.matched.auto_baseline_layer: the
+    rule the app's comparison uses too)."""
+    from mustdrop.matched import auto_baseline_layer as rule
+
+    return rule(runner, budget)
 
 
 def baseline_columns(trace) -> dict:
