@@ -103,3 +103,17 @@ def heat_colours(values: np.ndarray, cmap: str, log: bool, vmin=None, vmax=None)
     colours = lut(cmap)[idx]
     colours[~finite] = NAN_COLOUR
     return colours, (float(lo), float(hi)), finite
+
+
+# Same-budget comparison (mustdrop.vis.compare): which method keeps a patch after the layer shown.
+# Okabe-Ito's reddish purple and Paul Tol's muted indigo and olive, none of them a colour above;
+# checked pairwise under simulated protanopia, deuteranopia and tritanopia (Machado 2009, severity
+# 1): CIELAB distance >= 20 between any two of the four.
+COMPARE_BOTH = (204, 121, 167)             # reddish purple: kept by both methods
+COMPARE_ONLY_MUSTDROP = (51, 34, 136)      # indigo: kept only by MustDrop
+COMPARE_ONLY_OTHER = (153, 153, 51)        # olive: kept only by the compared method
+COMPARE_NEITHER = (60, 60, 60)             # dark grey: kept by neither (darker than NOT_ENTERING's grey)
+COMPARE_BOTH_LABEL = "kept by both"
+COMPARE_ONLY_MUSTDROP_LABEL = "kept only by MustDrop"
+COMPARE_ONLY_OTHER_LABEL = "kept only by the compared method"
+COMPARE_NEITHER_LABEL = "kept by neither"

@@ -19,12 +19,13 @@ SLIDE_RC = {"font.size": 15, "axes.titlesize": 17, "axes.labelsize": 15, "legend
 
 
 def slide_figure(trace, image=None, vanilla=None, layer: int | None = None, gt_masks=None, view=None,
-                 crop: int = 0):
-    """The slide as a matplotlib Figure; ``layer`` picks the stage-2/3 panels (Trace.stage2_layer_for)."""
+                 crop: int = 0, compare=None):
+    """The slide as a matplotlib Figure; ``layer`` picks the stage-2/3 panels (Trace.stage2_layer_for);
+    ``compare``, a same-budget baseline's trace of the same input, adds its panel (vis.compare)."""
     import matplotlib
 
     with matplotlib.rc_context(SLIDE_RC):
-        return _slide_figure(trace, image, vanilla, layer, gt_masks, view, crop)
+        return _slide_figure(trace, image, vanilla, layer, gt_masks, view, crop, compare)
 
 
 def _clip(s, n):
@@ -32,7 +33,7 @@ def _clip(s, n):
     return s if len(s) <= n else s[: n - 1] + "…"
 
 
-def _slide_figure(trace, image, vanilla, layer, gt_masks, view, crop=0):
+def _slide_figure(trace, image, vanilla, layer, gt_masks, view, crop=0, compare=None):
     from matplotlib.figure import Figure    # no pyplot: thread-safe in a server, no backend switching
     from matplotlib.patches import Patch
 
@@ -110,12 +111,15 @@ def _slide_figure(trace, image, vanilla, layer, gt_masks, view, crop=0):
                  f"positions '{cfg['positions']}', prune layers {prune or 'none'}\n"
                  "equivalent tokens: authors' = printed convention, compute = mean vision tokens per layer; "
                  "FLOPs: 4nd²+2n²d+3ndm per layer", fontsize=16)
+    if compare is not None:
+        from .compare import add_slide_panel
+        add_slide_panel(fig, trace, compare, kv_layer, **kw)
     fig.tight_layout(rect=(0, 0, 1, 0.92), h_pad=2.5)
     return fig
 
 
 def save_slides(trace, folder, image=None, vanilla=None, layer=None, gt_masks=None, stem="mustdrop-slides",
-                view=None, crop: int = 0):
+                view=None, crop: int = 0, compare=None):
     """Write the slide figure as PNG and PDF into ``folder``; return both paths."""
     import matplotlib
 
@@ -123,7 +127,7 @@ def save_slides(trace, folder, image=None, vanilla=None, layer=None, gt_masks=No
     folder.mkdir(parents=True, exist_ok=True)
     png, pdf = folder / f"{stem}.png", folder / f"{stem}.pdf"
     with matplotlib.rc_context(SLIDE_RC):      # never touches the global rcParams of other figures
-        fig = _slide_figure(trace, image, vanilla, layer, gt_masks, view, crop)
+        fig = _slide_figure(trace, image, vanilla, layer, gt_masks, view, crop, compare)
         fig.savefig(png, dpi=100, bbox_inches=None)
         fig.savefig(pdf, bbox_inches=None)
     return png, pdf
