@@ -17,11 +17,12 @@ from mustdrop import vis
 from mustdrop.config import PRESET_NAMES
 from mustdrop.images import ImageInputError, load_image
 from mustdrop.trace import Trace, TraceError
+from mustdrop.vis import compare as vis_compare
 
 from . import inputs
-from .engine import PRESETS, Lens, user_errors
+from .engine import COMPARE_METHODS, PRESETS, Lens, compare_method, user_errors
 from .examples import EXAMPLES_DIR, GroundTruthIndex, image_sha, load_examples
-from .session import Frame, Session
+from .session import Frame, Session, save_comparison, split_comparison
 from .views import View, all_views
 from .views.base import CROP, GT, LAYER, SELECTION
 from .workdir import Workdir
@@ -98,7 +99,7 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
 
     # ------------------------------------------------------------------ callbacks
     def on_run(image, question, preset, window, merge_thr, key_rate, prune, gthr, ithr, positions, m1a, m1b, m2, m3,
-               max_new, mode, temperature, top_p, seed, show_gt, progress=gr.Progress()):
+               max_new, mode, temperature, top_p, seed, show_gt, compare=None, progress=gr.Progress()):
         src = inputs.payload_path(image)
         if src is None:
             raise ImageInputError("no image given: upload, paste or choose an example image")
@@ -110,12 +111,14 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
         img = load_image(src)
         config = lens.config(str(preset), custom)
         progress(0.0, desc="starting")
-        vanilla, trace, img = lens.analyze(img, question, config, max_new, sampling,
-                                           progress=lambda f, d: progress(f, desc=d))
+        vanilla, trace, img, other = lens.analyze(img, question, config, max_new, sampling,
+                                                  progress=lambda f, d: progress(f, desc=d), compare=compare)
         gt = truth.for_trace(trace)
-        session = Session.of_run(trace, vanilla, img, gt, workdir.save_traces(trace, vanilla))
+        saved = workdir.save_traces(trace, vanilla)
+        session = Session.of_run(trace, vanilla, img, gt, saved + save_comparison(other, saved[0]), compare=other)
         return show_session(session, bool(show_gt),
-                            f"**Done:** vanilla and MustDrop ({trace.meta['config'].get('preset')}) on "
+                            f"**Done:** vanilla and MustDrop ({trace.meta['config'].get('preset')})"
+                            f"{'' if other is None else ' and ' + other.meta['config'].get('preset')} on "
                             f"`{trace.meta['model']['id']}`" + ("" if gt is None else " · ground-truth outlines available"))
 
     def on_upload(uploaded, image, show_gt=True):
@@ -126,15 +129,17 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
             paths = [paths]
         if any(isinstance(p, bytes) for p in paths):
             raise TraceError("upload a trace file (.safetensors)")
-        md, va = pair_traces([Trace.load(p) for p in paths])
+        runs, other = split_comparison([Trace.load(p) for p in paths])
+        md, va = pair_traces(runs)
         img, note = None, GREY_NOTE
         src = inputs.payload_path(image)
         if src is not None and image_sha(src) == md.meta["input"]["image"]["sha256"]:
             img, note = load_image(src), "drawn on the matching image from the image box"
-        session = Session.of_run(md, va, img, truth.for_trace(md), [str(p) for p in paths], note)
+        session = Session.of_run(md, va, img, truth.for_trace(md), [str(p) for p in paths], note, compare=other)
         return show_session(session, bool(show_gt),
                             f"**Replaying** the trace of `{md.meta['model']['id']}` (preset "
-                            f"{md.meta['config'].get('preset')}{', with vanilla' if va is not None else ', no vanilla trace'})"
+                            f"{md.meta['config'].get('preset')}{', with vanilla' if va is not None else ', no vanilla trace'}"
+                            f"{'' if other is None else ', compared with ' + other.meta['config'].get('preset')})"
                             f" without the model; {note}")
 
     def on_layer(session, layer, sel, show_gt):
@@ -210,8 +215,9 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
             return {preset_in: "custom"}
         return {stale_md: stale_note(session, preset, knob_values)}
 
-    def api_analyze(image, question, preset):
-        """/analyze: (image, question, preset) -> trace file, vanilla answer, MustDrop answer."""
+    def api_analyze(image, question, preset, method="none"):
+        """/analyze: (image, question, preset[, method]) -> trace file, vanilla answer, MustDrop answer,
+        and with a method: its trace file, its answer and the comparison (vis.compare.summary)."""
         try:
             src = inputs.payload_path(image)
             if src is None:
@@ -220,11 +226,14 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
                 raise ValueError(f"/analyze takes a preset in {', '.join(PRESET_NAMES)}, got {preset!r}; a custom "
                                  "configuration runs in the app's advanced panel")
             config = lens.config(str(preset))
-            vanilla, trace, _ = lens.analyze(src, question, config, 16)
+            vanilla, trace, _, other = lens.analyze(src, question, config, 16, compare=compare_method(method))
         except user_errors() as e:
             raise gr.Error(str(e)) from None
         path = trace.save(workdir.folder("api", trace) / f"mustdrop-{trace.meta['config'].get('preset')}.safetensors")
-        return str(path), vanilla.answer, trace.answer
+        if other is None:
+            return str(path), vanilla.answer, trace.answer, None, "", None
+        summary = vis_compare.summary(trace, other, trace.start_layer, all_layers=True)
+        return (str(path), vanilla.answer, trace.answer, save_comparison(other, str(path))[0], other.answer, summary)
 
     # ------------------------------------------------------------------ layout
     model_note = ("" if lens.load_error is None else
@@ -246,6 +255,7 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
                                          elem_id="question_in")
                 preset_in = gr.Radio(PRESETS, value="64", label="Preset (average vision-token budget)",
                                      elem_id="preset_in")
+                compare_in = of("CompareView").choice_input()
                 with gr.Accordion("Advanced: every MustDrop knob (used when the preset is 'custom')", open=False):
                     d = lens.defaults("64")
                     with gr.Row():
@@ -305,13 +315,19 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
         api_trace = gr.File(visible="hidden", label="trace")
         api_vanilla = gr.Textbox(visible="hidden", label="vanilla answer")
         api_md = gr.Textbox(visible="hidden", label="MustDrop answer")
+        api_method = gr.Dropdown(list(COMPARE_METHODS), value="none", label="compare with (same budget)",
+                                 visible="hidden")
+        api_compare_trace = gr.File(visible="hidden", label="comparison trace")
+        api_compare_answer = gr.Textbox(visible="hidden", label="comparison answer")
+        api_compare = gr.JSON(visible="hidden", label="comparison")
         api_btn = gr.Button(visible="hidden")
 
         # ------------------------------------------------------------------ wiring
         files, inspector = of("FilesView"), of("Inspector")
         knobs = [k_window, k_merge_thr, k_key_rate, k_prune, k_gthr, k_ithr, k_positions, k_1a, k_1b, k_2, k_3]
         session_outputs = outputs_on(None) + [state, sel_state, stale_md, layer_slider, crop_in, status]
-        run_inputs = [image_in, question_in, preset_in] + knobs + [max_new_in, mode_in, temp_in, top_p_in, seed_in, show_gt]
+        run_inputs = [image_in, question_in, preset_in] + knobs + [max_new_in, mode_in, temp_in, top_p_in, seed_in, show_gt,
+                                                                   compare_in]
         redraw_inputs = [state, layer_slider, sel_state, show_gt]
         quiet = dict(api_visibility="undocumented", queue=False, show_progress="hidden")
         run_btn.click(guarded(on_run), run_inputs, session_outputs, api_name="run", api_visibility="undocumented",
@@ -335,9 +351,13 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
         preset_in.change(guarded(on_preset), [state, preset_in] + knobs, knobs + [stale_md, status], **quiet)
         for k in knobs:
             k.input(guarded(on_knob), [state, preset_in] + knobs, [preset_in, stale_md, status], **quiet)
-        api_btn.click(api_analyze, [image_in, question_in, api_preset], [api_trace, api_vanilla, api_md],
+        api_btn.click(api_analyze, [image_in, question_in, api_preset, api_method],
+                      [api_trace, api_vanilla, api_md, api_compare_trace, api_compare_answer, api_compare],
                       api_name="analyze", api_description="Run vanilla and MustDrop on (image, question, preset "
-                      "off|192|128|64); returns the MustDrop trace file and both answers.", preprocess=False,
+                      "off|192|128|64); returns the MustDrop trace file and both answers. With method (fastv, "
+                      "visionzip, fastervlm, pdrop, random, pool; default none) it also runs that method at the "
+                      "MustDrop run's budget and returns its trace file, its answer and the comparison (overlap "
+                      "counts after the first prune layer, budgets in both conventions).", preprocess=False,
                       concurrency_limit=1, concurrency_id="model")
     demo.lens = lens
     demo.workdir = workdir.root

@@ -1,7 +1,9 @@
 """The model side of the app: the model loaded once, one lock around it, a cache of vanilla runs.
 
 ``Lens.analyze`` is the only way the app reaches the model, and ``_run_model`` (under
-``spaces.GPU`` on a ZeroGPU Space) the only place it calls it.
+``spaces.GPU`` on a ZeroGPU Space) the only place it calls it. With ``compare=METHOD`` it also runs
+a same-budget baseline at the budget of the MustDrop run it just made (``mustdrop.matched``: the
+rule ``analysis.sweep compare`` uses).
 """
 
 from __future__ import annotations
@@ -10,10 +12,11 @@ import hashlib
 import threading
 from collections import OrderedDict
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
-from mustdrop.config import PRESET_NAMES, MustDropConfig
+from mustdrop.config import BASELINE_NAMES, PRESET_NAMES, MustDropConfig
 from mustdrop.images import ImageInputError, load_image
 from mustdrop.trace import TraceError
 
@@ -38,6 +41,27 @@ HERE = Path(__file__).resolve().parents[1]        # the repository: assets/ and 
 DEFAULT_MODEL = "assets/toy-llava"
 PRESETS = list(PRESET_NAMES) + ["custom"]
 VANILLA_CACHE_SIZE = 32
+COMPARE_NONE = "none"
+COMPARE_METHODS = (COMPARE_NONE, "fastv", "visionzip", "fastervlm", "pdrop", "random", "pool")
+COMPARE_CHOICES = [("none", COMPARE_NONE)] + [(BASELINE_NAMES[m], m) for m in COMPARE_METHODS[1:]]
+
+
+def compare_method(value) -> str | None:
+    """A "compare with" value as a baseline method (None for none), or a ValueError naming the choices."""
+    if value is None or value == "" or value == COMPARE_NONE:
+        return None
+    if value not in COMPARE_METHODS:
+        raise ValueError(f"unknown comparison method {value!r}; choose one of {', '.join(COMPARE_METHODS)}")
+    return str(value)
+
+
+class Analysis(NamedTuple):
+    """One analysis: the vanilla and MustDrop traces, the image, and the comparison trace (or None)."""
+
+    vanilla: object
+    trace: object
+    image: object
+    compare: object = None
 
 
 def user_errors() -> tuple:
@@ -50,15 +74,15 @@ def user_errors() -> tuple:
         return errors
 
 
-def stage_progress(say, run_name: str, start: float):
+def stage_progress(say, run_name: str, start: float, span: float = 0.5):
     """A run's progress callback (stage ids, see RUN_STAGES) as (fraction, words) for a progress bar
-    on which this run takes the half starting at ``start``."""
+    on which this run takes the ``span`` starting at ``start``."""
     from mustdrop.adapters.llava import RUN_STAGES
 
     order = list(RUN_STAGES)
 
     def report(stage: str):
-        say(start + 0.5 * order.index(stage) / len(order), f"{run_name}: {RUN_STAGES[stage]}")
+        say(start + span * order.index(stage) / len(order), f"{run_name}: {RUN_STAGES[stage]}")
     return report
 
 
@@ -127,11 +151,17 @@ class Lens:
             raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
         return runner.config_for(preset)
 
-    def analyze(self, image, question, config, max_new_tokens=16, sampling=None, progress=None):
-        """(vanilla trace, MustDrop trace, image) for one input; vanilla cached per model, image,
-        question and decoding settings."""
+    def analyze(self, image, question, config, max_new_tokens=16, sampling=None, progress=None,
+                compare: str | None = None) -> Analysis:
+        """Analysis(vanilla trace, MustDrop trace, image, comparison trace or None) for one input;
+        vanilla cached per model, image, question and decoding settings. ``compare``: a baseline
+        method run at the MustDrop run's budget (mustdrop.matched.matched_config), its random seed
+        the decoding seed."""
         from mustdrop.adapters import Sampling
 
+        method = compare_method(compare)
+        if method is not None and not config.enabled:
+            raise ValueError("a same-budget comparison needs a MustDrop run that prunes: choose a preset other than off")
         runner = self.load()
         sampling = sampling or Sampling()
         img = load_image(image)
@@ -140,6 +170,7 @@ class Lens:
         key = (self.model_id, sha, q, int(max_new_tokens), float(sampling.temperature), float(sampling.top_p),
                int(sampling.seed))
         say = progress or (lambda frac, desc: None)
+        span = 0.5 if method is None else 1 / 3
         with self._lock:
             vanilla = self._vanilla.get(key)
             if vanilla is not None:
@@ -148,12 +179,19 @@ class Lens:
                 say(0.5, "vanilla: cached")
             else:
                 vanilla = _run_model(runner, img, q, runner.config_for("off"), max_new_tokens=max_new_tokens,
-                                     sampling=sampling, progress=stage_progress(say, "vanilla", 0.0)).trace
+                                     sampling=sampling, progress=stage_progress(say, "vanilla", 0.0, span)).trace
                 self._vanilla[key] = vanilla
                 while len(self._vanilla) > VANILLA_CACHE_SIZE:
                     self._vanilla.popitem(last=False)
             if not config.enabled:
-                return vanilla, vanilla, img
+                return Analysis(vanilla, vanilla, img)
             trace = _run_model(runner, img, q, config, max_new_tokens=max_new_tokens, sampling=sampling,
-                               progress=stage_progress(say, f"MustDrop {config.preset}", 0.5)).trace
-        return vanilla, trace, img
+                               progress=stage_progress(say, f"MustDrop {config.preset}", span, span)).trace
+            other = None
+            if method is not None:
+                from mustdrop.matched import matched_config
+
+                cfg = matched_config(runner, method, trace, seed=int(sampling.seed))
+                other = _run_model(runner, img, q, cfg, max_new_tokens=max_new_tokens, sampling=sampling,
+                                   progress=stage_progress(say, BASELINE_NAMES[method], 2 * span, span)).trace
+        return Analysis(vanilla, trace, img, other)

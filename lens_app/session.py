@@ -1,7 +1,8 @@
-"""What one visitor is looking at: the two traces of a run and what is drawn from them.
+"""What one visitor is looking at: the traces of a run and what is drawn from them.
 
 A Session lives in the visitor's ``gr.State``; every view draws from a Session and a Frame, never
-from the model. A Frame is the part of the page state a redraw depends on: the LLM layer on the
+from the model. Beside the MustDrop and vanilla traces it may hold a comparison: a same-budget
+baseline's trace of the same input (run by "compare with", or uploaded with the others). A Frame is the part of the page state a redraw depends on: the LLM layer on the
 slider, the inspected patch, whether ground-truth outlines are shown.
 """
 
@@ -13,7 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mustdrop import vis
-from mustdrop.trace import Trace
+from mustdrop.trace import Trace, TraceError
+from mustdrop.vis import compare as vis_compare
 
 CANVAS = 480                               # overlay size in pixels (G * cell)
 
@@ -27,13 +29,17 @@ class Session:
     files: list[str] = field(default_factory=list)   # the trace files offered for download
     note: str = ""
     crop: int = 0
+    compare: Trace | None = None                     # a same-budget baseline of the same input, or None
     _canvases: dict = field(default_factory=dict, repr=False)
 
     @classmethod
-    def of_run(cls, trace: Trace, vanilla: Trace | None, image, gt=None, files=(), note="") -> "Session":
+    def of_run(cls, trace: Trace, vanilla: Trace | None, image, gt=None, files=(), note="",
+               compare: Trace | None = None) -> "Session":
         """A session whose overlays are drawn on ``image`` (None: on grey)."""
+        if compare is not None:
+            vis_compare.check_pair(trace, compare)
         views = None if image is None else [vis.model_view(image, trace, crop=c) for c in range(trace.n_crops)]
-        return cls(trace, vanilla, views, gt, list(files), note)
+        return cls(trace, vanilla, views, gt, list(files), note, compare=compare)
 
     @property
     def geometry(self) -> vis.Geometry:
@@ -78,3 +84,29 @@ class Frame:
         """The drawing arguments every overlay of this frame takes."""
         return dict(base=session.canvas(), selected=self.selected, gt_masks=session.ground_truth(self.show_gt),
                     crop=session.crop)
+
+
+def split_comparison(traces: list[Trace]) -> tuple[list[Trace], Trace | None]:
+    """Uploaded traces as (MustDrop + vanilla ones, comparison or None): a baseline's trace is the
+    comparison when a MustDrop run that prunes is among them; alone (or with its vanilla trace) it
+    is replayed as the run itself."""
+    def baseline(t):
+        return (t.meta.get("config") or {}).get("method", "mustdrop") != "mustdrop"
+
+    pruning = [t for t in traces if not baseline(t) and not t.is_vanilla]
+    others = [t for t in traces if baseline(t)]
+    if not pruning or not others:
+        return list(traces), None
+    if len(others) > 1:
+        raise TraceError("upload at most one comparison (same-budget baseline) trace beside the MustDrop trace")
+    return [t for t in traces if t is not others[0]], others[0]
+
+
+def save_comparison(compare: Trace | None, beside: str) -> list[str]:
+    """The comparison trace as a file to download, in the folder of the run's other traces."""
+    if compare is None:
+        return []
+    from pathlib import Path
+
+    method = compare.meta["config"].get("method")
+    return [str(compare.save(Path(beside).parent / f"compare-{method}.safetensors"))]

@@ -62,7 +62,7 @@ def files(tmp_path_factory):
 
 def analyze(client, path, question="what color is the square?", preset="64"):
     from gradio_client import handle_file
-    return client.predict(handle_file(str(path)), question, preset, api_name="/analyze")
+    return client.predict(handle_file(str(path)), question, preset, api_name="/analyze")[:3]   # no comparison
 
 
 def test_analyze_endpoint_returns_trace_and_answers(client, files, server):

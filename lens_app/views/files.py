@@ -35,5 +35,6 @@ class FilesView(View):
         """The slide of the crop and layer shown, as PNG + PDF files and a preview."""
         view = s.views[s.crop] if s.views else None
         png, pdf = vis.save_slides(s.trace, workdir.folder("slides", s.trace), vanilla=s.vanilla, layer=f.layer,
-                                   gt_masks=s.ground_truth(f.show_gt), view=view, crop=s.crop)
+                                   gt_masks=s.ground_truth(f.show_gt), view=view, crop=s.crop,
+                                   compare=s.compare)
         return {self.slides: [str(png), str(pdf)], self.preview: str(png)}

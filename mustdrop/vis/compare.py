@@ -131,14 +131,18 @@ def budgets(md, other) -> dict:
     return out
 
 
-def summary(md, other, layer: int, crop: int = 0) -> dict:
-    """What the comparison shows, as plain data (the /analyze API returns it as JSON)."""
+def summary(md, other, layer: int, crop: int = 0, all_layers: bool = False) -> dict:
+    """What the comparison shows, as plain data (the /analyze API returns it as JSON, with
+    ``all_layers`` the overlap after every LLM layer too)."""
     b = budgets(md, other)
-    return {"method": (other.meta.get("config") or {}).get("method"), "method_name": method_name(other),
+    out = {"method": (other.meta.get("config") or {}).get("method"), "method_name": method_name(other),
             "layer": int(layer), "overlap": overlap_counts(md, other, layer, crop),
             "answers": {"mustdrop": md.answer, "other": other.answer},
             "equivalent_tokens": {"mustdrop": b["mustdrop"], "other": b["other"]}, "budget_given": b["given"],
             "tokens_after_layer": {"mustdrop": tokens_after(md, layer), "other": tokens_after(other, layer)}}
+    if all_layers:
+        out["overlap_per_layer"] = [overlap_counts(md, other, k, crop) for k in range(md.num_layers)]
+    return out
 
 
 def compare_markdown(md, other, layer: int, vanilla=None, crop: int = 0) -> str:

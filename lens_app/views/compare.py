@@ -1,0 +1,53 @@
+"""MustDrop against a same-budget baseline on the same image: each one's kept patches after the LLM
+layer on the slider, their overlap (both / only MustDrop / only the other), the counts, both answers
+and both budgets in both token conventions. Drawn from the two traces alone (mustdrop.vis.compare)."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from mustdrop.vis import compare as vc
+
+from ..engine import COMPARE_CHOICES, COMPARE_NONE
+from .base import CROP, GT, LAYER, SELECTION, View, image_output, view
+
+NONE_NOTE = ("**No comparison in this session.** Choose a method under **Compare with (same budget)** and press "
+             "**Run**; or upload a baseline's trace (e.g. the `compare-*.safetensors` a comparison run offers) "
+             "together with the MustDrop trace.")
+
+
+@view
+class CompareView(View):
+    tab, tab_id, order = "Compare", "tab_compare", 45
+    depends = frozenset({LAYER, SELECTION, CROP, GT})
+
+    def choice_input(self):
+        """The "compare with" choice; app.py places it among the run inputs."""
+        self.choice = gr.Dropdown(COMPARE_CHOICES, value=COMPARE_NONE, label="Compare with (same budget)",
+                                  info="runs this method at the MustDrop run's budget on the same image",
+                                  elem_id="compare_in")
+        return self.choice
+
+    def build(self):
+        with gr.Row():
+            self.mustdrop = image_output("MustDrop: kept after this layer", "img_cmp_md")
+            self.other = image_output("compared method: kept after this layer", "img_cmp_other")
+        with gr.Row():
+            self.overlap = image_output("overlap: both / only MustDrop / only the compared method", "img_cmp_overlap")
+            self.text = gr.Markdown(NONE_NOTE, elem_id="compare_md")
+        self.legend = gr.HTML()
+
+    @property
+    def outputs(self):
+        return [self.mustdrop, self.other, self.overlap, self.text, self.legend]
+
+    def draw(self, s, f):
+        other = s.compare
+        if other is None:
+            return {self.mustdrop: None, self.other: None, self.overlap: None, self.text: NONE_NOTE, self.legend: ""}
+        kw = f.kw(s)
+        return {self.mustdrop: vc.kept_overlay(s.trace, f.layer, "mustdrop", **kw),
+                self.other: vc.kept_overlay(other, f.layer, "other", **kw),
+                self.overlap: vc.overlap_overlay(s.trace, other, f.layer, **kw),
+                self.text: vc.compare_markdown(s.trace, other, f.layer, vanilla=s.vanilla, crop=s.crop),
+                self.legend: vc.legend_html(other)}
