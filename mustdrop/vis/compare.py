@@ -169,7 +169,7 @@ def compare_markdown(md, other, layer: int, vanilla=None, crop: int = 0) -> str:
              "covering it (alone, a merged window, a VisionZip contextual token, a pooled cell) is still in the "
              "sequence after the layer."]
     if vanilla is not None:
-        lines.insert(1, f"Vanilla answer: {esc(vanilla.answer)}")
+        lines[1:1] = ["", f"Vanilla answer (no pruning): {esc(vanilla.answer)}"]
     return "\n".join(lines)
 
 
