@@ -256,6 +256,7 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
                 preset_in = gr.Radio(PRESETS, value="64", label="Preset (average vision-token budget)",
                                      elem_id="preset_in")
                 compare_in = of("CompareView").choice_input()
+                compare_state = gr.State("none")      # the choice, held server-side: /run keeps its parameters
                 with gr.Accordion("Advanced: every MustDrop knob (used when the preset is 'custom')", open=False):
                     d = lens.defaults("64")
                     with gr.Row():
@@ -327,7 +328,7 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
         knobs = [k_window, k_merge_thr, k_key_rate, k_prune, k_gthr, k_ithr, k_positions, k_1a, k_1b, k_2, k_3]
         session_outputs = outputs_on(None) + [state, sel_state, stale_md, layer_slider, crop_in, status]
         run_inputs = [image_in, question_in, preset_in] + knobs + [max_new_in, mode_in, temp_in, top_p_in, seed_in, show_gt,
-                                                                   compare_in]
+                                                                   compare_state]
         redraw_inputs = [state, layer_slider, sel_state, show_gt]
         quiet = dict(api_visibility="undocumented", queue=False, show_progress="hidden")
         run_btn.click(guarded(on_run), run_inputs, session_outputs, api_name="run", api_visibility="undocumented",
@@ -348,6 +349,7 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
         files.slides_button.click(guarded(on_slides), [state, layer_slider, show_gt],
                                   [files.slides, files.preview, status], api_visibility="undocumented",
                                   concurrency_limit=2)
+        compare_in.change(lambda v: v, compare_in, compare_state, **quiet)
         preset_in.change(guarded(on_preset), [state, preset_in] + knobs, knobs + [stale_md, status], **quiet)
         for k in knobs:
             k.input(guarded(on_knob), [state, preset_in] + knobs, [preset_in, stale_md, status], **quiet)

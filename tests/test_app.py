@@ -74,7 +74,7 @@ def test_analyze_endpoint_returns_trace_and_answers(client, files, server):
     api = client.view_api(return_format="dict", print_info=False)
     assert "/analyze" in api["named_endpoints"]
     params = [p["label"] for p in api["named_endpoints"]["/analyze"]["parameters"]]
-    assert params == ["Image", "Question", "Preset (average vision-token budget)"]
+    assert params == ["Image", "Question", "Preset (average vision-token budget)", "compare with (same budget)"]
 
 
 def test_vanilla_is_cached(server, files, client):

@@ -83,7 +83,7 @@ def tokens_after(trace, layer: int) -> int:
     return int(trace.meta["vision_tokens_per_layer"][int(layer)]) - (int(s["dropped"]) if s else 0)
 
 
-def _draw(trace, codes, colours, layer, base, selected, gt_masks, crop):
+def _draw(trace, codes, colours, base, selected, gt_masks, crop):
     from .overlays import _finish, _prepare
 
     geom, base = _prepare(trace, None, base, crop)
@@ -91,7 +91,7 @@ def _draw(trace, codes, colours, layer, base, selected, gt_masks, crop):
     rgb = np.zeros((G, G, 3), np.uint8)
     for code, c in colours.items():
         rgb[codes == code] = c
-    alpha = np.where(np.isin(codes, (NEITHER,)), 0.7, 0.45).astype(np.float32)
+    alpha = np.where(codes == NEITHER, 0.7, 0.45).astype(np.float32)
     return _finish(paint(base, geom, rgb, alpha), geom, selected, gt_masks)
 
 
@@ -99,7 +99,7 @@ def kept_overlay(trace, layer: int, side: str = "other", *, base=None, selected=
                  crop: int = 0) -> np.ndarray:
     """One run's kept patches after ``layer``: exact colours kept_colours(side)."""
     kept = kept_after(trace, layer, crop)
-    img = _draw(trace, np.where(kept, KEPT, NOT_KEPT), kept_colours(side), layer, base, None, None, crop)
+    img = _draw(trace, np.where(kept, KEPT, NOT_KEPT), kept_colours(side), base, None, None, crop)
     from .overlays import _finish
 
     geom = Geometry(trace.grid, max(1, img.shape[0] // trace.grid))
@@ -117,7 +117,7 @@ def shared_token(trace, crop: int = 0) -> np.ndarray:
 
 def overlap_overlay(md, other, layer: int, *, base=None, selected=None, gt_masks=None, crop: int = 0) -> np.ndarray:
     """Both runs' kept patches after ``layer`` in the four overlap categories (OVERLAP_COLOURS)."""
-    return _draw(md, overlap_map(md, other, layer, crop), OVERLAP_COLOURS, layer, base, selected, gt_masks, crop)
+    return _draw(md, overlap_map(md, other, layer, crop), OVERLAP_COLOURS, base, selected, gt_masks, crop)
 
 
 def budgets(md, other) -> dict:
@@ -150,7 +150,7 @@ def compare_markdown(md, other, layer: int, vanilla=None, crop: int = 0) -> str:
     s = summary(md, other, layer, crop)
     name, o, e = s["method_name"], s["overlap"], s["equivalent_tokens"]
     n = sum(o.values())
-    esc = lambda x: html.escape(str(x))  # noqa: E731
+    esc = lambda x: html.escape(" ".join(str(x).split())).replace("|", "\\|")  # noqa: E731 - inside a table
     lines = [f"**MustDrop {esc(md.meta['config'].get('preset'))} against {esc(name)} at the same budget**, "
              f"after LLM layer {layer} (patches of {n}):", "",
              "| kept by both | only by MustDrop | only by " + esc(name) + " | by neither |", "|---|---|---|---|",
