@@ -359,7 +359,8 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
                       "off|192|128|64); returns the MustDrop trace file and both answers. With method (fastv, "
                       "visionzip, fastervlm, pdrop, random, pool; default none) it also runs that method at the "
                       "MustDrop run's budget and returns its trace file, its answer and the comparison (overlap "
-                      "counts after the first prune layer, budgets in both conventions).", preprocess=False,
+                      "counts after the first prune layer and after every layer, budgets in both conventions).",
+                      preprocess=False,
                       concurrency_limit=1, concurrency_id="model")
     demo.lens = lens
     demo.workdir = workdir.root

@@ -30,7 +30,7 @@ def runs(tiny):
     img = half_textured_image()
     out = {}
     for m in METHODS:
-        a = lens.analyze(img, QUESTION, lens.config("64"), 2, compare=m)
+        a = lens.analyze(img, QUESTION, lens.config("64"), 1, compare=m)
         out[m] = a.compare
     out["md"], out["vanilla"], out["image"] = a.trace, a.vanilla, img
     assert lens.vanilla_hits == len(METHODS) - 1, "the vanilla run is cached across comparisons"
@@ -142,20 +142,17 @@ def test_uploaded_traces_split_into_run_and_comparison(runs):
         Session.of_run(md, va, None, compare=other_input)
 
 
-def test_slide_has_the_comparison_panel(runs, tmp_path):
-    from mustdrop.vis import save_slides, slide_figure
+def test_slide_has_the_comparison_panel(runs):
+    from mustdrop.vis import slide_figure
 
     md = runs["md"]
-    plain = slide_figure(md, vanilla=runs["vanilla"], layer=md.start_layer)
     fig = slide_figure(md, vanilla=runs["vanilla"], layer=md.start_layer, compare=runs["fastv"])
-    assert len(fig.axes) == len(plain.axes) + 2
+    assert len(fig.axes) == 2 * 3 + 2, "the 2 x 3 slide and the comparison's overlap and numbers"
     titles = [ax.get_title() for ax in fig.axes]
     assert f"vs FastV, layer {md.start_layer}" in titles
     o = vc.overlap_counts(md, runs["fastv"], md.start_layer)
     labels = [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
     assert f"both: {o['both']}" in labels and f"only FastV: {o['only_other']}" in labels
-    png, pdf = save_slides(md, tmp_path, vanilla=runs["vanilla"], compare=runs["fastv"])
-    assert png.stat().st_size > 0 and pdf.read_bytes()[:4] == b"%PDF"
 
 
 # ----------------------------------------------------------------------------- the API
