@@ -27,6 +27,8 @@ class Session:
     files: list[str] = field(default_factory=list)   # the trace files offered for download
     note: str = ""
     crop: int = 0
+    opacity: float = vis.DEFAULT_OPACITY             # how strongly the category colours tint the image
+    image_name: str = ""                             # the image's file name, for the slide file names
     _canvases: dict = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -77,4 +79,4 @@ class Frame:
     def kw(self, session: Session) -> dict:
         """The drawing arguments every overlay of this frame takes."""
         return dict(base=session.canvas(), selected=self.selected, gt_masks=session.ground_truth(self.show_gt),
-                    crop=session.crop)
+                    crop=session.crop, opacity=session.opacity)

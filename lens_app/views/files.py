@@ -35,5 +35,7 @@ class FilesView(View):
         """The slide of the crop and layer shown, as PNG + PDF files and a preview."""
         view = s.views[s.crop] if s.views else None
         png, pdf = vis.save_slides(s.trace, workdir.folder("slides", s.trace), vanilla=s.vanilla, layer=f.layer,
-                                   gt_masks=s.ground_truth(f.show_gt), view=view, crop=s.crop)
+                                   gt_masks=s.ground_truth(f.show_gt), view=view, crop=s.crop,
+                                   opacity=getattr(s, "opacity", vis.DEFAULT_OPACITY),
+                                   image_name=getattr(s, "image_name", None) or None)
         return {self.slides: [str(png), str(pdf)], self.preview: str(png)}
