@@ -1,7 +1,7 @@
 """Colours of every view, one meaning per colour, and the opacity of the category tints.
 
 One table, used by every tab, legend, slide and curve. Hues are OKLCH hue angles (a perceptual hue
-circle); every coloured meaning sits at least 25 degrees (by design about 30) from every other one,
+circle); every coloured meaning sits at least 30 degrees from every other one,
 the score ramp included, and the neutrals (black to white) differ in lightness by at least 30 grey
 levels. Okabe-Ito colours (colour-blind safe) where they fit; the few others are chosen so that, in
 every view, the colours shown together stay apart under simulated deuteranopia, protanopia and
@@ -11,13 +11,13 @@ tritanopia (tests/test_palette.py checks the hues, the greys and the simulations
     vermillion        213,  94,   0    dropped at this prune layer (2; prune-layer lines of the curves)
     yellow            240, 228,  66    key token: never dropped (1b outline, 2 status)
     lime              two shades       merged window, one token (1a; light / dark shades alternate)
-    bluish green        0, 158, 115    kept: global share above its threshold (2)
+    bluish green        0, 161, 127    kept: global share above its threshold (2)
     teal ramp         dark -> light    score, low -> high (1a similarity, 1b key score, 2 both scores)
     blue                0, 114, 178    kept: both scores above their thresholds (2)
     violet             88,  77, 197    trimmed by stage 3: processed in prefill, not in the cache (3)
     purple            139,  47, 176    kept only by MustDrop (compare)
-    reddish purple    204, 121, 167    kept: individual max above its threshold (2)
-    rose              237, 101, 118    kept only by the compared method (compare)
+    reddish purple    214, 136, 179    kept: individual max above its threshold (2)
+    rose              237, 101, 114    kept only by the compared method (compare)
     white             255, 255, 255    untouched: not merged (1a), in this layer's KV cache (3) — no tint
     light grey        224, 224, 224    kept by both methods (compare)
     grey              192, 192, 192    answer tokens from the first difference on (answers, text only)
@@ -82,12 +82,12 @@ def _rgb(v) -> tuple[int, int, int]:
 # ----------------------------------------------------------------------------- the meanings
 VERMILLION = (213, 94, 0)
 YELLOW = (240, 228, 66)
-BLUISH_GREEN = (0, 158, 115)
+BLUISH_GREEN = (0, 161, 127)           # Okabe-Ito bluish green (0, 158, 115) turned 5 degrees to 171
 BLUE = (0, 114, 178)
 VIOLET = (88, 77, 197)
 PURPLE = (139, 47, 176)
-REDDISH_PURPLE = (204, 121, 167)
-ROSE = (237, 101, 118)
+REDDISH_PURPLE = (214, 136, 179)         # Okabe-Ito reddish purple (204, 121, 167), lighter
+ROSE = (237, 101, 114)
 WHITE = (255, 255, 255)
 BLACK = (0, 0, 0)
 
@@ -151,22 +151,22 @@ def check_opacity(opacity) -> float:
 
 
 # ----------------------------------------------------------------------------- merge groups
-MERGE_HUE = 135.0
+MERGE_HUE = 137.0
 _MERGE_SHADES = ((0.80, 0.15), (0.62, 0.15))      # (OKLCH lightness, chroma): light and dark windows
 
 
 def _merge_table() -> np.ndarray:
     """(2, 256, 3) uint8: 256 distinct exact colours per shade, all of the merge hue.
 
-    Colour i of a shade is the shade's colour nudged by (i & 7, (i >> 3) & 7, i >> 6) steps in
-    R, G, B, so the 256 colours are distinct by construction and barely differ to the eye.
+    Colour i of a shade is the shade's OKLCH colour with lightness and chroma nudged by (i & 15) and
+    (i >> 4) small steps, at the same hue: distinct after rounding (tests/test_palette.py checks),
+    barely different to the eye.
     """
     out = np.zeros((2, 256, 3), np.uint8)
-    i = np.arange(256)
-    nudge = np.stack([(i & 7) * 2 - 7, ((i >> 3) & 7) * 2 - 7, (i >> 6) * 2 - 3], -1)
     for s, (L, C) in enumerate(_MERGE_SHADES):
-        base, _ = _from_oklch(L, C, MERGE_HUE)
-        out[s] = np.clip(np.round(base) + nudge, 0, 255)
+        for i in range(256):
+            dL, dC = ((i & 15) - 7.5) * 0.004, ((i >> 4) - 7.5) * 0.003
+            out[s, i] = _rgb(_from_oklch(L + dL, C + dC, MERGE_HUE)[0])
     return out
 
 
