@@ -263,7 +263,7 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
                         k_window = gr.Number(d.window, label="window (w x w)", precision=0)
                         k_merge_thr = gr.Number(d.merge_threshold, label="merge threshold (cosine)")
                         k_key_rate = gr.Number(d.key_keep_rate, label="key keep rate")
-                    k_prune = gr.Textbox(", ".join(str(x) for x in d.prune_layers), label="prune layers (0-indexed)")
+                    k_prune = gr.Textbox(", ".join(str(x) for x in d.prune_layers), label="prune layers (0-based)")
                     with gr.Row():
                         k_gthr = gr.Number(d.global_thr, label="global threshold")
                         k_ithr = gr.Number(d.individual_thr, label="individual threshold")
@@ -292,7 +292,7 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
                 for v in slot("top"):
                     v.build()
                 with gr.Row():
-                    layer_slider = gr.Slider(0, 31, value=0, step=1, label="LLM layer", elem_id="layer_slider",
+                    layer_slider = gr.Slider(0, 31, value=0, step=1, label="LLM layer (0-based)", elem_id="layer_slider",
                                              scale=3)
                     crop_in = gr.Dropdown(choices=[("image", 0)], value=0, label="crop (LLaVA-NeXT: base image, tiles)",
                                           visible=False, elem_id="crop_in", scale=1)
