@@ -365,9 +365,9 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
 
 
 def launch(demo: gr.Blocks, host="127.0.0.1", port=7860, **kw):
-    """Serve the app. Gradio's own banner is silenced (``quiet``): it ends with "To create a public
-    link, set `share=True`", a hint this app never wants (no public links, tests/test_security.py),
-    so the address is printed here instead."""
+    """Serve the app. Gradio's own banner is silenced (``quiet``): it ends with a hint to create a
+    public link (setting launch's share to true), which this app never wants (no public links,
+    tests/test_security.py), so the address is printed here instead."""
     demo.queue(default_concurrency_limit=1, max_size=64)
     kw.setdefault("state_session_capacity", 500)     # at most 500 visitors' view states (a few MB each) kept
     quiet = kw.setdefault("quiet", True)
