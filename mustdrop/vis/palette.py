@@ -1,8 +1,8 @@
 """Colours of every view, one meaning per colour, and the opacity of the category tints.
 
 One table, used by every tab, legend, slide and curve. Hues are OKLCH hue angles (a perceptual hue
-circle); every coloured meaning sits at least 30 degrees from every other one,
-the score ramp included, and the neutrals (black to white) differ in lightness by at least 30 grey
+circle); every coloured meaning sits at least 30 degrees from every other one, the score ramp
+included, and the neutrals (black to white) differ in lightness by at least 30 grey
 levels. Okabe-Ito colours (colour-blind safe) where they fit; the few others are chosen so that, in
 every view, the colours shown together stay apart under simulated deuteranopia, protanopia and
 tritanopia (tests/test_palette.py checks the hues, the greys and the simulations).
@@ -27,7 +27,8 @@ tritanopia (tests/test_palette.py checks the hues, the greys and the simulations
 
 Outlines are marks, told apart by shape: the inspected patch is a white square with a black inner
 line; ground-truth objects are contours on a black halo, light grey for every object and thick white
-for the one the question asks about; key tokens are outlined in their yellow.
+for the one the question asks about; key tokens are outlined in their yellow. Curves are black and
+greys told apart by dash (no hue), their prune-layer lines vermillion (where stage 2 drops).
 
 Every cell also carries a centre dot in its EXACT category colour, whatever the opacity, so the
 pixels of an overlay decode back to its categories (:func:`mustdrop.vis.geometry.decode_categories`);
@@ -283,7 +284,6 @@ MEANINGS: dict[str, tuple[tuple[int, int, int], str]] = {
     "gone": (GONE, "gone before this layer"),
     "no_token": (NO_TOKEN, "no token"),
 }
-SAME_MEANING = ({"merged_light", "merged_dark"}, {"score_low", "score_high"})
 
 # ----------------------------------------------------------------------------- compare view
 COMPARE_BOTH = MEANINGS["compare_both"][0]
