@@ -116,6 +116,7 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
         gt = truth.for_trace(trace)
         saved = workdir.save_traces(trace, vanilla)
         session = Session.of_run(trace, vanilla, img, gt, saved + save_comparison(other, saved[0]), compare=other)
+        session.image_name = src if isinstance(src, str) else ""
         return show_session(session, bool(show_gt),
                             f"**Done:** vanilla and MustDrop ({trace.meta['config'].get('preset')})"
                             f"{'' if other is None else ' and ' + other.meta['config'].get('preset')} on "
@@ -169,6 +170,16 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
         rc = (inputs.number(row, "row", int), inputs.number(col, "column", int))
         vis.patch_lifecycle(session.trace, *rc, crop=session.crop)        # validates the range, clear message
         return select(session, layer, rc, show_gt)
+
+    def on_opacity(session, opacity, layer, sel, show_gt):
+        """The category colours' opacity: redraw the overlays (also after a run or upload, so a new
+        session takes the slider's value)."""
+        if not session or session.opacity == vis.check_opacity(opacity):
+            return unchanged()
+        session.opacity = vis.check_opacity(opacity)
+        out = draw(session, Frame.of(session, layer, sel, show_gt), SELECTION)
+        out[state] = session
+        return out
 
     def on_crop(session, crop, layer, show_gt):
         if not session:
@@ -263,7 +274,7 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
                         k_window = gr.Number(d.window, label="window (w x w)", precision=0)
                         k_merge_thr = gr.Number(d.merge_threshold, label="merge threshold (cosine)")
                         k_key_rate = gr.Number(d.key_keep_rate, label="key keep rate")
-                    k_prune = gr.Textbox(", ".join(str(x) for x in d.prune_layers), label="prune layers (0-indexed)")
+                    k_prune = gr.Textbox(", ".join(str(x) for x in d.prune_layers), label="prune layers (0-based)")
                     with gr.Row():
                         k_gthr = gr.Number(d.global_thr, label="global threshold")
                         k_ithr = gr.Number(d.individual_thr, label="individual threshold")
@@ -292,12 +303,15 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
                 for v in slot("top"):
                     v.build()
                 with gr.Row():
-                    layer_slider = gr.Slider(0, 31, value=0, step=1, label="LLM layer", elem_id="layer_slider",
+                    layer_slider = gr.Slider(0, 31, value=0, step=1, label="LLM layer (0-based)", elem_id="layer_slider",
                                              scale=3)
                     crop_in = gr.Dropdown(choices=[("image", 0)], value=0, label="crop (LLaVA-NeXT: base image, tiles)",
                                           visible=False, elem_id="crop_in", scale=1)
-                    show_gt = gr.Checkbox(True, label="ground-truth objects (scene-world examples; yellow = the one asked about)",
+                    show_gt = gr.Checkbox(True, label="ground-truth objects (scene-world examples; thick white = the one asked about)",
                                           elem_id="show_gt", scale=1)
+                    opacity_in = gr.Slider(0, 1, value=vis.DEFAULT_OPACITY, step=0.05, label="overlay opacity",
+                                           info="how strongly category colours tint the image", elem_id="opacity_in",
+                                           scale=1)
                 for v in slot("caption"):
                     v.build()
                 with gr.Tabs():
@@ -331,10 +345,15 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
                                                                    compare_state]
         redraw_inputs = [state, layer_slider, sel_state, show_gt]
         quiet = dict(api_visibility="undocumented", queue=False, show_progress="hidden")
+        opacity_inputs = [state, opacity_in, layer_slider, sel_state, show_gt]
+        opacity_outputs = outputs_on(SELECTION) + [state, status]
         run_btn.click(guarded(on_run), run_inputs, session_outputs, api_name="run", api_visibility="undocumented",
-                      preprocess=False, concurrency_limit=1, concurrency_id="model")
+                      preprocess=False, concurrency_limit=1, concurrency_id="model") \
+            .then(guarded(on_opacity), opacity_inputs, opacity_outputs, **quiet)
         files.upload.upload(guarded(on_upload), [files.upload, image_in, show_gt], session_outputs, api_name="replay",
-                            api_visibility="undocumented", preprocess=False, queue=False)
+                            api_visibility="undocumented", preprocess=False, queue=False) \
+            .then(guarded(on_opacity), opacity_inputs, opacity_outputs, **quiet)
+        opacity_in.change(guarded(on_opacity), opacity_inputs, opacity_outputs, trigger_mode="always_last", **quiet)
         layer_slider.change(guarded(on_layer), redraw_inputs, outputs_on(LAYER) + [status], api_name="layer",
                             trigger_mode="always_last", **quiet)
         show_gt.change(guarded(on_redraw), redraw_inputs, outputs_on(GT) + [status], **quiet)
@@ -369,8 +388,18 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
 
 
 def launch(demo: gr.Blocks, host="127.0.0.1", port=7860, **kw):
+    """Serve the app. Gradio's own banner is silenced (``quiet``): it ends with a hint to create a
+    public link (setting launch's share to true), which this app never wants (no public links,
+    tests/test_security.py), so the address is printed here instead."""
     demo.queue(default_concurrency_limit=1, max_size=64)
     kw.setdefault("state_session_capacity", 500)     # at most 500 visitors' view states (a few MB each) kept
-    return demo.launch(server_name=host, server_port=port, share=False, max_file_size=MAX_FILE_SIZE,
-                       show_error=False, footer_links=["api"],
-                       allowed_paths=[str(EXAMPLES_DIR)] + list(kw.pop("allowed_paths", [])), **kw)
+    quiet = kw.setdefault("quiet", True)
+    block = not kw.pop("prevent_thread_lock", False)
+    out = demo.launch(server_name=host, server_port=port, share=False, max_file_size=MAX_FILE_SIZE,
+                      show_error=False, footer_links=["api"], prevent_thread_lock=True,
+                      allowed_paths=[str(EXAMPLES_DIR)] + list(kw.pop("allowed_paths", [])), **kw)
+    if quiet:
+        print(f"* Running on local URL:  {demo.local_url}", flush=True)
+    if block:
+        demo.block_thread()
+    return out

@@ -30,6 +30,8 @@ class Session:
     note: str = ""
     crop: int = 0
     compare: Trace | None = None                     # a same-budget baseline of the same input, or None
+    opacity: float = vis.DEFAULT_OPACITY             # how strongly the category colours tint the image
+    image_name: str = ""                             # the image's file name, for the slide file names
     _canvases: dict = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -83,7 +85,7 @@ class Frame:
     def kw(self, session: Session) -> dict:
         """The drawing arguments every overlay of this frame takes."""
         return dict(base=session.canvas(), selected=self.selected, gt_masks=session.ground_truth(self.show_gt),
-                    crop=session.crop)
+                    crop=session.crop, opacity=session.opacity)
 
 
 def split_comparison(traces: list[Trace]) -> tuple[list[Trace], Trace | None]:

@@ -75,15 +75,23 @@ def test_merge_overlay_group_colours(traces):
     geom = vis.geometry(md)
     dots = vis.decode_dots(png_roundtrip(vis.merge_overlay(md, img)), geom)
     groups = md.arrays["tokens.groups"]
-    G = md.grid
-    n_merged = 0
+    G, w = md.grid, md.meta["stage1a"]["window"]
+    n_merged, merged_colours = 0, set()
     for tok, row in enumerate(groups):
         members = row[row >= 0]
         rr, cc = np.divmod(members, G)
-        expected = vis.group_colour(tok) if len(members) > 1 else vis.UNMERGED_DOT
+        shade = vis.window_shade(members[0], G, w)
+        expected = vis.group_colour(tok, shade) if len(members) > 1 else vis.UNMERGED_DOT
         assert (dots[rr, cc] == expected).all(), f"token {tok}"
-        n_merged += len(members) > 1
+        if len(members) > 1:
+            n_merged += 1
+            merged_colours.add(expected)
+            # neighbouring windows sit on the other shade of the checkerboard
+            r0, c0 = rr.min(), cc.min()
+            if c0 + w < G:
+                assert vis.window_shade(r0 * G + c0 + w, G, w) != shade
     assert n_merged == len(md.meta["stage1a"]["merged_windows"])
+    assert len(merged_colours) == n_merged, "every merge group has its own exact colour"
 
 
 def test_key_overlay_outlines_key_tokens(traces):
@@ -168,7 +176,7 @@ def test_selected_patch_and_ground_truth_outlines(traces):
     # the object the question asks about is outlined in its own colour
     two = np.concatenate([mask, np.roll(mask, -10, axis=1)])
     target = vis.merge_overlay(md, img, gt_masks=vis.GroundTruth(two, (0,)))
-    ys, xs = np.nonzero((target == vis.GT_TARGET).all(-1))
+    ys, xs = np.nonzero((target == vis.GT_TARGET).all(-1) & ~(plain == vis.GT_TARGET).all(-1))
     assert len(ys) and ys.min() >= 13 * geom.cell and xs.min() >= 14 * geom.cell
     ys, xs = np.nonzero((target == vis.GT_OUTLINE).all(-1) & ~(plain == vis.GT_OUTLINE).all(-1))
     assert len(ys) and ys.max() < 11 * geom.cell
@@ -458,7 +466,11 @@ def test_slides_command_line(traces, tmp_path, capsys):
     img.save(tmp_path / "img.png")
     assert vis.main([str(tmp_path / "md.safetensors"), "--vanilla", str(tmp_path / "va.safetensors"),
                      "--image", str(tmp_path / "img.png"), "--out", str(tmp_path / "out")]) == 0
-    assert (tmp_path / "out" / "mustdrop-slides.pdf").is_file()
+    stem = vis.slide_stem(md, None, "img.png")
+    assert stem.startswith("tiny-llava-64-img-") or "-64-img-" in stem
+    assert (tmp_path / "out" / f"{stem}.pdf").is_file() and (tmp_path / "out" / f"{stem}.png").is_file()
+    printed = capsys.readouterr().out
+    assert f"{stem}.png" in printed
     (tmp_path / "bad.safetensors").write_bytes(b"nope")
     assert vis.main([str(tmp_path / "bad.safetensors")]) == 2
     assert "not a MustDrop trace" in capsys.readouterr().out
@@ -481,7 +493,7 @@ def test_trace_written_before_the_key_score_rename_draws_its_key_score():
             assert values[p // t.grid, p % t.grid] == stored[tok]
     geom = vis.geometry(t)
     dots = vis.decode_dots(png_roundtrip(vis.key_overlay(t)), geom)
-    colours, _, finite = vis.heat_colours(values, "cividis", True)
+    colours, _, finite = vis.heat_colours(values, vis.HEATMAPS["key_score"][1], True)
     assert finite.all() and (dots == colours).all()
 
 
@@ -515,8 +527,8 @@ def test_slides_default_to_the_first_prune_layer(traces):
     fig = vis.slide_figure(t)
     titles = [ax.get_title() for ax in fig.axes]
     first = md.prune_layers[0]
-    assert any(t.startswith(f"2  filter after layer {first}:") for t in titles), titles
-    assert f"3  KV cache of layer {md.start_layer}" in titles
+    assert any(t.startswith(f"2  filter after layer {first} (0-based):") for t in titles), titles
+    assert f"3  KV cache of layer {md.start_layer} (0-based)" in titles
 
 
 def test_bytes_are_decimal_megabytes_as_in_the_readme():

@@ -1,5 +1,6 @@
-"""The question and both answers side by side, tokens from the first divergence on highlighted,
-each token's probability under the run that chose it."""
+"""The question and both answers side by side, tokens from the first divergence on highlighted (in
+the palette's neutral grey, a colour no overlay uses), special tokens such as ``</s>`` left out of
+the answer boxes, each token's probability under the run that chose it."""
 
 from __future__ import annotations
 
@@ -17,10 +18,13 @@ class AnswersView(View):
     def build(self):
         self.question = gr.Markdown(elem_id="q_md")
         with gr.Row():
-            kw = dict(color_map={"differs": "#E69F00"}, show_inline_category=False, show_legend=False)
+            kw = dict(color_map={"differs": vis.css(vis.ANSWER_DIFFERS)}, show_inline_category=False,
+                      show_legend=False)
             self.vanilla = gr.HighlightedText(label="Vanilla answer", elem_id="ans_vanilla", **kw)
             self.mustdrop = gr.HighlightedText(label="MustDrop answer", elem_id="ans_md", **kw)
         self.diff = gr.Markdown(elem_id="diff_md")
+        gr.Markdown("<small>Grey background: the answer's tokens from the first one that differs between the "
+                    "two runs on.</small>")
         with gr.Accordion("Each token's probability (under the run that chose it)", open=False):
             self.probs = gr.Markdown()
 

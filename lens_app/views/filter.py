@@ -34,7 +34,7 @@ class FilterView(View):
         tr, kw = s.trace, f.kw(s)
         pl = tr.stage2_layer_for(f.layer)
         if pl is None:
-            blank = vis.blank_overlay(tr, kw["base"])
+            blank = vis.blank_overlay(tr, kw["base"], kw.get("opacity", vis.DEFAULT_OPACITY))
             return {self.status: blank, self.global_share: blank, self.individual_max: blank,
                     self.legend: "<div>Stage 2 did not run in this trace (no prune layers / filter off).</div>"}
         return {self.status: vis.filter_overlay(tr, pl, **kw),
@@ -42,4 +42,4 @@ class FilterView(View):
                 self.individual_max: vis.heatmap_overlay(tr, "individual_max", layer=pl, **kw),
                 self.legend: (vis.legend_html("filter", tr, inspected=False)
                               + vis.legend_html("global_share", tr, pl, False, crop=s.crop)
-                              + vis.legend_html("individual_max", tr, pl, crop=s.crop))}
+                              + vis.legend_html("individual_max", tr, pl, crop=s.crop, gt=kw["gt_masks"] is not None))}

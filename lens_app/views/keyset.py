@@ -28,4 +28,5 @@ class KeySetView(View):
 
     def draw(self, s, f):
         return {self.image: vis.key_overlay(s.trace, **f.kw(s)),
-                self.legend: vis.legend_html("key_score", s.trace, crop=s.crop)}
+                self.legend: vis.legend_html("key_score", s.trace, crop=s.crop,
+                                             gt=s.ground_truth(f.show_gt) is not None)}

@@ -30,7 +30,9 @@ class KVCacheView(View):
         return [self.image]
 
     def draw(self, s, f):
-        return {self.image: vis.kv_overlay(s.trace, f.layer, **f.kw(s)), self.legend: vis.legend_html("kv", s.trace)}
+        kw = f.kw(s)
+        return {self.image: vis.kv_overlay(s.trace, f.layer, **kw),
+                self.legend: vis.legend_html("kv", s.trace, gt=kw["gt_masks"] is not None)}
 
 
 @view

@@ -32,4 +32,5 @@ class MergeView(View):
         tr, kw = s.trace, f.kw(s)
         return {self.groups: vis.merge_overlay(tr, **kw),
                 self.similarity: vis.heatmap_overlay(tr, "similarity", **kw),
-                self.legend: vis.legend_html("merge", tr, inspected=False) + vis.legend_html("similarity", tr, crop=s.crop)}
+                self.legend: vis.legend_html("merge", tr, inspected=False)
+                + vis.legend_html("similarity", tr, crop=s.crop, gt=kw["gt_masks"] is not None)}

@@ -20,9 +20,10 @@ from ..trace import TraceError
 from .geometry import Geometry, geometry, outline, paint
 from .palette import (COMPARE_BOTH, COMPARE_BOTH_LABEL, COMPARE_NEITHER, COMPARE_NEITHER_LABEL,
                       COMPARE_ONLY_MUSTDROP, COMPARE_ONLY_MUSTDROP_LABEL, COMPARE_ONLY_OTHER,
-                      COMPARE_ONLY_OTHER_LABEL, SELECT_OUTLINE)
+                      COMPARE_ONLY_OTHER_LABEL, DEFAULT_OPACITY, WEIGHT_KEPT, WEIGHT_REMOVED, WHITE,
+                      check_opacity)
 
-SHARED_OUTLINE = (255, 255, 255)     # thin border on the single-method maps: the patch shares its token
+SHARED_OUTLINE = WHITE               # thin border on the single-method maps: the patch shares its token
 
 NEITHER, ONLY_MUSTDROP, ONLY_OTHER, BOTH = 0, 1, 2, 3
 OVERLAP_COLOURS = {BOTH: COMPARE_BOTH, ONLY_MUSTDROP: COMPARE_ONLY_MUSTDROP, ONLY_OTHER: COMPARE_ONLY_OTHER,
@@ -83,23 +84,26 @@ def tokens_after(trace, layer: int) -> int:
     return int(trace.meta["vision_tokens_per_layer"][int(layer)]) - (int(s["dropped"]) if s else 0)
 
 
-def _draw(trace, codes, colours, base, selected, gt_masks, crop):
+def _draw(trace, codes, colours, base, selected, gt_masks, crop, opacity=DEFAULT_OPACITY):
+    """Cells tinted at the palette's weights (what neither keeps at full opacity, kept cells at half);
+    the centre dots hold the exact colours."""
     from .overlays import _finish, _prepare
 
+    o = check_opacity(opacity)
     geom, base = _prepare(trace, None, base, crop)
     G = trace.grid
     rgb = np.zeros((G, G, 3), np.uint8)
     for code, c in colours.items():
         rgb[codes == code] = c
-    alpha = np.where(codes == NEITHER, 0.7, 0.45).astype(np.float32)
+    alpha = (np.where(codes == NEITHER, WEIGHT_REMOVED, WEIGHT_KEPT) * o).astype(np.float32)
     return _finish(paint(base, geom, rgb, alpha), geom, selected, gt_masks)
 
 
 def kept_overlay(trace, layer: int, side: str = "other", *, base=None, selected=None, gt_masks=None,
-                 crop: int = 0) -> np.ndarray:
+                 crop: int = 0, opacity: float = DEFAULT_OPACITY) -> np.ndarray:
     """One run's kept patches after ``layer``: exact colours kept_colours(side)."""
     kept = kept_after(trace, layer, crop)
-    img = _draw(trace, np.where(kept, KEPT, NOT_KEPT), kept_colours(side), base, None, None, crop)
+    img = _draw(trace, np.where(kept, KEPT, NOT_KEPT), kept_colours(side), base, None, None, crop, opacity)
     from .overlays import _finish
 
     geom = Geometry(trace.grid, max(1, img.shape[0] // trace.grid))
@@ -115,9 +119,10 @@ def shared_token(trace, crop: int = 0) -> np.ndarray:
     return np.isin(token, ids[counts > 1])
 
 
-def overlap_overlay(md, other, layer: int, *, base=None, selected=None, gt_masks=None, crop: int = 0) -> np.ndarray:
+def overlap_overlay(md, other, layer: int, *, base=None, selected=None, gt_masks=None, crop: int = 0,
+                    opacity: float = DEFAULT_OPACITY) -> np.ndarray:
     """Both runs' kept patches after ``layer`` in the four overlap categories (OVERLAP_COLOURS)."""
-    return _draw(md, overlap_map(md, other, layer, crop), OVERLAP_COLOURS, base, selected, gt_masks, crop)
+    return _draw(md, overlap_map(md, other, layer, crop), OVERLAP_COLOURS, base, selected, gt_masks, crop, opacity)
 
 
 def budgets(md, other) -> dict:
@@ -175,58 +180,60 @@ def compare_markdown(md, other, layer: int, vanilla=None, crop: int = 0) -> str:
 
 def legend_html(other=None, inspected: bool = True) -> str:
     """What each colour of the comparison views means."""
-    from .legends import _swatch
+    from .legends import DOTS, _dot, _ring, _swatch
+    from .palette import SELECT_OUTLINE
 
     name = method_name(other) if other is not None else "the compared method"
     labels = dict(OVERLAP_LABELS)
     labels[ONLY_OTHER] = f"kept only by {name}"
     parts = [_swatch(OVERLAP_COLOURS[k], labels[k]) for k in (BOTH, ONLY_MUSTDROP, ONLY_OTHER, NEITHER)]
-    parts.append("single-method maps: MustDrop's kept patches in indigo, "
-                 f"{html.escape(name)}'s in olive, the rest grey; a thin white border: the patch shares its "
+    parts.append(_dot(DOTS["compare"]))
+    parts.append("single-method maps: MustDrop's kept patches in purple, "
+                 f"{html.escape(name)}'s in rose, the rest dark grey; a thin white border: the patch shares its "
                  "token with others (a merged window, a VisionZip contextual token, a pooled cell)")
     if inspected:
-        parts.append(_swatch(SELECT_OUTLINE, "magenta outline: inspected patch"))
+        parts.append(_ring(SELECT_OUTLINE, "white square with a black line: inspected patch", inner=(0, 0, 0)))
     return '<div style="font-size:0.9em;line-height:1.6">' + "".join(parts) + "</div>"
 
 
 # ----------------------------------------------------------------------------- slides
-def add_slide_panel(fig, md, other, layer: int | None = None, *, base=None, gt_masks=None, crop: int = 0) -> None:
-    """Add the comparison to a slide figure: its 2 x 3 grid becomes 2 x 4, the overlap at the same
-    layer in the new column's top cell, the counts, answers and budgets under it."""
+def draw_slide_panel(ax_image, ax_text, md, other, layer: int | None = None, *, base=None, gt_masks=None,
+                     crop: int = 0, opacity: float = DEFAULT_OPACITY) -> None:
+    """The slide's comparison column: the overlap after ``layer`` in ``ax_image``, counts, answers
+    (wrapped, never cut; special tokens removed) and budgets in ``ax_text``."""
+    import textwrap
+
+    from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
+    from .readouts import strip_special
+
     layer = layer if layer is not None and 0 <= layer < md.num_layers else md.start_layer
-    old = [ax for ax in fig.axes if ax.get_subplotspec() is not None]
-    rows, cols = old[0].get_subplotspec().get_gridspec().get_geometry()
-    gs = fig.add_gridspec(rows, cols + 1)
-    for ax in old:
-        ss = ax.get_subplotspec()
-        r, c = divmod(ss.num1, cols)
-        ax.set_subplotspec(gs[r, c])
     if base is None:
         from .geometry import base_canvas
         base = base_canvas(None, md, geometry(md, target=336), crop=crop)
     s = summary(md, other, layer, crop)
     name, o, e = s["method_name"], s["overlap"], s["equivalent_tokens"]
-    ax = fig.add_subplot(gs[0, cols])
-    ax.imshow(overlap_overlay(md, other, layer, base=base, gt_masks=gt_masks, crop=crop))
-    ax.set_title(f"vs {name}, layer {layer}")
-    ax.set_axis_off()
+    ax_image.imshow(overlap_overlay(md, other, layer, base=base, gt_masks=gt_masks, crop=crop, opacity=opacity))
+    ax_image.set_title(f"vs {name}, after layer {layer} (0-based)")
+    ax_image.set_axis_off()
     short = {BOTH: f"both: {o['both']}", ONLY_MUSTDROP: f"only MustDrop: {o['only_mustdrop']}",
              ONLY_OTHER: f"only {name}: {o['only_other']}", NEITHER: f"neither: {o['neither']}"}
-    ax.legend(handles=[Patch(facecolor=np.array(OVERLAP_COLOURS[k]) / 255, edgecolor="0.2", label=short[k])
-                       for k in (BOTH, ONLY_MUSTDROP, ONLY_OTHER, NEITHER)],
-              loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=2, fontsize=11, frameon=False,
-              handlelength=1.2, columnspacing=1.0)
-    ax = fig.add_subplot(gs[1, cols])
-    ax.set_axis_off()
+    dots = Line2D([], [], ls="none", marker="s", ms=5, mfc="white", mec="0.2", label="centre dot: exact colour")
+    ax_image.legend(handles=[Patch(facecolor=np.array(OVERLAP_COLOURS[k]) / 255, edgecolor="0.2", label=short[k])
+                             for k in (BOTH, ONLY_MUSTDROP, ONLY_OTHER, NEITHER)] + [dots],
+                    loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=2, fontsize=10.5, frameon=False,
+                    handlelength=1.2, columnspacing=1.0)
+    ax_text.set_axis_off()
+    width = 30
 
-    def clip(x, k=22):
-        x = " ".join(str(x).split())
-        return x if len(x) <= k else x[: k - 1] + "…"
+    def wrap(label, text):
+        return textwrap.wrap(" ".join(str(text).split()) or "–", width, initial_indent=label,
+                             subsequent_indent=" " * len(label)) or [label]
 
-    text = (f"same budget: {name}\n  given {s['budget_given']:.1f} tokens\n"
-            f"MustDrop: {clip(md.answer)}\n{clip(name, 9)}: {clip(other.answer)}\n\n"
-            f"eq. tokens  MD / other\n  authors' {e['mustdrop']['authors']:6.1f} / {e['other']['authors']:.1f}\n"
-            f"  compute  {e['mustdrop']['compute']:6.1f} / {e['other']['compute']:.1f}")
-    ax.text(0.0, 1.0, text, va="top", ha="left", family="monospace", fontsize=13, transform=ax.transAxes)
+    lines = [f"same budget: {name}", f"  given {s['budget_given']:.1f} tokens", ""]
+    lines += wrap("MustDrop: ", strip_special(md.answer, md)) + wrap(f"{name}: ", strip_special(other.answer, other))
+    lines += ["", "eq. tokens  MustDrop / other", f"  authors' {e['mustdrop']['authors']:6.1f} / {e['other']['authors']:.1f}",
+              f"  compute  {e['mustdrop']['compute']:6.1f} / {e['other']['compute']:.1f}"]
+    ax_text.text(0.0, 1.0, "\n".join(lines), va="top", ha="left", family="monospace", fontsize=11,
+                 transform=ax_text.transAxes)

@@ -3,7 +3,8 @@
 Every overlay is the image as the model saw it (the processor's resize + crop/pad, from the crop's
 mapping record), scaled to a square of ``G * cell`` pixels, patch (row, col) occupying
 ``[row*cell, (row+1)*cell) x [col*cell, (col+1)*cell)``. Each cell is tinted with its category
-colour (alpha blended) and carries a centre dot of ``dot`` x ``dot`` pixels in the EXACT colour, so
+colour (alpha blended: ``base + (colour - base) * alpha``, the alpha from the overlay's opacity
+and the category's weight, see :mod:`mustdrop.vis.palette`) and carries a centre dot of ``dot`` x ``dot`` pixels in the EXACT colour, so
 a test (or a curious user) reads every decision back from the pixels with :func:`decode_categories`.
 """
 
@@ -159,12 +160,15 @@ def paint(base: np.ndarray, geom: Geometry, colours: np.ndarray, alpha: np.ndarr
     return out
 
 
-def outline(img: np.ndarray, geom: Geometry, cells: np.ndarray, colour, width: int = 2) -> np.ndarray:
-    """Draw a square border of ``width`` pixels in ``colour`` inside every cell where cells[r, c]."""
+def outline(img: np.ndarray, geom: Geometry, cells: np.ndarray, colour, width: int = 2, inset: int = 0) -> np.ndarray:
+    """Draw a square border of ``width`` pixels in ``colour`` inside every cell where cells[r, c],
+    ``inset`` pixels in from the cell's edge."""
     c = geom.cell
     w = max(1, min(width, c // 4))
+    i = max(0, min(int(inset), c // 2 - w - 1))
     ring = np.zeros((c, c), bool)
-    ring[:w, :] = ring[-w:, :] = ring[:, :w] = ring[:, -w:] = True
+    ring[i:c - i, i:c - i] = True
+    ring[i + w:c - i - w, i + w:c - i - w] = False
     m = np.tile(ring, (geom.grid, geom.grid)) & np.repeat(np.repeat(cells.astype(bool), c, 0), c, 1)
     img = img.copy()
     img[m] = colour

@@ -2,7 +2,8 @@
 
 Every function reads a Trace (and, for the background only, the image the run saw or a ready
 canvas ``base``); ``crop=`` picks a LLaVA-NeXT crop, ``selected=`` outlines an inspected patch,
-``gt_masks=`` outlines ground-truth objects.
+``gt_masks=`` outlines ground-truth objects, ``opacity=`` sets how strongly the category colours
+tint the image (palette.DEFAULT_OPACITY; the exact centre dots are the same at every opacity).
 """
 
 from __future__ import annotations
@@ -12,17 +13,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..trace import DROPPED
 from .geometry import Geometry, base_canvas, geometry, outline, paint
-from .palette import (GT_OUTLINE, GT_TARGET, HEATMAPS, KEY_OUTLINE, KV_ABSENT, KV_CACHED, KV_COLOURS,
-                      KV_TRIMMED, NAN_COLOUR, NO_TOKEN, NO_TOKEN_CODE, SELECT_OUTLINE, STATUS_COLOURS,
-                      UNMERGED_DOT, group_colour, heat_colours)
+from .palette import (BLACK, DEFAULT_OPACITY, GT_OUTLINE, GT_TARGET, HEATMAPS, KEPT_STATUSES, KEY_OUTLINE,
+                      KV_ABSENT, KV_CACHED, KV_COLOURS, KV_TRIMMED, NAN_COLOUR, NO_TOKEN, NO_TOKEN_CODE, SELECT_OUTLINE,
+                      STATUS_COLOURS, UNMERGED_DOT, WEIGHT_KEPT, WEIGHT_REMOVED, WEIGHT_UNTOUCHED,
+                      check_opacity, group_colour, heat_colours, window_shade)
 
 
 @dataclass(frozen=True, eq=False)
 class GroundTruth:
     """Object masks of a scene: (k, G, G) patch coverage or (k, H, W) boolean pixel masks, and the
-    ids of the objects the question asks about (outlined in GT_TARGET instead of GT_OUTLINE)."""
+    ids of the objects the question asks about (outlined thicker, in GT_TARGET instead of GT_OUTLINE)."""
 
     masks: np.ndarray
     targets: tuple = ()
@@ -64,13 +65,15 @@ def has_untokened(trace) -> bool:
 
 # ----------------------------------------------------------------------------- outlines
 def _select(img, geom, selected):
+    """The inspected patch: a white square (3 px) with a black line inside it, readable on any colour."""
     if selected is None:
         return img
     r, c = selected
     cells = np.zeros((geom.grid, geom.grid), bool)
     if 0 <= r < geom.grid and 0 <= c < geom.grid:
         cells[r, c] = True
-    return outline(img, geom, cells, SELECT_OUTLINE, width=3)
+    img = outline(img, geom, cells, SELECT_OUTLINE, width=3)
+    return outline(img, geom, cells, BLACK, width=1, inset=3)
 
 
 def _gt(img, geom, gt_masks):
@@ -84,10 +87,10 @@ def _gt(img, geom, gt_masks):
     targets = [int(i) for i in gt.targets if 0 <= int(i) < len(masks)]
     others = [i for i in range(len(masks)) if i not in targets]
     img = img.copy()
-    for ids, colour in ((others, GT_OUTLINE), (targets, GT_TARGET)):
+    for ids, colour, thick in ((others, GT_OUTLINE, False), (targets, GT_TARGET, True)):
         if not ids:
             continue
-        dark, light = _gt_rings(geom, masks[ids])
+        dark, light = _gt_rings(geom, masks[ids], thick)
         img[dark] = (0, 0, 0)
         img[light] = colour
     return img
@@ -96,11 +99,13 @@ def _gt(img, geom, gt_masks):
 _GT_CACHE: dict = {}
 
 
-def _gt_rings(geom: Geometry, masks: np.ndarray):
-    """Pixel masks of the dark (4 px) and light (2 px) contour lines of every object (memoised)."""
+def _gt_rings(geom: Geometry, masks: np.ndarray, thick: bool = False):
+    """Pixel masks of the dark (4 px; thick 7 px) and light (2 px; thick 4 px) contour lines of every
+    object (memoised)."""
     import cv2
 
-    key = (geom, masks.shape, hashlib.sha1(np.ascontiguousarray(masks).tobytes()).hexdigest())
+    wd, wl = (7, 4) if thick else (4, 2)
+    key = (geom, thick, masks.shape, hashlib.sha1(np.ascontiguousarray(masks).tobytes()).hexdigest())
     if key in _GT_CACHE:
         return _GT_CACHE[key]
     if masks.ndim == 2:
@@ -112,8 +117,8 @@ def _gt_rings(geom: Geometry, masks: np.ndarray):
         m = cv2.resize((m > (0.25 if m.shape[0] == geom.grid else 0.5)).astype(np.uint8) * 255,
                        (geom.size, geom.size), interpolation=cv2.INTER_NEAREST)
         contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        cv2.drawContours(dark, contours, -1, 1, 4)
-        cv2.drawContours(light, contours, -1, 1, 2)
+        cv2.drawContours(dark, contours, -1, 1, wd)
+        cv2.drawContours(light, contours, -1, 1, wl)
     if len(_GT_CACHE) > 64:
         _GT_CACHE.clear()
     _GT_CACHE[key] = (dark.astype(bool), light.astype(bool))
@@ -133,73 +138,91 @@ def _finish(img, geom, selected=None, gt_masks=None):
 
 
 # ----------------------------------------------------------------------------- stage views
-def merge_overlay(trace, image=None, *, selected=None, gt_masks=None, base=None, crop: int = 0) -> np.ndarray:
-    """Stage 1a: each merged window tinted with its group's random colour (exact colour dot);
-    unmerged patches keep the image and a white dot."""
+def merge_overlay(trace, image=None, *, selected=None, gt_masks=None, base=None, crop: int = 0,
+                  opacity: float = DEFAULT_OPACITY) -> np.ndarray:
+    """Stage 1a: each merged window tinted with its group's colour (the merge hue, light or dark by
+    the window's checkerboard square; exact colour dot); unmerged patches keep the image and a white dot."""
+    o = check_opacity(opacity)
     geom, base = _prepare(trace, image, base, crop)
     G = trace.grid
     token = trace.patch("token", crop)
     merged = trace.patch("merged", crop).astype(bool)
+    w = int(trace.meta["stage1a"].get("window") or 1)
     colours = np.empty((G, G, 3), np.uint8)
     colours[:] = UNMERGED_DOT
-    for t in np.unique(token[merged]):
-        colours[token == t] = group_colour(int(t))
+    rows, cols = np.nonzero(merged)
+    for r, c in zip(rows, cols):
+        colours[r, c] = group_colour(int(token[r, c]), window_shade(r * G + c, G, w))
     colours[token < 0] = NO_TOKEN
-    alpha = np.where(merged, 0.55, np.where(token < 0, 0.7, 0.0)).astype(np.float32)
-    return _finish(paint(base, geom, colours, alpha), geom, selected, gt_masks)
+    alpha = np.where(merged | (token < 0), WEIGHT_REMOVED, WEIGHT_UNTOUCHED) * o
+    return _finish(paint(base, geom, colours, alpha.astype(np.float32)), geom, selected, gt_masks)
 
 
 def heatmap_overlay(trace, name: str, image=None, layer: int | None = None, *, selected=None,
-                    gt_masks=None, base=None, outline_key: bool | None = None, crop: int = 0) -> np.ndarray:
-    """A score as a colour-blind-safe heatmap over the image; key patches outlined on the key-score map."""
+                    gt_masks=None, base=None, outline_key: bool | None = None, crop: int = 0,
+                    opacity: float = DEFAULT_OPACITY) -> np.ndarray:
+    """A score on the score ramp over the image (exact colour dots; cells with no value in NAN_COLOUR at
+    half the tint); key patches outlined in the key yellow on the key-score map."""
+    o = check_opacity(opacity)
     geom, base = _prepare(trace, image, base, crop)
     values = heatmap_values(trace, name, layer, crop)
     G = trace.grid
     if values is None:
         colours = np.full((G, G, 3), NAN_COLOUR, np.uint8)
-        img = paint(base, geom, colours, 0.25)
+        img = paint(base, geom, colours, o * WEIGHT_KEPT)
     else:
         _, cmap, log, _ = HEATMAPS[name]
         colours, _, finite = heat_colours(values, cmap, log)
-        img = paint(base, geom, colours, np.where(finite, 0.6, 0.3).astype(np.float32))
+        img = paint(base, geom, colours, (np.where(finite, WEIGHT_REMOVED, WEIGHT_KEPT) * o).astype(np.float32))
     if outline_key or (outline_key is None and name == "key_score"):
         img = outline(img, geom, trace.patch("key", crop).astype(bool), KEY_OUTLINE, width=2)
     return _finish(img, geom, selected, gt_masks)
 
 
 def key_overlay(trace, image=None, **kw) -> np.ndarray:
-    """Stage 1b: the key score as a heatmap with the key token set outlined in white."""
+    """Stage 1b: the key score as a heatmap with the key token set outlined in the key yellow."""
     return heatmap_overlay(trace, "key_score", image, outline_key=True, **kw)
 
 
+def _category_alpha(codes: np.ndarray, weights: dict, opacity: float) -> np.ndarray:
+    alpha = np.full(codes.shape, WEIGHT_REMOVED, np.float32)
+    for code, w in weights.items():
+        alpha[codes == code] = w
+    return alpha * np.float32(opacity)
+
+
 def filter_overlay(trace, layer: int, image=None, *, selected=None, gt_masks=None, base=None,
-                   crop: int = 0) -> np.ndarray:
-    """Stage 2 at prune layer ``layer``: kept (and why) vs dropped, exact colours in STATUS_COLOURS."""
+                   crop: int = 0, opacity: float = DEFAULT_OPACITY) -> np.ndarray:
+    """Stage 2 at prune layer ``layer``: kept (and why) vs dropped, exact colours in STATUS_COLOURS;
+    kept cells tinted at half the opacity, so what was dropped stands out."""
+    o = check_opacity(opacity)
     geom, base = _prepare(trace, image, base, crop)
     codes = status_map(trace, layer, crop)
     colours = np.zeros(codes.shape + (3,), np.uint8)
     for code, rgb in STATUS_COLOURS.items():
         colours[codes == code] = rgb
     colours[codes == NO_TOKEN_CODE] = NO_TOKEN
-    alpha = np.where(codes == DROPPED, 0.65, np.where(codes < 0, 0.75, 0.35)).astype(np.float32)
+    alpha = _category_alpha(codes, {k: WEIGHT_KEPT for k in KEPT_STATUSES}, o)
     return _finish(paint(base, geom, colours, alpha), geom, selected, gt_masks)
 
 
 def kv_overlay(trace, layer: int, image=None, *, selected=None, gt_masks=None, base=None,
-               crop: int = 0) -> np.ndarray:
-    """Stage 3: which image patches LLM layer ``layer`` still holds in its KV cache after prefill."""
+               crop: int = 0, opacity: float = DEFAULT_OPACITY) -> np.ndarray:
+    """Stage 3: which image patches LLM layer ``layer`` still holds in its KV cache after prefill
+    (cached patches untinted with a white dot; trimmed and absent ones tinted)."""
+    o = check_opacity(opacity)
     geom, base = _prepare(trace, image, base, crop)
     codes = kv_map(trace, layer, crop)
     colours = np.zeros(codes.shape + (3,), np.uint8)
     for code, rgb in KV_COLOURS.items():
         colours[codes == code] = rgb
     colours[codes == NO_TOKEN_CODE] = NO_TOKEN
-    alpha = np.where(codes == KV_CACHED, 0.3, 0.7).astype(np.float32)
+    alpha = _category_alpha(codes, {KV_CACHED: WEIGHT_UNTOUCHED}, o)
     return _finish(paint(base, geom, colours, alpha), geom, selected, gt_masks)
 
 
-def blank_overlay(trace, base: np.ndarray) -> np.ndarray:
-    """A view of a stage that did not run: every cell grey."""
+def blank_overlay(trace, base: np.ndarray, opacity: float = DEFAULT_OPACITY) -> np.ndarray:
+    """A view of a stage that did not run: every cell 'no value' grey."""
     geom = Geometry(trace.grid, max(1, base.shape[0] // trace.grid))
-    return paint(base, geom, np.full((trace.grid, trace.grid, 3), NAN_COLOUR, np.uint8), 0.2)
-
+    return paint(base, geom, np.full((trace.grid, trace.grid, 3), NAN_COLOUR, np.uint8),
+                 check_opacity(opacity) * WEIGHT_KEPT)

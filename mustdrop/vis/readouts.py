@@ -13,6 +13,26 @@ from .overlays import GroundTruth
 from .palette import NO_TOKEN_LABEL, STATUS_LABELS
 
 
+# Special tokens of the tokenizers LLaVA checkpoints use (Llama / Vicuna / Mistral SentencePiece,
+# Qwen2 byte-level BPE, Llama 3, Gemma, Phi), for traces that do not record their tokenizer's own.
+KNOWN_SPECIAL = ("</s>", "<s>", "<unk>", "<pad>", "<image>", "<|im_end|>", "<|im_start|>", "<|endoftext|>",
+                 "<|eot_id|>", "<|end_of_text|>", "<|begin_of_text|>", "<|end|>", "<end_of_turn>", "<eos>", "<bos>")
+
+
+def special_tokens(trace=None) -> tuple[str, ...]:
+    """The tokenizer's special tokens the trace records (``meta.tokenizer.special_tokens``), else KNOWN_SPECIAL."""
+    rec = ((trace.meta.get("tokenizer") or {}).get("special_tokens") if trace is not None else None) or ()
+    return tuple(sorted({str(t) for t in rec if str(t)} | set(KNOWN_SPECIAL), key=len, reverse=True))
+
+
+def strip_special(text, trace=None) -> str:
+    """``text`` without special tokens (``</s>`` and the like) and the spaces they leave."""
+    out = str(text or "")
+    for t in special_tokens(trace):
+        out = out.replace(t, " ")
+    return " ".join(out.split())
+
+
 def format_bytes(n) -> str:
     """Bytes in decimal megabytes (1 MB = 10^6 B), the convention of the CLI, the README and DART
     (LLaVA-1.5-7B fp16: 524,288 B of KV per token = "0.524 MB")."""
@@ -86,7 +106,8 @@ def lifecycle_markdown(trace, row: int, col: int, crop: int = 0) -> str:
     m = trace.meta
     L = trace.num_layers
     where = f" of {d['crop_name']}" if trace.n_crops > 1 else ""
-    lines = [f"### Patch ({d['row']}, {d['col']}){where} — patch id {d['patch']}"]
+    lines = [f"### Patch ({d['row']}, {d['col']}){where} — patch id {d['patch']}",
+             "LLM layers are counted from 0."]
     box = original_box(trace, row, col, crop)
     if box is not None:
         x0, y0, x1, y1 = box
@@ -155,7 +176,7 @@ def layer_markdown(trace, layer: int, gt=None, crop: int = 0) -> str:
     bpe = m["kv"]["bytes_per_entry"]
     entries = m["kv"]["entries_per_layer"][layer]
     vis_entries = m["kv"]["vision_entries_per_layer"][layer]
-    lines = [f"**LLM layer {layer}** of {trace.num_layers}: processes {m['vision_tokens_per_layer'][layer]} vision "
+    lines = [f"**LLM layer {layer}** of {trace.num_layers} (0-based: layers 0–{trace.num_layers - 1}): processes {m['vision_tokens_per_layer'][layer]} vision "
              f"tokens in prefill; after the stage-3 trim its KV cache holds {entries} entries ({vis_entries} vision) "
              f"= {format_bytes(entries * bpe)}."]
     s2 = trace.stage2(layer)
@@ -234,9 +255,14 @@ def answer_diff(vanilla, trace) -> dict:
             first = i
             break
 
+    special = set(special_tokens(trace))
+
     def pieces(gen):
+        """(piece, label) of the answer box: special tokens (``</s>``) left out, the table keeps them."""
         out = []
         for i, p in enumerate(display_pieces(gen)):
+            if p.strip() in special:
+                continue
             label = None if first is None or i < first else "differs"
             out.append((p, label))
         return out
