@@ -185,10 +185,10 @@ class MustDropLMMS(lmms):
     def _publish(self) -> None:
         """Gather every rank's rows; rank 0 writes summary.json and logs the means into lmms-eval."""
         rows = self.rows
-        if self.world_size > 1:
-            from accelerate.utils import gather_object
-            rows = gather_object([rows])
-            rows = [r for part in rows for r in part]
+        if self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            parts = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(parts, rows)      # every rank calls this: it is a collective
+            rows = [r for part in parts for r in part]
         if self.rank != 0 or not rows:
             return
         summary = run_summary(rows, self.mustdrop_config, self.pretrained, self.world_size)

@@ -62,12 +62,15 @@ def process_results(doc, results):
 
 @pytest.fixture(scope="module")
 def task_dir(tmp_path_factory):
+    return write_task(tmp_path_factory.mktemp("lmms-task"))
+
+
+def write_task(d: Path) -> Path:
     """The local lmms-eval task: YAML, its utils, and a parquet of N scene-world questions."""
     import datasets
 
     from analysis.common import scene_items
 
-    d = tmp_path_factory.mktemp("lmms-task")
     items = scene_items(SPLIT, N, SEED)
     feats = datasets.Features({"id": datasets.Value("string"), "image": datasets.Image(),
                                "question": datasets.Value("string"), "answer": datasets.Value("string")})
@@ -210,3 +213,130 @@ def test_accounting_is_the_mean_of_the_traces_and_sits_beside_the_scores(run):
     assert saved["results"][TASK]["accuracy,none"] == results["results"][TASK]["accuracy,none"]
     for k, v in want.items():
         assert saved["throughput"][f"avg_mustdrop_{k}"] == pytest.approx(v, rel=1e-12), k
+
+
+MC_YAML = f"""task: {TASK}_mc
+dataset_path: parquet
+dataset_kwargs:
+  data_files:
+    test: {{parquet}}
+test_split: test
+output_type: multiple_choice
+doc_to_visual: !function utils.doc_to_visual
+doc_to_text: !function utils.doc_to_text
+doc_to_target: 0
+doc_to_choice: !function utils.doc_to_choice
+metric_list:
+  - metric: acc
+metadata:
+  version: 0.0
+"""
+
+
+def test_a_same_budget_baseline_runs_from_model_args(task_dir, tmp_path):
+    """method=fastv,budget=64: every sample meets the budget (compute convention) within half a token,
+    and its trace carries the plan the app shows."""
+    from mustdrop.trace import Trace
+
+    _, samples = evaluate_with_lmms(task_dir, tmp_path, f"pretrained={TOY},method=fastv,budget=64", limit=2)
+    summary = json.loads((tmp_path / "mustdrop" / "summary.json").read_text())
+    assert summary["config"]["method"] == "fastv" and summary["config"]["budget"] == 64.0
+    assert summary["config"]["prune_layers"] == [1]          # FastV's K: the toy model's first prune layer
+    for s in samples:
+        t = Trace.load(tmp_path / "mustdrop" / "traces" / TASK / f"{s['doc_id']}.rank0.safetensors")
+        assert t.meta["baseline"]["plan"]["method"] == "fastv" and t.answer == response(s)
+        assert abs(sum(t.meta["vision_tokens_per_layer"]) / t.num_layers - 64) <= 0.5
+    assert summary["all"]["eq_tokens_compute"] == pytest.approx(64, abs=0.5)
+
+
+def test_a_likelihood_task_is_refused_naming_it(task_dir, tmp_path):
+    (task_dir / f"{TASK}_mc.yaml").write_text(MC_YAML.replace("{parquet}", str(task_dir / "questions.parquet")))
+    utils = (task_dir / "utils.py").read_text()
+    if "doc_to_choice" not in utils:
+        (task_dir / "utils.py").write_text(utils + "\n\ndef doc_to_choice(doc):\n    return [doc['answer'], 'none']\n")
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    with pytest.raises(NotImplementedError, match=rf"task\(s\) {TASK}_mc: they ask for loglikelihood"):
+        simple_evaluate(model="mustdrop", model_args=f"pretrained={TOY},trace_dir={tmp_path}", tasks=[f"{TASK}_mc"],
+                        limit=1, bootstrap_iters=0,
+                        task_manager=TaskManager("WARNING", include_path=str(task_dir), include_defaults=False,
+                                                 model_name="mustdrop"))
+    assert not list(tmp_path.rglob("*.safetensors"))
+
+
+@pytest.mark.parametrize("args,message", [
+    (dict(method="fastv"), "method=fastv needs budget=N"),
+    (dict(budget=64), "budget is for the baselines"),
+    (dict(preset="32"), "unknown preset '32'"),
+    (dict(method="tome", budget=64), "method must be one of"),
+    (dict(knobs={"global_threshold": 0.1}), "unknown model arg(s) ['global_threshold']"),
+    (dict(knobs={"global_thr": "high"}), "global_thr must be a number"),
+    (dict(prune_layers="1;9"), "prune"),
+])
+def test_bad_model_args_are_refused_with_a_message(reference, args, message):
+    from mustdrop.lmms import build_config
+
+    with pytest.raises(ValueError) as e:
+        build_config(reference[0], **args)
+    assert message in str(e.value)
+
+
+def test_model_args_reach_the_config(reference):
+    from mustdrop.lmms import build_config
+
+    runner = reference[0]
+    cfg = build_config(runner, preset=64, knobs={"global_thr": "0.02", "kv_trim": "false"}, prune_layers="1;3")
+    assert (cfg.global_thr, cfg.kv_trim, cfg.prune_layers, cfg.preset) == (0.02, False, (1, 3), "64")
+    assert cfg.individual_thr == runner.config_for("64").individual_thr
+    assert build_config(runner, method="pool", budget=36).method == "pool"
+
+
+def test_generation_settings_follow_the_task():
+    from mustdrop.lmms import _output_path_from_argv, cut_at, generation_settings
+
+    max_new, sampling, until = generation_settings({"max_new_tokens": 128, "temperature": 0, "until": "\n\n"}, "pope")
+    assert (max_new, sampling.greedy, until) == (128, True, ["\n\n"])
+    assert cut_at("yes\n\nbecause", until) == "yes"
+    with pytest.raises(ValueError, match="task 'gqa' asks for beam search"):
+        generation_settings({"num_beams": 3}, "gqa")
+    assert _output_path_from_argv(["lmms-eval", "--output_path", "runs/pope64"]) == "runs/pope64"
+    assert _output_path_from_argv(["-m", "lmms_eval", "--output_path=x/y"]) == "x/y"
+    assert _output_path_from_argv(["lmms-eval", "--tasks", "pope"]) is None
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_ranks_shard_the_traces_into_one_folder(task_dir, run, tmp_path):
+    """lmms-eval's CLI under a two-process launch (torchrun, the launcher accelerate's multi-GPU mode
+    runs; here on CPU with gloo): each rank writes its shard of the traces into the same folder, rank in
+    the file name, and rank 0's summary covers all samples, equal to the single-process run's."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "lmms_eval", "--model", "mustdrop", "--model_args", f"pretrained={TOY},preset={PRESET}",
+           "--tasks", TASK, "--include_path", str(task_dir), "--output_path", str(out), "--log_samples",
+           "--batch_size", "1", "--verbosity", "WARNING"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    p = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    folder = out / "mustdrop" / "traces" / TASK
+    names = sorted(f.name for f in folder.glob("*.safetensors"))
+    assert len(names) == N and {n.split(".")[1] for n in names} == {"rank0", "rank1"}, names
+    assert sorted(int(n.split(".")[0]) for n in names) == list(range(N))
+    for r in (0, 1):
+        assert len((out / "mustdrop" / f"samples.rank{r}.jsonl").read_text().splitlines()) == N // 2
+    sharded = json.loads((out / "mustdrop" / "summary.json").read_text())
+    single = json.loads((run[0] / "mustdrop" / "summary.json").read_text())
+    assert sharded["world_size"] == 2 and sharded["all"]["n"] == N
+    for k in ("eq_tokens_authors", "eq_tokens_compute", "flops_ratio_image", "flops_ratio_full", "kv_ratio"):
+        assert sharded["all"][k] == pytest.approx(single["all"][k], rel=1e-9), k
+    saved = json.loads(next(out.glob("*/*_results.json")).read_text())
+    assert saved["results"][TASK]["accuracy,none"] == run[1]["results"][TASK]["accuracy,none"]
+    assert "avg_mustdrop_eq_tokens_authors" in p.stdout      # the accounting is printed beside the scores
