@@ -139,7 +139,9 @@ class MustDropLMMS(lmms):
                 continue
             image = self._one_image(doc_to_visual(self.task_dict[task][split][doc_id]), task, doc_id)
             max_new, sampling, until = generation_settings(gen_kwargs, task)
-            trace = self.runner.run(image, context, self.mustdrop_config, max_new_tokens=max_new, sampling=sampling).trace
+            context = clean_context(context, getattr(self.runner.processor, "image_token", None) or "<image>")
+            trace = self.runner.run(image, context, self.mustdrop_config, max_new_tokens=max_new,
+                                    sampling=sampling).trace
             text = cut_at(trace.answer, until)
             self._record(trace, text, task, doc_id)
             out.append(text)
@@ -245,8 +247,8 @@ def generation_settings(gen_kwargs: dict | None, task: str):
 
     g = dict(gen_kwargs or {})
     if int(g.get("num_beams", 1) or 1) > 1:
-        raise ValueError(f"mustdrop: task {task!r} asks for beam search (num_beams={g['num_beams']}); MustDrop's decode "
-                         "loop is greedy or sampled, one sequence")
+        raise ValueError(f"mustdrop: task {task!r} asks for beam search (num_beams={g['num_beams']}); MustDrop's "
+                         "decode loop is greedy or sampled, one sequence")
     max_new = int(g.get("max_new_tokens", 16) or 16)
     max_new = min(max(max_new, 1), MAX_NEW_TOKENS_LIMIT)
     temperature = float(g.get("temperature", 0) or 0)
@@ -257,6 +259,12 @@ def generation_settings(gen_kwargs: dict | None, task: str):
     until = g.get("until") or []
     until = [until] if isinstance(until, str) else [u for u in until if isinstance(u, str) and u]
     return max_new, sampling, until
+
+
+def clean_context(context: str, image_token: str = "<image>") -> str:
+    """The task's prompt without image placeholders: some tasks write ``<image>\n`` into it, while the
+    adapter places the image itself, where the model's chat template puts it."""
+    return context.replace(image_token + "\n", "").replace(image_token, "").strip()
 
 
 def cut_at(text: str, until) -> str:
@@ -305,7 +313,8 @@ def run_summary(rows: list[dict], config: MustDropConfig, model: str, world_size
 
 
 def format_summary(summary: dict) -> str:
-    lines = [f"MustDrop accounting ({summary['config']['preset']}, method {summary['config']['method']}), mean per sample:",
+    cfg = summary["config"]
+    lines = [f"MustDrop accounting ({cfg['preset']}, method {cfg['method']}), mean per sample:",
              "| task | n | eq. tokens (authors') | eq. tokens (compute) | FLOPs ratio (image) | FLOPs ratio (full) "
              "| KV ratio |", "|---|---|---|---|---|---|---|"]
     for name, b in list(summary["tasks"].items()) + [("all", summary["all"])]:
@@ -365,4 +374,5 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-__all__ = ["MustDropLMMS", "manifest", "build_config", "generation_settings", "cut_at", "run_summary"]
+__all__ = ["MustDropLMMS", "manifest", "build_config", "generation_settings", "clean_context", "cut_at",
+           "run_summary"]

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-lmms_eval = pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (the lmms extra: requirements-lmms.txt)")
+lmms_eval = pytest.importorskip("lmms_eval",
+                                reason="lmms-eval is not installed (the lmms extra: requirements-lmms.txt)")
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = str(ROOT / "assets" / "toy-llava")
@@ -293,11 +294,12 @@ def test_model_args_reach_the_config(reference):
 
 
 def test_generation_settings_follow_the_task():
-    from mustdrop.lmms import _output_path_from_argv, cut_at, generation_settings
+    from mustdrop.lmms import _output_path_from_argv, clean_context, cut_at, generation_settings
 
     max_new, sampling, until = generation_settings({"max_new_tokens": 128, "temperature": 0, "until": "\n\n"}, "pope")
     assert (max_new, sampling.greedy, until) == (128, True, ["\n\n"])
     assert cut_at("yes\n\nbecause", until) == "yes"
+    assert clean_context("<image>\nWhat is shown?\nAnswer briefly.") == "What is shown?\nAnswer briefly."
     with pytest.raises(ValueError, match="task 'gqa' asks for beam search"):
         generation_settings({"num_beams": 3}, "gqa")
     assert _output_path_from_argv(["lmms-eval", "--output_path", "runs/pope64"]) == "runs/pope64"
