@@ -222,7 +222,7 @@ def draw_slide_panel(ax_image, ax_text, md, other, layer: int | None = None, *, 
     dots = Line2D([], [], ls="none", marker="s", ms=5, mfc="white", mec="0.2", label="centre dot: exact colour")
     ax_image.legend(handles=[Patch(facecolor=np.array(OVERLAP_COLOURS[k]) / 255, edgecolor="0.2", label=short[k])
                              for k in (BOTH, ONLY_MUSTDROP, ONLY_OTHER, NEITHER)] + [dots],
-                    loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=2, fontsize=10.5, frameon=False,
+                    loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=2, fontsize=8.2, frameon=False,
                     handlelength=1.2, columnspacing=1.0)
     ax_text.set_axis_off()
     width = 30

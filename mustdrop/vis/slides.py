@@ -155,7 +155,7 @@ def _slide_figure(trace, image, vanilla, layer, gt_masks, view, crop=0, opacity=
         ax.set_title(title)
         ax.set_axis_off()
         if hs:
-            ax.legend(handles=hs, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=2, fontsize=10.5,
+            ax.legend(handles=hs, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=2, fontsize=10.5 if compare is None else 8.2,
                       frameon=False, handlelength=1.2, columnspacing=1.0)
     ax = fig.add_subplot(grid[1, 1:3])
     L = trace.num_layers
@@ -203,7 +203,8 @@ def save_slides(trace, folder, image=None, vanilla=None, layer=None, gt_masks=No
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    stem = stem or slide_stem(trace, layer, image_name, crop)
+    stem = stem or slide_stem(trace, layer, image_name, crop) + (
+        "" if compare is None else f"-vs-{_name_part(compare.meta['config'].get('method'))}")
     png, pdf = folder / f"{stem}.png", folder / f"{stem}.pdf"
     with matplotlib.rc_context(SLIDE_RC):      # never touches the global rcParams of other figures
         fig = _slide_figure(trace, image, vanilla, layer, gt_masks, view, crop, opacity, compare)
