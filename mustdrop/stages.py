@@ -296,18 +296,28 @@ def _check_host_indices(idx: torch.Tensor, n: int, name: str) -> None:
 
 
 def kv_keep_indices(num_layers: int, prune_layers, S: int, T: int, N0: int,
-                    kept_per_prune_layer) -> list[torch.Tensor]:
+                    kept_per_prune_layer, selections=None, only_trimmed: bool = False) -> list:
     """Stage 3: for each layer, indices (into the sequence it processed in prefill) still cached.
 
     Layers before the first prune layer keep everything; layers from the first through the last
     prune layer keep only the tokens that survived the last prune layer (the composition of the
     per-layer kept positions); later layers already hold only those and keep everything.
     Indices live where the kept positions do; layers with the same indices share one tensor.
+
+    ``selections``, where the caller has them (the adapter built them to shorten the sequence):
+    per prune layer, the indices into the whole sequence entering it that it kept,
+    ``cat(arange(S), S + kept, the T text positions)``, or None where it kept everything. The
+    trimmed layers' indices are then composed from them, one gather per drop after the first,
+    instead of being rebuilt from the kept positions; the result is the same. ``only_trimmed``:
+    None in place of the indices of every layer that keeps all it processed (a caller that trims
+    only the others need not build them).
     """
     layers = check_prune_layers(prune_layers, num_layers)
     kept_per_prune_layer = [torch.as_tensor(k, dtype=torch.long) for k in kept_per_prune_layer]
     if len(kept_per_prune_layer) != len(layers):
         raise ValueError(f"need one kept set per prune layer ({len(layers)}), got {len(kept_per_prune_layer)}")
+    if selections is not None and len(selections) != len(layers):
+        raise ValueError(f"need one selection per prune layer ({len(layers)}), got {len(selections)}")
     device = kept_per_prune_layer[0].device if layers else torch.device("cpu")
     seq_len = [S + N0 + T]
     v = N0
@@ -315,22 +325,38 @@ def kv_keep_indices(num_layers: int, prune_layers, S: int, T: int, N0: int,
         _check_host_indices(k, v, "kept positions")
         v = k.numel()
         seq_len.append(S + v + T)
-    # final_vision[i]: positions, in the vision block entering prune layer i, of the final survivors.
-    final_vision = [None] * len(layers)
-    alive = kept_per_prune_layer[-1] if layers else None
-    for i in range(len(layers) - 1, -1, -1):
-        if i < len(layers) - 1:
-            alive = kept_per_prune_layer[i][alive]
-        final_vision[i] = alive
     everything, head, trimmed = {}, None, {}
+    final_vision = [None] * len(layers)
+    if selections is not None:
+        # trimmed[i]: positions, in the whole sequence entering prune layer i, of the final survivors
+        # (None while no later drop removed anything: everything is kept)
+        composed = None
+        for i in range(len(layers) - 1, -1, -1):
+            if selections[i] is not None:
+                sel = torch.as_tensor(selections[i], dtype=torch.long)
+                _check_host_indices(sel, seq_len[i], "selected positions")
+                composed = sel if composed is None else sel[composed]
+            if composed is not None:
+                trimmed[i] = composed
+    else:
+        # final_vision[i]: positions, in the vision block entering prune layer i, of the final survivors.
+        alive = kept_per_prune_layer[-1] if layers else None
+        for i in range(len(layers) - 1, -1, -1):
+            if i < len(layers) - 1:
+                alive = kept_per_prune_layer[i][alive]
+            final_vision[i] = alive
     out = []
     stage = 0   # how many prune layers lie strictly before the current layer
     for layer in range(num_layers):
         length = seq_len[stage]
-        if not layers or layer < layers[0] or layer > layers[-1]:
-            if length not in everything:
-                everything[length] = torch.arange(length, device=device)
-            out.append(everything[length])
+        if not layers or layer < layers[0] or layer > layers[-1] or (selections is not None and stage not in trimmed):
+            # keeps everything (in the selections' case: nothing was dropped from this stage on)
+            if only_trimmed:
+                out.append(None)
+            else:
+                if length not in everything:
+                    everything[length] = torch.arange(length, device=device)
+                out.append(everything[length])
         else:
             if stage not in trimmed:
                 head = torch.arange(S, device=device) if head is None else head

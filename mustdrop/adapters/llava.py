@@ -105,8 +105,10 @@ class _Prefill:
         self.protected_pos = (protected if protected is not None else torch.zeros(0, dtype=torch.long)).to(device)
         self.L0 = S + N0 + T
         self.V = N0                                                 # vision tokens alive (host count)
-        self.alive = torch.arange(self.L0, device=device)           # original sequence indices
-        self.head = self.alive[:S]                                  # the S tokens before the image
+        self._alive = torch.arange(self.L0, device=device)          # original sequence indices
+        self.head = self._alive[:S]                                 # the S tokens before the image
+        self.selections = []        # per drop: indices into the sequence it shortened that it kept
+        self._applied = 0           # how many of them ``_alive`` has been composed with
         self.key_pos = key_tokens.to(device)                        # key positions in the block
         self.text_attn = None
         self.queries = None                                         # the prune layer's q_proj output
@@ -118,6 +120,21 @@ class _Prefill:
     @property
     def L(self):
         return self.S + self.V + self.T
+
+    @property
+    def alive(self):
+        """Original sequence indices of the tokens alive now (device), composed from the drops'
+        selections only when asked for: original positions and 4-D masks need them, reference
+        positions do not, and the trace derives its own on the host from the statuses."""
+        while self._applied < len(self.selections):
+            self._alive = self._alive[self.selections[self._applied]]
+            self._applied += 1
+        return self._alive
+
+    def length_at(self, stage: int) -> int:
+        """Length of the sequence the layers of ``stage`` processed (stage i: the one entering
+        prune layer i; the last stage: the survivors of every drop)."""
+        return self.S + (self.records[stage]["V"] if stage < len(self.records) else self.V) + self.T
 
     @property
     def shortened(self):
@@ -207,7 +224,7 @@ class LlavaMustDrop:
             out = self.model(inputs_embeds=embeds, past_key_values=cache, use_cache=True, logits_to_keep=1)
         logits = out.logits[0, -1].float()
         say("kv_trim")
-        kv_indices = self._trim(cache, state, config)
+        kv_stages = self._trim(cache, state, config)
         _sync(logits)
         t_pre = time.perf_counter() - t_pre
         prefill_cache = [(l.keys.clone(), l.values.clone()) for l in cache.layers] if keep_internals else None
@@ -222,7 +239,7 @@ class LlavaMustDrop:
         trace = None
         if record:
             trace = self._trace(img, question, prompt, config, sampling, max_new_tokens, state, vision,
-                                kv_indices, gen, timings)
+                                kv_stages, gen, timings)
         return RunResult(trace, step_logits, prefill_cache, embeds if keep_internals else None)
 
     # ------------------------------------------------------------------ inputs
@@ -413,7 +430,6 @@ class LlavaMustDrop:
         reference = config.positions == "reference"
 
         def shorten(kwargs):
-            idx = state.alive
             n = state.L
             cos, sin = kwargs["position_embeddings"]
             new = {}
@@ -422,11 +438,13 @@ class LlavaMustDrop:
                 if kwargs.get("position_ids") is not None:
                     new["position_ids"] = kwargs["position_ids"][:, :n]
             else:
+                idx = state.alive
                 new["position_embeddings"] = (cos[:, idx], sin[:, idx])
                 if kwargs.get("position_ids") is not None:
                     new["position_ids"] = kwargs["position_ids"][:, idx]
             mask = kwargs.get("attention_mask")
             if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+                idx = state.alive
                 new["attention_mask"] = mask[:, :, idx][:, :, :, idx]
             return new
 
@@ -471,12 +489,14 @@ class LlavaMustDrop:
                 res = self._decide(attn, state, layer, config)
                 kept = res.kept
             state.kept_positions.append(kept)
-            state.records.append({"layer": layer, "alive": state.alive, "V": V, "result": res})
+            record = {"layer": layer, "V": V, "result": res, "selection": None}
+            state.records.append(record)
             if kept.numel() == V:
                 return None
             S = state.S
             sel = torch.cat([state.head, S + kept, torch.arange(S + V, hidden.shape[1], device=kept.device)])
-            state.alive = state.alive[sel]
+            record["selection"] = sel
+            state.selections.append(sel)
             state.V = kept.numel()
             state.layer_kwargs = None
             if state.protected_pos.numel():
@@ -512,27 +532,27 @@ class LlavaMustDrop:
 
     # ------------------------------------------------------------------ stage 3
     def _trim(self, cache, state, config):
-        """Index-select the cache of layers first..last prune layer; return, per layer, the
-        original-sequence indices of its cached entries (device tensors, shared between layers)."""
+        """Index-select the cache of layers first..last prune layer; return, per layer, which stage's
+        sequence its cached entries are (stage i: the sequence entering prune layer i; the last
+        stage, ``len(state.records)``: the survivors of every drop), for the trace to index on the host."""
         prune = list(config.prune_layers) if config.filter else []
-        # what each stage of layers processed: the sequence entering each prune layer, then the survivors
-        processed = [rec["alive"] for rec in state.records] + [state.alive]
+        final = len(state.records)
         per_layer = None
-        if prune:
+        if prune and config.kv_trim:      # the drops' own selections, composed: one gather per drop
             per_layer = stages.kv_keep_indices(self.num_layers, prune, state.S, state.T, state.N0,
-                                               state.kept_positions)
+                                               state.kept_positions, only_trimmed=True,
+                                               selections=[rec["selection"] for rec in state.records])
         out = []
         stage = 0   # how many prune layers lie strictly before the current layer
         for layer in range(self.num_layers):
-            proc = processed[stage] if prune else state.alive
-            trim = config.kv_trim and prune and prune[0] <= layer <= prune[-1]
-            if trim and per_layer[layer].numel() < proc.numel():
+            trim = per_layer is not None and per_layer[layer] is not None
+            if trim and per_layer[layer].numel() < state.length_at(stage):
                 cl = cache.layers[layer]
                 cl.keys = cl.keys.index_select(-2, per_layer[layer])
                 cl.values = cl.values.index_select(-2, per_layer[layer])
-                out.append(state.alive)       # a trimmed layer keeps exactly the final survivors
+                out.append(final)       # a trimmed layer keeps exactly the final survivors
             else:
-                out.append(proc)
+                out.append(stage)
             if stage < len(prune) and layer == prune[stage]:
                 stage += 1
         return out
@@ -594,7 +614,7 @@ class LlavaMustDrop:
 
     # ------------------------------------------------------------------ trace
     def _trace(self, img, question, prompt, config, sampling, max_new_tokens, state, vision: VisionResult,
-               kv_indices, gen, timings) -> Trace:
+               kv_stages, gen, timings) -> Trace:
         G = self.grid
         w = config.window
         N = G * G
@@ -611,13 +631,11 @@ class LlavaMustDrop:
             if isinstance(crop["merged_windows"], torch.Tensor):
                 want[f"merged{c}"] = crop["merged_windows"]
         for i, rec in enumerate(state.records):
-            want[f"alive{i}"] = rec["alive"]
             if rec["result"] is not None:
                 res = rec["result"]
                 want.update({f"gs{i}": res.global_share, f"im{i}": res.individual_max, f"st{i}": res.status})
-        for layer, idx in enumerate(kv_indices):
-            want[f"kv{layer}"] = idx
         host = _to_host(want)
+        alive = _alive_per_stage(state, host)
         crops = [{**crop, "merged_windows": host[f"merged{c}"].tolist() if f"merged{c}" in host
                   else crop["merged_windows"]} for c, crop in enumerate(vision.crops)]
         arrays: dict[str, np.ndarray] = {"tokens.groups": host["groups"].astype(np.int64)}
@@ -640,7 +658,7 @@ class LlavaMustDrop:
         for i, rec in enumerate(state.records):
             layer, res, V = rec["layer"], rec["result"], rec["V"]
             p = f"stage2.L{layer}"
-            arrays[f"{p}.tokens"] = (host[f"alive{i}"][S:S + V] - S).astype(np.int64)   # merged-token ids
+            arrays[f"{p}.tokens"] = (alive[i][S:S + V] - S).astype(np.int64)   # merged-token ids
             if res is not None:
                 arrays[f"{p}.global_share"] = host[f"gs{i}"].astype(np.float32)
                 arrays[f"{p}.individual_max"] = host[f"im{i}"].astype(np.float32)
@@ -661,8 +679,8 @@ class LlavaMustDrop:
                 n = nxt["kept"]
                 nxt = next(kept_iter, None)
         entries, vision_entries = [], []
-        for layer in range(len(kv_indices)):
-            idx = host[f"kv{layer}"].astype(np.int64)
+        for layer, stage in enumerate(kv_stages):
+            idx = alive[stage].astype(np.int64)
             arrays[f"kv.L{layer}"] = idx
             entries.append(int(idx.size))
             vision_entries.append(int(((idx >= S) & (idx < S + N0)).sum()))
@@ -742,6 +760,26 @@ def _to_host(tensors: dict, pack: bool | None = None) -> dict:
             host[key] = buf[offset:offset + size].view(_NUMPY_DTYPES[t.dtype]).reshape(tuple(t.shape))
             offset += size
     return {name: host[id(t)] for name, t in tensors.items()}
+
+
+def _alive_per_stage(state: _Prefill, host: dict) -> list:
+    """The original-sequence indices of the tokens each stage of layers processed (stage i: the
+    sequence entering prune layer i; the last: the survivors of every drop), rebuilt on the host from
+    the recorded statuses (a token is kept where its status is not DROPPED), so that the trace needs
+    no index array from the device. Checked against the kept counts the device used."""
+    S, T = state.S, state.T
+    alive = [np.arange(state.L0, dtype=np.int64)]
+    for i, rec in enumerate(state.records):
+        a, V = alive[-1], rec["V"]
+        if rec["result"] is not None:
+            kept = np.flatnonzero(host[f"st{i}"] != stages.DROPPED)
+            if kept.size != rec["result"].kept.numel():
+                raise RuntimeError(f"prune layer {rec['layer']}: {kept.size} statuses say kept, but "
+                                   f"{rec['result'].kept.numel()} tokens were kept")
+            if kept.size < V:
+                a = np.concatenate([a[:S], a[S + kept], a[S + V:S + V + T]])
+        alive.append(a)
+    return alive
 
 
 def _select_tokens(vision: VisionResult, sel: torch.Tensor) -> VisionResult:
