@@ -244,12 +244,24 @@ def mean_received_attention(attn: torch.Tensor) -> torch.Tensor:
 @dataclass
 class FilterResult:
     kept: torch.Tensor            # (V',) kept vision positions, ascending (key set united back in)
-    key_after: torch.Tensor       # positions of the key tokens inside ``kept``
+    key_after: torch.Tensor       # the key tokens inside ``kept``: positions, or a (V',) bool mask where the
+                                  # key tokens were given as a mask
     global_share: torch.Tensor    # (V,) share of the text rows' total attention to vision going to each token
     individual_max: torch.Tensor  # (V,) max attention any single text row gives each token
     status: torch.Tensor          # (V,) int8 status code (KEPT_* / DROPPED), see STATUS_NAMES
-    dropped_by_filter_only: int | torch.Tensor   # how many tokens the two conditions alone would drop
-                                                 # (a 0-dim tensor where reading it would stall the device)
+    _dropped: int | torch.Tensor  # a count, or the (V,) bool mask of the tokens the two conditions alone
+                                  # would drop, counted only when ``dropped_by_filter_only`` is read
+
+    @property
+    def dropped_by_filter_only(self) -> int | torch.Tensor:
+        """How many tokens the two conditions alone would drop (a 0-dim tensor where reading it would
+        stall the device). Counted when read: a run does not need it, the trace counts the statuses."""
+        d = self._dropped
+        return d.sum() if isinstance(d, torch.Tensor) and d.dtype == torch.bool else d
+
+    @dropped_by_filter_only.setter
+    def dropped_by_filter_only(self, value) -> None:
+        self._dropped = value
 
 
 def dual_attention_filter(attn: torch.Tensor, global_thr: float, individual_thr: float,
@@ -257,16 +269,26 @@ def dual_attention_filter(attn: torch.Tensor, global_thr: float, individual_thr:
     """Stage 2: drop a vision token only when its global share AND its individual max are low.
 
     ``attn`` is (H, T, V): attention probabilities of the T post-image text rows to the V current
-    vision tokens (sliced from a softmax over all keys). Key tokens are always united back in.
-    The only value read back to the host is the kept count (``kept`` has a data-dependent size).
+    vision tokens (sliced from a softmax over all keys). Key tokens are always united back in; they
+    come as positions, or as a (V,) bool mask (then ``key_after`` is the mask over the kept tokens:
+    a caller filtering layer after layer carries the mask with one gather per layer instead of a
+    sort and a search). The only value read back to the host is the kept count (``kept`` has a
+    data-dependent size).
     """
     global_thr = check_unit_interval("global threshold", global_thr)
     individual_thr = check_unit_interval("individual threshold", individual_thr)
     if attn.dim() != 3:
         raise ValueError(f"attn must be (heads, text rows, vision tokens), got {tuple(attn.shape)}")
     v = attn.shape[-1]
-    key_tokens = key_tokens.to(device=attn.device, dtype=torch.long)
-    _check_host_indices(key_tokens, v, "key token positions")
+    as_mask = key_tokens.dtype == torch.bool
+    if as_mask:
+        if tuple(key_tokens.shape) != (v,):
+            raise ValueError(f"a key token mask must have one entry per vision token ({v}), got {tuple(key_tokens.shape)}")
+        is_key = key_tokens.to(attn.device)
+    else:
+        key_tokens = key_tokens.to(device=attn.device, dtype=torch.long)
+        _check_host_indices(key_tokens, v, "key token positions")
+        is_key = torch.zeros(v, dtype=torch.bool, device=attn.device).index_fill_(0, key_tokens, True)
     mean_attn = attn.float().mean(dim=0)                   # (T, V)
     column_sum = mean_attn.sum(dim=0)
     global_share = column_sum / column_sum.sum()
@@ -274,16 +296,15 @@ def dual_attention_filter(attn: torch.Tensor, global_thr: float, individual_thr:
     low_global = global_share < global_thr
     low_individual = individual_max < individual_thr
     drop = low_global & low_individual
-    is_key = torch.zeros(v, dtype=torch.bool, device=attn.device).index_fill_(0, key_tokens, True)
-    dropped = drop & ~is_key
+    dropped = drop > is_key                                # both low and not a key token
     # KEPT_BOTH 0, KEPT_GLOBAL 1 (low individual only), KEPT_INDIVIDUAL 2 (low global only),
-    # KEPT_KEY 3 (both low, key token), DROPPED 4 (both low): one sum instead of masked writes,
-    # each of which would turn its mask into indices (a read-back on an accelerator)
-    status = low_individual.to(torch.int8)
-    status.add_(low_global, alpha=2).add_(dropped)
+    # KEPT_KEY 3 (both low, key token), DROPPED 4 (both low): low_individual + 2 low_global + dropped
+    # in one sum instead of masked writes, each of which would turn its mask into indices (a
+    # read-back on an accelerator)
+    status = torch.stack([low_individual, low_global, low_global, dropped]).sum(0, dtype=torch.int8)
     kept = torch.nonzero(~dropped).flatten()
-    key_after = torch.searchsorted(kept, torch.sort(key_tokens).values)
-    return FilterResult(kept, key_after, global_share, individual_max, status, drop.sum())
+    key_after = is_key[kept] if as_mask else torch.searchsorted(kept, torch.sort(key_tokens).values)
+    return FilterResult(kept, key_after, global_share, individual_max, status, drop)
 
 
 def _check_host_indices(idx: torch.Tensor, n: int, name: str) -> None:

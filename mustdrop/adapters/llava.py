@@ -109,7 +109,9 @@ class _Prefill:
         self.head = self._alive[:S]                                 # the S tokens before the image
         self.selections = []        # per drop: indices into the sequence it shortened that it kept
         self._applied = 0           # how many of them ``_alive`` has been composed with
-        self.key_pos = key_tokens.to(device)                        # key positions in the block
+        # the key set among the vision tokens alive now: positions in the block, ascending, or (once
+        # MustDrop's filter has run without protected positions) a bool mask over them
+        self.key_pos = key_tokens.to(device)
         self.text_attn = None
         self.queries = None                                         # the prune layer's q_proj output
         self.rows_rope = None                                       # text-row rotary tables (_RowsRope)
@@ -520,8 +522,14 @@ class LlavaMustDrop:
         Protected positions (LLaVA-NeXT newline rows) are kept whatever the scores say."""
         prot = state.protected_pos
         if config.method == "mustdrop":
-            res = stages.dual_attention_filter(attn, config.global_thr, config.individual_thr,
-                                               torch.cat([state.key_pos, prot]) if prot.numel() else state.key_pos)
+            if prot.numel():
+                keys = torch.cat([state.key_pos, prot])
+            else:     # a mask, carried from drop to drop with one gather (key_after) instead of a search
+                if state.key_pos.dtype != torch.bool:
+                    state.key_pos = torch.zeros(state.V, dtype=torch.bool, device=attn.device).index_fill_(
+                        0, state.key_pos.to(attn.device), True)
+                keys = state.key_pos
+            res = stages.dual_attention_filter(attn, config.global_thr, config.individual_thr, keys)
             return stages.with_protected(res, prot, recount=False)
         keep = config.keep_counts[config.prune_layers.index(layer)]      # the plan of _plan_baseline
         if config.method == "random":
