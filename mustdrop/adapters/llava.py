@@ -24,6 +24,7 @@ import hashlib
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -469,12 +470,12 @@ class LlavaMustDrop:
             keys = kwargs["past_key_values"].layers[module.layer_idx].keys
             queries, state.queries = state.queries, None
             if state.rows_rope is None:       # the first prune layer sees the full-length tables
-                state.rows_rope = _RowsRope(kwargs["position_embeddings"], state.T, module.scaling,
+                state.rows_rope = _RowsRope(kwargs["position_embeddings"], module.scaling,
                                             self._rope if not self._rotate_half_rope else None)
             # text rows sit at the end: positions n-T..n-1 (reference) or L0-T..L0-1 (original)
             start = (state.L if reference else state.L0) - state.T
             probs = _text_rows_probs(queries[:, -state.T:], keys, module.head_dim,
-                                     lambda q: state.rows_rope(q, start), state.rows_rope.causal)
+                                     lambda q: state.rows_rope(q, start))
             state.text_attn = probs[:, :, state.S:state.S + state.V]             # (H, T, V)
 
         def drop(module, args, kwargs, output):
@@ -819,23 +820,30 @@ def text_rows_attention(attn_module, hidden, position_embeddings, keys, T: int, 
     cos, sin = position_embeddings
     L = hidden.shape[1]
     queries = attn_module.q_proj(hidden[:, L - T:])
-    causal = torch.ones(T, T, dtype=torch.bool, device=hidden.device).triu(1)
 
     def rotate(q):
         return rope(q, q, cos[:, L - T:], sin[:, L - T:])[0] * attn_module.scaling
-    return _text_rows_probs(queries, keys, attn_module.head_dim, rotate, causal).unsqueeze(0)
+    return _text_rows_probs(queries, keys, attn_module.head_dim, rotate).unsqueeze(0)
 
 
-def _text_rows_probs(queries, keys, head_dim: int, rotate, causal) -> torch.Tensor:
+@lru_cache(maxsize=32)
+def _later_rows(T: int, groups: int, device: torch.device) -> torch.Tensor:
+    """(groups * T, T) bool, True where text row t (of each of ``groups`` query heads sharing a key
+    head) would see a later text row: the causal mask of the text rows' own columns. Built once per
+    shape and device (read-only: masked_fill_ reads it)."""
+    return torch.ones(T, T, dtype=torch.bool).triu(1).repeat(groups, 1).to(device)
+
+
+def _text_rows_probs(queries, keys, head_dim: int, rotate) -> torch.Tensor:
     """(H, T, L) float32 probabilities of T query rows over the L cached keys. ``queries`` is the
     q_proj output of the rows (1, T, H * head_dim); ``rotate`` applies RoPE and the attention
-    scaling to (1, H, T, head_dim); ``causal`` (T, T) is True where a text row would see a later one."""
+    scaling to (1, H, T, head_dim). Causal within the T rows, which are the last T of the L."""
     T = queries.shape[1]
     q = rotate(queries.view(1, T, -1, head_dim).transpose(1, 2))           # (1, H, T, hd)
     H, kv, L = q.shape[1], keys.shape[1], keys.shape[-2]
     # grouped-query heads share their key head: one batched matmul over the key heads, keys not copied
     scores = torch.bmm(q.reshape(kv, H // kv * T, head_dim).float(), keys[0].float().mT)   # (kv, g*T, L)
-    scores.view(kv, H // kv, T, L)[..., L - T:].masked_fill_(causal, float("-inf"))
+    scores[..., L - T:].masked_fill_(_later_rows(T, H // kv, scores.device), float("-inf"))
     return torch.softmax(scores, dim=-1).view(H, T, L)
 
 
@@ -846,22 +854,29 @@ class _RowsRope:
     the rotation is q * cos + roll(q) * sin' (sin' = sin with its first half negated), equal to
     rotate_half's concatenation of -q2 and q1 bit for bit; any other RoPE goes through ``rope``."""
 
-    def __init__(self, position_embeddings, T: int, scaling: float, rope=None):
+    def __init__(self, position_embeddings, scaling: float, rope=None):
         cos, sin = position_embeddings                     # (1, L0, hd): positions 0..L0-1
         self.rope, self.scaling = rope, scaling
         if rope is None:           # float32 tables: the scores are float32, half-precision q is promoted
-            half = cos.shape[-1] // 2
-            self.cos = (cos.float() * scaling).unsqueeze(1)
-            self.sin = (torch.cat([-sin[..., :half], sin[..., half:]], dim=-1).float() * scaling).unsqueeze(1)
+            # (1, L0, hd) tables broadcast over the heads of (1, H, T, hd); sin' * scaling is sin times
+            # (-scaling, ..., +scaling, ...), equal bit for bit to negating its first half, then scaling
+            self.cos = cos.float() * scaling
+            self.sin = sin.float() * _signed_scale(cos.shape[-1], float(scaling), cos.device)
         else:
             self.cos, self.sin = cos, sin
-        self.causal = torch.ones(T, T, dtype=torch.bool, device=cos.device).triu(1)
 
     def __call__(self, q, start: int):
         end = start + q.shape[-2]
         if self.rope is None:
-            return q * self.cos[:, :, start:end] + q.roll(q.shape[-1] // 2, -1) * self.sin[:, :, start:end]
+            return q * self.cos[:, start:end] + q.roll(q.shape[-1] // 2, -1) * self.sin[:, start:end]
         return self.rope(q, q, self.cos[:, start:end], self.sin[:, start:end])[0] * self.scaling
+
+
+@lru_cache(maxsize=32)
+def _signed_scale(head_dim: int, scaling: float, device: torch.device) -> torch.Tensor:
+    """(head_dim,) float32: -scaling on the first half, +scaling on the second (read-only)."""
+    half = head_dim // 2
+    return torch.tensor([-scaling] * half + [scaling] * (head_dim - half), dtype=torch.float32).to(device)
 
 
 def _is_rotate_half_rope(rope, head_dim: int) -> bool:
