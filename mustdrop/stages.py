@@ -100,6 +100,11 @@ def _window_ids_on(grid: int, window: int, device: torch.device) -> torch.Tensor
 
 def window_similarity(patches: torch.Tensor, grid: int, window: int) -> torch.Tensor:
     """Mean cosine similarity over ordered pairs of distinct patches in each window, (G/w, G/w)."""
+    return _window_similarity_flat(patches, grid, window).view(grid // window, grid // window)
+
+
+def _window_similarity_flat(patches: torch.Tensor, grid: int, window: int) -> torch.Tensor:
+    """window_similarity in window order, (num_windows,)."""
     check_grid(grid, window)
     if patches.dim() != 2 or patches.shape[0] != grid * grid:
         raise ValueError(f"expected {grid * grid} patch tokens of shape (N, C), got {tuple(patches.shape)}")
@@ -107,9 +112,9 @@ def window_similarity(patches: torch.Tensor, grid: int, window: int) -> torch.Te
     x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     w2 = window * window
     xw = x[_window_ids_on(grid, window, x.device)]          # (num_windows, w2, C)
-    gram = xw @ xw.transpose(1, 2)
+    gram = torch.bmm(xw, xw.transpose(1, 2))
     off_diag = gram.sum(dim=(1, 2)) - gram.diagonal(dim1=1, dim2=2).sum(-1)
-    return (off_diag / (w2 * (w2 - 1))).view(grid // window, grid // window)
+    return off_diag / (w2 * (w2 - 1))
 
 
 @dataclass
@@ -136,17 +141,23 @@ def local_spatial_merge(tokens: torch.Tensor, grid: int, window: int, threshold:
     if tokens.dim() != 2 or tokens.shape[0] != num_prefix + grid * grid:
         raise ValueError(f"expected {num_prefix} prefix + {grid * grid} patch tokens, got {tuple(tokens.shape)}")
     patches = tokens[num_prefix:]
-    sim = window_similarity(patches, grid, window)
-    return _merge_windows(tokens, grid, window, sim, windows_to_merge(sim, threshold), num_prefix)
+    flat = _window_similarity_flat(patches, grid, window)
+    return _merge_windows(tokens, patches, grid, window, flat, *_window_order(flat, threshold), num_prefix)
 
 
 def windows_to_merge(similarity: torch.Tensor, threshold: float, count: int | None = None) -> torch.Tensor:
     """Stage 1a's choice of windows, most similar first (ties in window order): every window at/above
     ``threshold``, or the ``count`` most similar ones when a count is imposed (the batch rule)."""
+    order, r = _window_order(similarity, threshold, count)
+    return order[:r]
+
+
+def _window_order(similarity, threshold, count=None):
+    """Every window, most similar first (ties in window order), and how many of them merge."""
     flat = similarity.flatten()
     order = torch.sort(flat, descending=True, stable=True).indices
     r = int((flat >= float(threshold)).sum()) if count is None else int(count)   # the one read-back: the merged length is a dynamic shape
-    return order[:r]
+    return order, r
 
 
 def local_spatial_merge_batch(tokens: torch.Tensor, grid: int, window: int, threshold: float,
@@ -157,40 +168,41 @@ def local_spatial_merge_batch(tokens: torch.Tensor, grid: int, window: int, thre
     check_grid(grid, window)
     if tokens.dim() != 3:
         raise ValueError(f"expected a batch (B, prefix + N, C), got {tuple(tokens.shape)}")
-    sims = [window_similarity(t[num_prefix:], grid, window) for t in tokens]
+    patches = [t[num_prefix:] for t in tokens]
+    sims = [_window_similarity_flat(p, grid, window) for p in patches]
     r = min(windows_to_merge(s, threshold).numel() for s in sims)
-    return [_merge_windows(t, grid, window, s, windows_to_merge(s, threshold, count=r), num_prefix)
-            for t, s in zip(tokens, sims)]
+    return [_merge_windows(t, p, grid, window, s, *_window_order(s, threshold, count=r), num_prefix)
+            for t, p, s in zip(tokens, patches, sims)]
 
 
-def _merge_windows(tokens, grid, window, sim, merged, num_prefix) -> MergeResult:
-    patches = tokens[num_prefix:]
-    r = merged.numel()
+def _merge_windows(tokens, patches, grid, window, flat_sim, order, r, num_prefix) -> MergeResult:
+    """Merge the first ``r`` windows of ``order`` (every window, most similar first). ``patches``
+    is ``tokens[num_prefix:]``, ``flat_sim`` the window similarity in window order."""
+    merged = order[:r]
     w2 = window * window
-    merged_ids = _window_ids_on(grid, window, tokens.device)[merged]   # (r, w2)
+    ids = _window_ids_on(grid, window, tokens.device)
+    merged_ids = ids[merged]                                       # (r, w2)
     merged_tokens = patches[merged_ids].mean(dim=1)                # plain mean, sizes not carried
-    is_merged_patch = torch.zeros(grid * grid, dtype=torch.bool, device=tokens.device)
-    is_merged_patch.index_fill_(0, merged_ids.flatten(), True)
-    # the unmerged patches in ascending order; their count is known (r windows of w2 patches each),
-    # so a stable sort takes the place of nonzero, which would read the count back from the device
-    rest = torch.sort(is_merged_patch, stable=True).indices[: grid * grid - r * w2]
+    # the unmerged patches in ascending order: the patches of the other windows, sorted (distinct
+    # ids); nonzero on a mask would read their count back from the device
+    rest = torch.sort(ids[order[r:]].flatten()).values
     out = torch.cat([tokens[:num_prefix], merged_tokens.to(tokens.dtype), patches[rest]], dim=0)
-    groups = torch.full((r + rest.numel(), w2), -1, dtype=torch.long, device=tokens.device)
-    groups[:r] = merged_ids
-    groups[r:, 0] = rest
-    return MergeResult(out, sim, merged, groups)
+    # a merged window's w2 patches, then each unmerged patch alone, -1 padded
+    groups = torch.cat([merged_ids, torch.nn.functional.pad(rest.unsqueeze(1), (0, w2 - 1), value=-1)])
+    return MergeResult(out, flat_sim.view(grid // window, grid // window), merged, groups)
 
 
 def key_token_set(cls_attn: torch.Tensor, keep_rate: float) -> torch.Tensor:
     """Stage 1b: the ceil(keep_rate * N) tokens with the highest head-mean CLS attention, ascending.
 
     ``cls_attn`` is (H, N): post-softmax attention of the CLS query to the N patch tokens of the
-    last vision layer, CLS->CLS removed and not renormalised.
+    last vision layer, CLS->CLS removed and not renormalised; or its head mean (N,), float32, where
+    the caller has it already.
     """
     keep_rate = check_unit_interval("key keep rate", keep_rate)
-    if cls_attn.dim() != 2:
-        raise ValueError(f"cls_attn must be (heads, tokens), got {tuple(cls_attn.shape)}")
-    score = cls_attn.float().mean(dim=0)
+    if cls_attn.dim() not in (1, 2):
+        raise ValueError(f"cls_attn must be (heads, tokens) or a head mean (tokens,), got {tuple(cls_attn.shape)}")
+    score = cls_attn.float().mean(dim=0) if cls_attn.dim() == 2 else cls_attn.float()
     k = min(math.ceil(keep_rate * score.numel()), score.numel())
     return torch.sort(torch.topk(score, k).indices).values
 
@@ -223,10 +235,14 @@ def cls_key_score(q: torch.Tensor, k: torch.Tensor, num_heads: int, scale: float
     """
     b, length, c = k.shape
     hd = c // num_heads
-    keys = k.float().reshape(b, length, num_heads, hd).transpose(1, 2)          # (B, H, L, hd)
+    keys = k.float().reshape(b, length, num_heads, hd)                          # (B, L, H, hd)
     if has_cls:
-        q0 = q[:, :1].float().reshape(b, 1, num_heads, hd).transpose(1, 2)
-        return torch.softmax((q0 @ keys.transpose(-1, -2)) * scale, dim=-1)[:, :, 0, 1:]
+        # the CLS query against every key: one batched matmul over B * H of (1, hd) x (hd, L), the
+        # one (CLS query) @ keys^T runs with the same operands, without its broadcasting views
+        q0 = q[:, :1].float().reshape(b * num_heads, 1, hd)
+        logits = torch.bmm(q0, keys.permute(0, 2, 3, 1).reshape(b * num_heads, hd, length))
+        return torch.softmax(logits.view(b, num_heads, length) * scale, dim=-1)[..., 1:]
+    keys = keys.transpose(1, 2)                                                 # (B, H, L, hd)
     qs = q.float().reshape(b, length, num_heads, hd).transpose(1, 2)
     probs = torch.softmax((qs @ keys.transpose(-1, -2)) * scale, dim=-1)
     return torch.stack([mean_received_attention(p) for p in probs])

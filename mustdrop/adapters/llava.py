@@ -318,11 +318,12 @@ class LlavaMustDrop:
             pooled = torch.nn.functional.adaptive_avg_pool2d(grid_features.float(), side)
             features = pooled[0].permute(1, 2, 0).reshape(side * side, -1).to(features.dtype)
             groups = stages.pool_groups(self.grid, side).to(features.device)
-        key_score, key_tokens = None, torch.zeros(0, dtype=torch.long, device=features.device)
         if config.key_set:
             scores = self._key_scores(qk)[0]                             # (H, N0)
             key_score = scores.mean(0)
-            key_tokens = stages.key_token_set(scores, config.key_keep_rate).to(features.device)
+            key_tokens = stages.key_token_set(key_score, config.key_keep_rate).to(features.device)
+        else:
+            key_score, key_tokens = None, torch.zeros(0, dtype=torch.long, device=features.device)
         mapping = image_mapping(self.processor, img.width, img.height, self.vision_config.image_size)
         return VisionResult(features, groups, key_tokens, key_score, torch.zeros(0, dtype=torch.long),
                             [{"name": "image", "mapping": mapping, "merged_windows": merged}], [similarity])
