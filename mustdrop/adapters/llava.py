@@ -472,7 +472,8 @@ class LlavaMustDrop:
             queries, state.queries = state.queries, None
             if state.rows_rope is None:       # the first prune layer sees the full-length tables
                 state.rows_rope = _RowsRope(kwargs["position_embeddings"], module.scaling,
-                                            self._rope if not self._rotate_half_rope else None)
+                                            self._rope if not self._rotate_half_rope else None,
+                                            grouped=getattr(module, "num_key_value_groups", 1) > 1)
             # text rows sit at the end: positions n-T..n-1 (reference) or L0-T..L0-1 (original)
             start = (state.L if reference else state.L0) - state.T
             probs = _text_rows_probs(queries[:, -state.T:], keys, module.head_dim,
@@ -853,11 +854,17 @@ class _RowsRope:
     the full-length tables the first prune layer receives: later prune layers slice them at their
     rows' positions instead of recomputing or re-shaping tables. With the standard rotate-half RoPE
     the rotation is q * cos + roll(q) * sin' (sin' = sin with its first half negated), equal to
-    rotate_half's concatenation of -q2 and q1 bit for bit; any other RoPE goes through ``rope``."""
+    rotate_half's concatenation of -q2 and q1 bit for bit; any other RoPE goes through ``rope``.
 
-    def __init__(self, position_embeddings, scaling: float, rope=None):
+    ``grouped``: the query heads share key heads, so the rotated rows are regrouped by key head
+    next, which copies them unless they are contiguous. The two products are then summed with the
+    contiguous one (the roll's) first: addition commutes exactly, and the sum comes out contiguous,
+    so the regrouping is a view. Without grouping the order stays, and so does the strided layout
+    the batched matmul has always been given."""
+
+    def __init__(self, position_embeddings, scaling: float, rope=None, grouped: bool = False):
         cos, sin = position_embeddings                     # (1, L0, hd): positions 0..L0-1
-        self.rope, self.scaling = rope, scaling
+        self.rope, self.scaling, self.grouped = rope, scaling, grouped
         if rope is None:           # float32 tables: the scores are float32, half-precision q is promoted
             # (1, L0, hd) tables broadcast over the heads of (1, H, T, hd); sin' * scaling is sin times
             # (-scaling, ..., +scaling, ...), equal bit for bit to negating its first half, then scaling
@@ -869,7 +876,10 @@ class _RowsRope:
     def __call__(self, q, start: int):
         end = start + q.shape[-2]
         if self.rope is None:
-            return q * self.cos[:, start:end] + q.roll(q.shape[-1] // 2, -1) * self.sin[:, start:end]
+            cos, sin = self.cos[:, start:end], self.sin[:, start:end]
+            if self.grouped:
+                return q.roll(q.shape[-1] // 2, -1) * sin + q * cos
+            return q * cos + q.roll(q.shape[-1] // 2, -1) * sin
         return self.rope(q, q, self.cos[:, start:end], self.sin[:, start:end])[0] * self.scaling
 
 
