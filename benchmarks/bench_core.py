@@ -13,7 +13,10 @@ On a ~100M-parameter LLaVA-1.5-shaped random model (CLIP 336/14, 577 vision toke
 And a counted section (``--counted-only`` runs just it), exact and load-independent, on CPU: the
 aten ops and the host-syncing ops of one whole vanilla run and one whole MustDrop run (4 prune
 layers, drops at each) on a 32-layer tiny decoder. Targets: ops ratio <= 1.10; syncing ops <=
-vanilla's + one per prune layer (the kept count, a dynamic shape). tests/test_sync_budget.py pins it.
+vanilla's + one per prune layer (the kept count, a dynamic shape). With stage 1a on there is one
+more: its merged-window count sizes the vision tower's input from vision layer 1 on, before any
+other read-back of either run (see README, Benchmarks). ``--op-diff`` prints where MustDrop's
+extra ops come from. tests/test_sync_budget.py pins the budget.
 """
 
 from __future__ import annotations
@@ -380,6 +383,8 @@ def print_counted(rows) -> None:
               f"{r['ops_ratio']:.3f} (target <= 1.10); syncing ops vanilla {v['syncs']}, MustDrop {m['syncs']} = "
               f"vanilla + {r['extra_syncs']} (target <= vanilla + {n_prune})")
         print(f"      MustDrop syncing ops: {dict(sorted(m['sync_ops'].items()))}")
+    print(f"   with stage 1a on, one read-back beyond the {n_prune} kept counts is its merged-window count: it "
+          "sizes the vision tower's input from vision layer 1 on, before any other read-back of either run")
 
 
 def print_op_diff(r, top: int = 40) -> None:
