@@ -13,7 +13,10 @@ On a ~100M-parameter LLaVA-1.5-shaped random model (CLIP 336/14, 577 vision toke
 And a counted section (``--counted-only`` runs just it), exact and load-independent, on CPU: the
 aten ops and the host-syncing ops of one whole vanilla run and one whole MustDrop run (4 prune
 layers, drops at each) on a 32-layer tiny decoder. Targets: ops ratio <= 1.10; syncing ops <=
-vanilla's + one per prune layer (the kept count, a dynamic shape). tests/test_sync_budget.py pins it.
+vanilla's + one per prune layer (the kept count, a dynamic shape). With stage 1a on there is one
+more: its merged-window count sizes the vision tower's input from vision layer 1 on, before any
+other read-back of either run (see README, Benchmarks). ``--op-diff`` prints where MustDrop's
+extra ops come from. tests/test_sync_budget.py pins the budget.
 """
 
 from __future__ import annotations
@@ -238,18 +241,22 @@ COUNTED_PRUNE_LAYERS = (2, 6, 10, 14)
 class OpCounter(TorchDispatchMode):
     """Counts every aten op dispatched inside the ``with`` block, and those that make the host wait
     for the device: the ops of SYNC_OPS (a value or a data-dependent shape read back) and, when a
-    tensor lives on an accelerator, every copy from it to host memory."""
+    tensor lives on an accelerator, every copy from it to host memory. With ``phases`` it also
+    counts each op under the phase of the run that dispatched it (see ``op_phase``)."""
 
-    def __init__(self):
+    def __init__(self, phases: bool = False):
         super().__init__()
         self.ops = Counter()
         self.syncs = Counter()
+        self.by_phase = Counter() if phases else None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func.overloadpacket.__name__
         out = func(*args, **kwargs)
         self.ops[name] += 1
+        if self.by_phase is not None:
+            self.by_phase[(op_phase(sys._getframe(1)), name)] += 1
         family = "unique" if name in _UNIQUE_OPS else name
         if family in SYNC_OPS:
             self.syncs[family] += 1
@@ -264,6 +271,30 @@ class OpCounter(TorchDispatchMode):
     @property
     def total_syncs(self) -> int:
         return sum(self.syncs.values())
+
+
+# Where an op comes from, by the functions of mustdrop/ on the Python stack that dispatched it.
+_PHASE_OF = (("_trace", "recording"), ("_trim", "kv trim (stage 3)"), ("_decode", "decode"),
+             ("local_spatial_merge", "stage 1a"), ("merge_hook", "stage 1a"), ("_key_scores", "stage 1b"),
+             ("key_token_set", "stage 1b"), ("_encode", "vision"), ("_attach_prefill", "prefill hooks"),
+             ("_decide", "prefill hooks"), ("_text_rows_probs", "prefill hooks"), ("_RowsRope", "prefill hooks"),
+             ("_Prefill", "inputs"), ("_embeds", "inputs"), ("_split_prompt", "inputs"), ("_inputs", "inputs"),
+             ("run", "prefill layers"))
+
+
+def op_phase(frame) -> str:
+    """The phase of a run an op belongs to: the first of _PHASE_OF whose function (or class, for
+    methods) is on the stack, innermost hooks first; model code under ``run`` is "prefill layers"."""
+    names = []
+    while frame is not None:
+        code = frame.f_code
+        if "/mustdrop/" in code.co_filename:
+            names.append(code.co_qualname)
+        frame = frame.f_back
+    for key, phase in _PHASE_OF:
+        if any(n == key or n.startswith(key + ".") or f".{key}." in f".{n}." for n in names):
+            return phase
+    return "inputs"
 
 
 _COPY_OPS = frozenset({"_to_copy", "copy_", "_copy_from", "_copy_from_and_resize"})
@@ -302,7 +333,7 @@ def counted_image():
 
 
 def count_runs(runner, max_new_tokens: int = 1, prune_layers=COUNTED_PRUNE_LAYERS, global_thr: float = 0.0026,
-               individual_thr: float = 1.0, merge: bool = True, warm_up: bool = True) -> dict:
+               individual_thr: float = 1.0, merge: bool = True, warm_up: bool = True, phases: bool = False) -> dict:
     """Ops and syncing ops of one whole vanilla run (preset off) and one whole MustDrop run (every
     stage on, ``prune_layers``), each counted after an uncounted warm-up call (``warm_up``; a
     runner that already ran needs none) so that one-off caches are not counted. Raises if some
@@ -316,9 +347,10 @@ def count_runs(runner, max_new_tokens: int = 1, prune_layers=COUNTED_PRUNE_LAYER
     for name, cfg in configs.items():
         if warm_up:
             runner.run(image, q, cfg, max_new_tokens=max_new_tokens)
-        with OpCounter() as c:
+        with OpCounter(phases) as c:
             res = runner.run(image, q, cfg, max_new_tokens=max_new_tokens)
         out[name] = {"ops": c.total_ops, "syncs": c.total_syncs, "sync_ops": dict(c.syncs), "op_counts": c.ops,
+                     "by_phase": c.by_phase,
                      "stage2": [(s["layer"], s["entering"], s["kept"]) for s in res.trace.meta["stage2"]],
                      "merged_windows": len(res.trace.meta["stage1a"]["merged_windows"])}
     drops = out["mustdrop"]["stage2"]
@@ -351,6 +383,32 @@ def print_counted(rows) -> None:
               f"{r['ops_ratio']:.3f} (target <= 1.10); syncing ops vanilla {v['syncs']}, MustDrop {m['syncs']} = "
               f"vanilla + {r['extra_syncs']} (target <= vanilla + {n_prune})")
         print(f"      MustDrop syncing ops: {dict(sorted(m['sync_ops'].items()))}")
+    print(f"   with stage 1a on, one read-back beyond the {n_prune} kept counts is its merged-window count: it "
+          "sizes the vision tower's input from vision layer 1 on, before any other read-back of either run")
+
+
+def print_op_diff(r, top: int = 40) -> None:
+    """Where MustDrop's extra ops come from: per phase, then per (phase, aten op), MustDrop - vanilla."""
+    v, m = r["vanilla"]["by_phase"], r["mustdrop"]["by_phase"]
+    per = Counter()
+    for (phase, _), n in m.items():
+        per[phase] += n
+    for (phase, _), n in v.items():
+        per[phase] -= n
+    totals_v, totals_m = Counter(), Counter()
+    for (phase, _), n in v.items():
+        totals_v[phase] += n
+    for (phase, _), n in m.items():
+        totals_m[phase] += n
+    print(f"   ops by phase, {r['max_new_tokens']} new token(s) (vanilla / MustDrop / difference):")
+    for phase in sorted(set(totals_v) | set(totals_m), key=lambda p: -abs(per[p])):
+        print(f"      {phase:<20} {totals_v[phase]:>6} {totals_m[phase]:>6} {per[phase]:>+6}")
+    diff = Counter(m)
+    diff.subtract(v)
+    rows = sorted(((k, n) for k, n in diff.items() if n), key=lambda kn: -abs(kn[1]))
+    print(f"   largest differences by (phase, aten op), {len(rows)} in all:")
+    for (phase, op), n in rows[:top]:
+        print(f"      {phase:<20} {op:<28} {v[(phase, op)]:>5} {m[(phase, op)]:>5} {n:>+5}")
 
 
 def main():
@@ -366,6 +424,8 @@ def main():
     ap.add_argument("--text-rows", type=int, default=20)
     ap.add_argument("--skip-model", action="store_true")
     ap.add_argument("--counted-only", action="store_true", help="print only the counted section (CPU, exact)")
+    ap.add_argument("--op-diff", action="store_true", help="with the counted section: where MustDrop's extra ops "
+                    "come from, per phase of the run and per aten op (1 new token)")
     ap.add_argument("--scoring-worker", nargs=4, metavar=("METHOD", "L", "T", "REPEATS"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -377,6 +437,9 @@ def main():
         return
     print(f"torch {torch.__version__}, {args.threads} threads, device {args.device}")
     print_counted(bench_counted())
+    if args.op_diff:
+        with tempfile.TemporaryDirectory() as tmp:
+            print_op_diff(count_runs(build_counted_runner(Path(tmp) / "counted-tiny"), 1, phases=True))
     if args.counted_only:
         return
     if not args.skip_model:

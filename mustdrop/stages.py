@@ -100,6 +100,11 @@ def _window_ids_on(grid: int, window: int, device: torch.device) -> torch.Tensor
 
 def window_similarity(patches: torch.Tensor, grid: int, window: int) -> torch.Tensor:
     """Mean cosine similarity over ordered pairs of distinct patches in each window, (G/w, G/w)."""
+    return _window_similarity_flat(patches, grid, window).view(grid // window, grid // window)
+
+
+def _window_similarity_flat(patches: torch.Tensor, grid: int, window: int) -> torch.Tensor:
+    """window_similarity in window order, (num_windows,)."""
     check_grid(grid, window)
     if patches.dim() != 2 or patches.shape[0] != grid * grid:
         raise ValueError(f"expected {grid * grid} patch tokens of shape (N, C), got {tuple(patches.shape)}")
@@ -107,9 +112,9 @@ def window_similarity(patches: torch.Tensor, grid: int, window: int) -> torch.Te
     x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     w2 = window * window
     xw = x[_window_ids_on(grid, window, x.device)]          # (num_windows, w2, C)
-    gram = xw @ xw.transpose(1, 2)
+    gram = torch.bmm(xw, xw.transpose(1, 2))
     off_diag = gram.sum(dim=(1, 2)) - gram.diagonal(dim1=1, dim2=2).sum(-1)
-    return (off_diag / (w2 * (w2 - 1))).view(grid // window, grid // window)
+    return off_diag / (w2 * (w2 - 1))
 
 
 @dataclass
@@ -136,17 +141,23 @@ def local_spatial_merge(tokens: torch.Tensor, grid: int, window: int, threshold:
     if tokens.dim() != 2 or tokens.shape[0] != num_prefix + grid * grid:
         raise ValueError(f"expected {num_prefix} prefix + {grid * grid} patch tokens, got {tuple(tokens.shape)}")
     patches = tokens[num_prefix:]
-    sim = window_similarity(patches, grid, window)
-    return _merge_windows(tokens, grid, window, sim, windows_to_merge(sim, threshold), num_prefix)
+    flat = _window_similarity_flat(patches, grid, window)
+    return _merge_windows(tokens, patches, grid, window, flat, *_window_order(flat, threshold), num_prefix)
 
 
 def windows_to_merge(similarity: torch.Tensor, threshold: float, count: int | None = None) -> torch.Tensor:
     """Stage 1a's choice of windows, most similar first (ties in window order): every window at/above
     ``threshold``, or the ``count`` most similar ones when a count is imposed (the batch rule)."""
+    order, r = _window_order(similarity, threshold, count)
+    return order[:r]
+
+
+def _window_order(similarity, threshold, count=None):
+    """Every window, most similar first (ties in window order), and how many of them merge."""
     flat = similarity.flatten()
     order = torch.sort(flat, descending=True, stable=True).indices
     r = int((flat >= float(threshold)).sum()) if count is None else int(count)   # the one read-back: the merged length is a dynamic shape
-    return order[:r]
+    return order, r
 
 
 def local_spatial_merge_batch(tokens: torch.Tensor, grid: int, window: int, threshold: float,
@@ -157,40 +168,41 @@ def local_spatial_merge_batch(tokens: torch.Tensor, grid: int, window: int, thre
     check_grid(grid, window)
     if tokens.dim() != 3:
         raise ValueError(f"expected a batch (B, prefix + N, C), got {tuple(tokens.shape)}")
-    sims = [window_similarity(t[num_prefix:], grid, window) for t in tokens]
+    patches = [t[num_prefix:] for t in tokens]
+    sims = [_window_similarity_flat(p, grid, window) for p in patches]
     r = min(windows_to_merge(s, threshold).numel() for s in sims)
-    return [_merge_windows(t, grid, window, s, windows_to_merge(s, threshold, count=r), num_prefix)
-            for t, s in zip(tokens, sims)]
+    return [_merge_windows(t, p, grid, window, s, *_window_order(s, threshold, count=r), num_prefix)
+            for t, p, s in zip(tokens, patches, sims)]
 
 
-def _merge_windows(tokens, grid, window, sim, merged, num_prefix) -> MergeResult:
-    patches = tokens[num_prefix:]
-    r = merged.numel()
+def _merge_windows(tokens, patches, grid, window, flat_sim, order, r, num_prefix) -> MergeResult:
+    """Merge the first ``r`` windows of ``order`` (every window, most similar first). ``patches``
+    is ``tokens[num_prefix:]``, ``flat_sim`` the window similarity in window order."""
+    merged = order[:r]
     w2 = window * window
-    merged_ids = _window_ids_on(grid, window, tokens.device)[merged]   # (r, w2)
+    ids = _window_ids_on(grid, window, tokens.device)
+    merged_ids = ids[merged]                                       # (r, w2)
     merged_tokens = patches[merged_ids].mean(dim=1)                # plain mean, sizes not carried
-    is_merged_patch = torch.zeros(grid * grid, dtype=torch.bool, device=tokens.device)
-    is_merged_patch.index_fill_(0, merged_ids.flatten(), True)
-    # the unmerged patches in ascending order; their count is known (r windows of w2 patches each),
-    # so a stable sort takes the place of nonzero, which would read the count back from the device
-    rest = torch.sort(is_merged_patch, stable=True).indices[: grid * grid - r * w2]
+    # the unmerged patches in ascending order: the patches of the other windows, sorted (distinct
+    # ids); nonzero on a mask would read their count back from the device
+    rest = torch.sort(ids[order[r:]].flatten()).values
     out = torch.cat([tokens[:num_prefix], merged_tokens.to(tokens.dtype), patches[rest]], dim=0)
-    groups = torch.full((r + rest.numel(), w2), -1, dtype=torch.long, device=tokens.device)
-    groups[:r] = merged_ids
-    groups[r:, 0] = rest
-    return MergeResult(out, sim, merged, groups)
+    # a merged window's w2 patches, then each unmerged patch alone, -1 padded
+    groups = torch.cat([merged_ids, torch.nn.functional.pad(rest.unsqueeze(1), (0, w2 - 1), value=-1)])
+    return MergeResult(out, flat_sim.view(grid // window, grid // window), merged, groups)
 
 
 def key_token_set(cls_attn: torch.Tensor, keep_rate: float) -> torch.Tensor:
     """Stage 1b: the ceil(keep_rate * N) tokens with the highest head-mean CLS attention, ascending.
 
     ``cls_attn`` is (H, N): post-softmax attention of the CLS query to the N patch tokens of the
-    last vision layer, CLS->CLS removed and not renormalised.
+    last vision layer, CLS->CLS removed and not renormalised; or its head mean (N,), float32, where
+    the caller has it already.
     """
     keep_rate = check_unit_interval("key keep rate", keep_rate)
-    if cls_attn.dim() != 2:
-        raise ValueError(f"cls_attn must be (heads, tokens), got {tuple(cls_attn.shape)}")
-    score = cls_attn.float().mean(dim=0)
+    if cls_attn.dim() not in (1, 2):
+        raise ValueError(f"cls_attn must be (heads, tokens) or a head mean (tokens,), got {tuple(cls_attn.shape)}")
+    score = cls_attn.float().mean(dim=0) if cls_attn.dim() == 2 else cls_attn.float()
     k = min(math.ceil(keep_rate * score.numel()), score.numel())
     return torch.sort(torch.topk(score, k).indices).values
 
@@ -223,10 +235,14 @@ def cls_key_score(q: torch.Tensor, k: torch.Tensor, num_heads: int, scale: float
     """
     b, length, c = k.shape
     hd = c // num_heads
-    keys = k.float().reshape(b, length, num_heads, hd).transpose(1, 2)          # (B, H, L, hd)
+    keys = k.float().reshape(b, length, num_heads, hd)                          # (B, L, H, hd)
     if has_cls:
-        q0 = q[:, :1].float().reshape(b, 1, num_heads, hd).transpose(1, 2)
-        return torch.softmax((q0 @ keys.transpose(-1, -2)) * scale, dim=-1)[:, :, 0, 1:]
+        # the CLS query against every key: one batched matmul over B * H of (1, hd) x (hd, L), the
+        # one (CLS query) @ keys^T runs with the same operands, without its broadcasting views
+        q0 = q[:, :1].float().reshape(b * num_heads, 1, hd)
+        logits = torch.bmm(q0, keys.permute(0, 2, 3, 1).reshape(b * num_heads, hd, length))
+        return torch.softmax(logits.view(b, num_heads, length) * scale, dim=-1)[..., 1:]
+    keys = keys.transpose(1, 2)                                                 # (B, H, L, hd)
     qs = q.float().reshape(b, length, num_heads, hd).transpose(1, 2)
     probs = torch.softmax((qs @ keys.transpose(-1, -2)) * scale, dim=-1)
     return torch.stack([mean_received_attention(p) for p in probs])
@@ -244,12 +260,24 @@ def mean_received_attention(attn: torch.Tensor) -> torch.Tensor:
 @dataclass
 class FilterResult:
     kept: torch.Tensor            # (V',) kept vision positions, ascending (key set united back in)
-    key_after: torch.Tensor       # positions of the key tokens inside ``kept``
+    key_after: torch.Tensor       # the key tokens inside ``kept``: positions, or a (V',) bool mask where the
+                                  # key tokens were given as a mask
     global_share: torch.Tensor    # (V,) share of the text rows' total attention to vision going to each token
     individual_max: torch.Tensor  # (V,) max attention any single text row gives each token
     status: torch.Tensor          # (V,) int8 status code (KEPT_* / DROPPED), see STATUS_NAMES
-    dropped_by_filter_only: int | torch.Tensor   # how many tokens the two conditions alone would drop
-                                                 # (a 0-dim tensor where reading it would stall the device)
+    _dropped: int | torch.Tensor  # a count, or the (V,) bool mask of the tokens the two conditions alone
+                                  # would drop, counted only when ``dropped_by_filter_only`` is read
+
+    @property
+    def dropped_by_filter_only(self) -> int | torch.Tensor:
+        """How many tokens the two conditions alone would drop (a 0-dim tensor where reading it would
+        stall the device). Counted when read: a run does not need it, the trace counts the statuses."""
+        d = self._dropped
+        return d.sum() if isinstance(d, torch.Tensor) and d.dtype == torch.bool else d
+
+    @dropped_by_filter_only.setter
+    def dropped_by_filter_only(self, value) -> None:
+        self._dropped = value
 
 
 def dual_attention_filter(attn: torch.Tensor, global_thr: float, individual_thr: float,
@@ -257,16 +285,26 @@ def dual_attention_filter(attn: torch.Tensor, global_thr: float, individual_thr:
     """Stage 2: drop a vision token only when its global share AND its individual max are low.
 
     ``attn`` is (H, T, V): attention probabilities of the T post-image text rows to the V current
-    vision tokens (sliced from a softmax over all keys). Key tokens are always united back in.
-    The only value read back to the host is the kept count (``kept`` has a data-dependent size).
+    vision tokens (sliced from a softmax over all keys). Key tokens are always united back in; they
+    come as positions, or as a (V,) bool mask (then ``key_after`` is the mask over the kept tokens:
+    a caller filtering layer after layer carries the mask with one gather per layer instead of a
+    sort and a search). The only value read back to the host is the kept count (``kept`` has a
+    data-dependent size).
     """
     global_thr = check_unit_interval("global threshold", global_thr)
     individual_thr = check_unit_interval("individual threshold", individual_thr)
     if attn.dim() != 3:
         raise ValueError(f"attn must be (heads, text rows, vision tokens), got {tuple(attn.shape)}")
     v = attn.shape[-1]
-    key_tokens = key_tokens.to(device=attn.device, dtype=torch.long)
-    _check_host_indices(key_tokens, v, "key token positions")
+    as_mask = key_tokens.dtype == torch.bool
+    if as_mask:
+        if tuple(key_tokens.shape) != (v,):
+            raise ValueError(f"a key token mask must have one entry per vision token ({v}), got {tuple(key_tokens.shape)}")
+        is_key = key_tokens.to(attn.device)
+    else:
+        key_tokens = key_tokens.to(device=attn.device, dtype=torch.long)
+        _check_host_indices(key_tokens, v, "key token positions")
+        is_key = torch.zeros(v, dtype=torch.bool, device=attn.device).index_fill_(0, key_tokens, True)
     mean_attn = attn.float().mean(dim=0)                   # (T, V)
     column_sum = mean_attn.sum(dim=0)
     global_share = column_sum / column_sum.sum()
@@ -274,16 +312,15 @@ def dual_attention_filter(attn: torch.Tensor, global_thr: float, individual_thr:
     low_global = global_share < global_thr
     low_individual = individual_max < individual_thr
     drop = low_global & low_individual
-    is_key = torch.zeros(v, dtype=torch.bool, device=attn.device).index_fill_(0, key_tokens, True)
-    dropped = drop & ~is_key
+    dropped = drop > is_key                                # both low and not a key token
     # KEPT_BOTH 0, KEPT_GLOBAL 1 (low individual only), KEPT_INDIVIDUAL 2 (low global only),
-    # KEPT_KEY 3 (both low, key token), DROPPED 4 (both low): one sum instead of masked writes,
-    # each of which would turn its mask into indices (a read-back on an accelerator)
-    status = low_individual.to(torch.int8)
-    status.add_(low_global, alpha=2).add_(dropped)
+    # KEPT_KEY 3 (both low, key token), DROPPED 4 (both low): low_individual + 2 low_global + dropped
+    # in one sum instead of masked writes, each of which would turn its mask into indices (a
+    # read-back on an accelerator)
+    status = torch.stack([low_individual, low_global, low_global, dropped]).sum(0, dtype=torch.int8)
     kept = torch.nonzero(~dropped).flatten()
-    key_after = torch.searchsorted(kept, torch.sort(key_tokens).values)
-    return FilterResult(kept, key_after, global_share, individual_max, status, drop.sum())
+    key_after = is_key[kept] if as_mask else torch.searchsorted(kept, torch.sort(key_tokens).values)
+    return FilterResult(kept, key_after, global_share, individual_max, status, drop)
 
 
 def _check_host_indices(idx: torch.Tensor, n: int, name: str) -> None:
@@ -296,18 +333,28 @@ def _check_host_indices(idx: torch.Tensor, n: int, name: str) -> None:
 
 
 def kv_keep_indices(num_layers: int, prune_layers, S: int, T: int, N0: int,
-                    kept_per_prune_layer) -> list[torch.Tensor]:
+                    kept_per_prune_layer, selections=None, only_trimmed: bool = False) -> list:
     """Stage 3: for each layer, indices (into the sequence it processed in prefill) still cached.
 
     Layers before the first prune layer keep everything; layers from the first through the last
     prune layer keep only the tokens that survived the last prune layer (the composition of the
     per-layer kept positions); later layers already hold only those and keep everything.
     Indices live where the kept positions do; layers with the same indices share one tensor.
+
+    ``selections``, where the caller has them (the adapter built them to shorten the sequence):
+    per prune layer, the indices into the whole sequence entering it that it kept,
+    ``cat(arange(S), S + kept, the T text positions)``, or None where it kept everything. The
+    trimmed layers' indices are then composed from them, one gather per drop after the first,
+    instead of being rebuilt from the kept positions; the result is the same. ``only_trimmed``:
+    None in place of the indices of every layer that keeps all it processed (a caller that trims
+    only the others need not build them).
     """
     layers = check_prune_layers(prune_layers, num_layers)
     kept_per_prune_layer = [torch.as_tensor(k, dtype=torch.long) for k in kept_per_prune_layer]
     if len(kept_per_prune_layer) != len(layers):
         raise ValueError(f"need one kept set per prune layer ({len(layers)}), got {len(kept_per_prune_layer)}")
+    if selections is not None and len(selections) != len(layers):
+        raise ValueError(f"need one selection per prune layer ({len(layers)}), got {len(selections)}")
     device = kept_per_prune_layer[0].device if layers else torch.device("cpu")
     seq_len = [S + N0 + T]
     v = N0
@@ -315,22 +362,38 @@ def kv_keep_indices(num_layers: int, prune_layers, S: int, T: int, N0: int,
         _check_host_indices(k, v, "kept positions")
         v = k.numel()
         seq_len.append(S + v + T)
-    # final_vision[i]: positions, in the vision block entering prune layer i, of the final survivors.
-    final_vision = [None] * len(layers)
-    alive = kept_per_prune_layer[-1] if layers else None
-    for i in range(len(layers) - 1, -1, -1):
-        if i < len(layers) - 1:
-            alive = kept_per_prune_layer[i][alive]
-        final_vision[i] = alive
     everything, head, trimmed = {}, None, {}
+    final_vision = [None] * len(layers)
+    if selections is not None:
+        # trimmed[i]: positions, in the whole sequence entering prune layer i, of the final survivors
+        # (None while no later drop removed anything: everything is kept)
+        composed = None
+        for i in range(len(layers) - 1, -1, -1):
+            if selections[i] is not None:
+                sel = torch.as_tensor(selections[i], dtype=torch.long)
+                _check_host_indices(sel, seq_len[i], "selected positions")
+                composed = sel if composed is None else sel[composed]
+            if composed is not None:
+                trimmed[i] = composed
+    else:
+        # final_vision[i]: positions, in the vision block entering prune layer i, of the final survivors.
+        alive = kept_per_prune_layer[-1] if layers else None
+        for i in range(len(layers) - 1, -1, -1):
+            if i < len(layers) - 1:
+                alive = kept_per_prune_layer[i][alive]
+            final_vision[i] = alive
     out = []
     stage = 0   # how many prune layers lie strictly before the current layer
     for layer in range(num_layers):
         length = seq_len[stage]
-        if not layers or layer < layers[0] or layer > layers[-1]:
-            if length not in everything:
-                everything[length] = torch.arange(length, device=device)
-            out.append(everything[length])
+        if not layers or layer < layers[0] or layer > layers[-1] or (selections is not None and stage not in trimmed):
+            # keeps everything (in the selections' case: nothing was dropped from this stage on)
+            if only_trimmed:
+                out.append(None)
+            else:
+                if length not in everything:
+                    everything[length] = torch.arange(length, device=device)
+                out.append(everything[length])
         else:
             if stage not in trimmed:
                 head = torch.arange(S, device=device) if head is None else head

@@ -24,6 +24,7 @@ import hashlib
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -105,9 +106,13 @@ class _Prefill:
         self.protected_pos = (protected if protected is not None else torch.zeros(0, dtype=torch.long)).to(device)
         self.L0 = S + N0 + T
         self.V = N0                                                 # vision tokens alive (host count)
-        self.alive = torch.arange(self.L0, device=device)           # original sequence indices
-        self.head = self.alive[:S]                                  # the S tokens before the image
-        self.key_pos = key_tokens.to(device)                        # key positions in the block
+        self._alive = torch.arange(self.L0, device=device)          # original sequence indices
+        self.head = self._alive[:S]                                 # the S tokens before the image
+        self.selections = []        # per drop: indices into the sequence it shortened that it kept
+        self._applied = 0           # how many of them ``_alive`` has been composed with
+        # the key set among the vision tokens alive now: positions in the block, ascending, or (once
+        # MustDrop's filter has run without protected positions) a bool mask over them
+        self.key_pos = key_tokens.to(device)
         self.text_attn = None
         self.queries = None                                         # the prune layer's q_proj output
         self.rows_rope = None                                       # text-row rotary tables (_RowsRope)
@@ -118,6 +123,21 @@ class _Prefill:
     @property
     def L(self):
         return self.S + self.V + self.T
+
+    @property
+    def alive(self):
+        """Original sequence indices of the tokens alive now (device), composed from the drops'
+        selections only when asked for: original positions and 4-D masks need them, reference
+        positions do not, and the trace derives its own on the host from the statuses."""
+        while self._applied < len(self.selections):
+            self._alive = self._alive[self.selections[self._applied]]
+            self._applied += 1
+        return self._alive
+
+    def length_at(self, stage: int) -> int:
+        """Length of the sequence the layers of ``stage`` processed (stage i: the one entering
+        prune layer i; the last stage: the survivors of every drop)."""
+        return self.S + (self.records[stage]["V"] if stage < len(self.records) else self.V) + self.T
 
     @property
     def shortened(self):
@@ -207,7 +227,7 @@ class LlavaMustDrop:
             out = self.model(inputs_embeds=embeds, past_key_values=cache, use_cache=True, logits_to_keep=1)
         logits = out.logits[0, -1].float()
         say("kv_trim")
-        kv_indices = self._trim(cache, state, config)
+        kv_stages = self._trim(cache, state, config)
         _sync(logits)
         t_pre = time.perf_counter() - t_pre
         prefill_cache = [(l.keys.clone(), l.values.clone()) for l in cache.layers] if keep_internals else None
@@ -222,7 +242,7 @@ class LlavaMustDrop:
         trace = None
         if record:
             trace = self._trace(img, question, prompt, config, sampling, max_new_tokens, state, vision,
-                                kv_indices, gen, timings)
+                                kv_stages, gen, timings)
         return RunResult(trace, step_logits, prefill_cache, embeds if keep_internals else None)
 
     # ------------------------------------------------------------------ inputs
@@ -298,11 +318,12 @@ class LlavaMustDrop:
             pooled = torch.nn.functional.adaptive_avg_pool2d(grid_features.float(), side)
             features = pooled[0].permute(1, 2, 0).reshape(side * side, -1).to(features.dtype)
             groups = stages.pool_groups(self.grid, side).to(features.device)
-        key_score, key_tokens = None, torch.zeros(0, dtype=torch.long, device=features.device)
         if config.key_set:
             scores = self._key_scores(qk)[0]                             # (H, N0)
             key_score = scores.mean(0)
-            key_tokens = stages.key_token_set(scores, config.key_keep_rate).to(features.device)
+            key_tokens = stages.key_token_set(key_score, config.key_keep_rate).to(features.device)
+        else:
+            key_score, key_tokens = None, torch.zeros(0, dtype=torch.long, device=features.device)
         mapping = image_mapping(self.processor, img.width, img.height, self.vision_config.image_size)
         return VisionResult(features, groups, key_tokens, key_score, torch.zeros(0, dtype=torch.long),
                             [{"name": "image", "mapping": mapping, "merged_windows": merged}], [similarity])
@@ -413,7 +434,6 @@ class LlavaMustDrop:
         reference = config.positions == "reference"
 
         def shorten(kwargs):
-            idx = state.alive
             n = state.L
             cos, sin = kwargs["position_embeddings"]
             new = {}
@@ -422,11 +442,13 @@ class LlavaMustDrop:
                 if kwargs.get("position_ids") is not None:
                     new["position_ids"] = kwargs["position_ids"][:, :n]
             else:
+                idx = state.alive
                 new["position_embeddings"] = (cos[:, idx], sin[:, idx])
                 if kwargs.get("position_ids") is not None:
                     new["position_ids"] = kwargs["position_ids"][:, idx]
             mask = kwargs.get("attention_mask")
             if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+                idx = state.alive
                 new["attention_mask"] = mask[:, :, idx][:, :, :, idx]
             return new
 
@@ -449,12 +471,13 @@ class LlavaMustDrop:
             keys = kwargs["past_key_values"].layers[module.layer_idx].keys
             queries, state.queries = state.queries, None
             if state.rows_rope is None:       # the first prune layer sees the full-length tables
-                state.rows_rope = _RowsRope(kwargs["position_embeddings"], state.T, module.scaling,
-                                            self._rope if not self._rotate_half_rope else None)
+                state.rows_rope = _RowsRope(kwargs["position_embeddings"], module.scaling,
+                                            self._rope if not self._rotate_half_rope else None,
+                                            grouped=getattr(module, "num_key_value_groups", 1) > 1)
             # text rows sit at the end: positions n-T..n-1 (reference) or L0-T..L0-1 (original)
             start = (state.L if reference else state.L0) - state.T
             probs = _text_rows_probs(queries[:, -state.T:], keys, module.head_dim,
-                                     lambda q: state.rows_rope(q, start), state.rows_rope.causal)
+                                     lambda q: state.rows_rope(q, start))
             state.text_attn = probs[:, :, state.S:state.S + state.V]             # (H, T, V)
 
         def drop(module, args, kwargs, output):
@@ -471,12 +494,14 @@ class LlavaMustDrop:
                 res = self._decide(attn, state, layer, config)
                 kept = res.kept
             state.kept_positions.append(kept)
-            state.records.append({"layer": layer, "alive": state.alive, "V": V, "result": res})
+            record = {"layer": layer, "V": V, "result": res, "selection": None}
+            state.records.append(record)
             if kept.numel() == V:
                 return None
             S = state.S
             sel = torch.cat([state.head, S + kept, torch.arange(S + V, hidden.shape[1], device=kept.device)])
-            state.alive = state.alive[sel]
+            record["selection"] = sel
+            state.selections.append(sel)
             state.V = kept.numel()
             state.layer_kwargs = None
             if state.protected_pos.numel():
@@ -500,8 +525,14 @@ class LlavaMustDrop:
         Protected positions (LLaVA-NeXT newline rows) are kept whatever the scores say."""
         prot = state.protected_pos
         if config.method == "mustdrop":
-            res = stages.dual_attention_filter(attn, config.global_thr, config.individual_thr,
-                                               torch.cat([state.key_pos, prot]) if prot.numel() else state.key_pos)
+            if prot.numel():
+                keys = torch.cat([state.key_pos, prot])
+            else:     # a mask, carried from drop to drop with one gather (key_after) instead of a search
+                if state.key_pos.dtype != torch.bool:
+                    state.key_pos = torch.zeros(state.V, dtype=torch.bool, device=attn.device).index_fill_(
+                        0, state.key_pos.to(attn.device), True)
+                keys = state.key_pos
+            res = stages.dual_attention_filter(attn, config.global_thr, config.individual_thr, keys)
             return stages.with_protected(res, prot, recount=False)
         keep = config.keep_counts[config.prune_layers.index(layer)]      # the plan of _plan_baseline
         if config.method == "random":
@@ -512,27 +543,27 @@ class LlavaMustDrop:
 
     # ------------------------------------------------------------------ stage 3
     def _trim(self, cache, state, config):
-        """Index-select the cache of layers first..last prune layer; return, per layer, the
-        original-sequence indices of its cached entries (device tensors, shared between layers)."""
+        """Index-select the cache of layers first..last prune layer; return, per layer, which stage's
+        sequence its cached entries are (stage i: the sequence entering prune layer i; the last
+        stage, ``len(state.records)``: the survivors of every drop), for the trace to index on the host."""
         prune = list(config.prune_layers) if config.filter else []
-        # what each stage of layers processed: the sequence entering each prune layer, then the survivors
-        processed = [rec["alive"] for rec in state.records] + [state.alive]
+        final = len(state.records)
         per_layer = None
-        if prune:
+        if prune and config.kv_trim:      # the drops' own selections, composed: one gather per drop
             per_layer = stages.kv_keep_indices(self.num_layers, prune, state.S, state.T, state.N0,
-                                               state.kept_positions)
+                                               state.kept_positions, only_trimmed=True,
+                                               selections=[rec["selection"] for rec in state.records])
         out = []
         stage = 0   # how many prune layers lie strictly before the current layer
         for layer in range(self.num_layers):
-            proc = processed[stage] if prune else state.alive
-            trim = config.kv_trim and prune and prune[0] <= layer <= prune[-1]
-            if trim and per_layer[layer].numel() < proc.numel():
+            trim = per_layer is not None and per_layer[layer] is not None
+            if trim and per_layer[layer].numel() < state.length_at(stage):
                 cl = cache.layers[layer]
                 cl.keys = cl.keys.index_select(-2, per_layer[layer])
                 cl.values = cl.values.index_select(-2, per_layer[layer])
-                out.append(state.alive)       # a trimmed layer keeps exactly the final survivors
+                out.append(final)       # a trimmed layer keeps exactly the final survivors
             else:
-                out.append(proc)
+                out.append(stage)
             if stage < len(prune) and layer == prune[stage]:
                 stage += 1
         return out
@@ -594,7 +625,7 @@ class LlavaMustDrop:
 
     # ------------------------------------------------------------------ trace
     def _trace(self, img, question, prompt, config, sampling, max_new_tokens, state, vision: VisionResult,
-               kv_indices, gen, timings) -> Trace:
+               kv_stages, gen, timings) -> Trace:
         G = self.grid
         w = config.window
         N = G * G
@@ -611,13 +642,11 @@ class LlavaMustDrop:
             if isinstance(crop["merged_windows"], torch.Tensor):
                 want[f"merged{c}"] = crop["merged_windows"]
         for i, rec in enumerate(state.records):
-            want[f"alive{i}"] = rec["alive"]
             if rec["result"] is not None:
                 res = rec["result"]
                 want.update({f"gs{i}": res.global_share, f"im{i}": res.individual_max, f"st{i}": res.status})
-        for layer, idx in enumerate(kv_indices):
-            want[f"kv{layer}"] = idx
         host = _to_host(want)
+        alive = _alive_per_stage(state, host)
         crops = [{**crop, "merged_windows": host[f"merged{c}"].tolist() if f"merged{c}" in host
                   else crop["merged_windows"]} for c, crop in enumerate(vision.crops)]
         arrays: dict[str, np.ndarray] = {"tokens.groups": host["groups"].astype(np.int64)}
@@ -640,7 +669,7 @@ class LlavaMustDrop:
         for i, rec in enumerate(state.records):
             layer, res, V = rec["layer"], rec["result"], rec["V"]
             p = f"stage2.L{layer}"
-            arrays[f"{p}.tokens"] = (host[f"alive{i}"][S:S + V] - S).astype(np.int64)   # merged-token ids
+            arrays[f"{p}.tokens"] = (alive[i][S:S + V] - S).astype(np.int64)   # merged-token ids
             if res is not None:
                 arrays[f"{p}.global_share"] = host[f"gs{i}"].astype(np.float32)
                 arrays[f"{p}.individual_max"] = host[f"im{i}"].astype(np.float32)
@@ -661,8 +690,8 @@ class LlavaMustDrop:
                 n = nxt["kept"]
                 nxt = next(kept_iter, None)
         entries, vision_entries = [], []
-        for layer in range(len(kv_indices)):
-            idx = host[f"kv{layer}"].astype(np.int64)
+        for layer, stage in enumerate(kv_stages):
+            idx = alive[stage].astype(np.int64)
             arrays[f"kv.L{layer}"] = idx
             entries.append(int(idx.size))
             vision_entries.append(int(((idx >= S) & (idx < S + N0)).sum()))
@@ -744,6 +773,26 @@ def _to_host(tensors: dict, pack: bool | None = None) -> dict:
     return {name: host[id(t)] for name, t in tensors.items()}
 
 
+def _alive_per_stage(state: _Prefill, host: dict) -> list:
+    """The original-sequence indices of the tokens each stage of layers processed (stage i: the
+    sequence entering prune layer i; the last: the survivors of every drop), rebuilt on the host from
+    the recorded statuses (a token is kept where its status is not DROPPED), so that the trace needs
+    no index array from the device. Checked against the kept counts the device used."""
+    S, T = state.S, state.T
+    alive = [np.arange(state.L0, dtype=np.int64)]
+    for i, rec in enumerate(state.records):
+        a, V = alive[-1], rec["V"]
+        if rec["result"] is not None:
+            kept = np.flatnonzero(host[f"st{i}"] != stages.DROPPED)
+            if kept.size != rec["result"].kept.numel():
+                raise RuntimeError(f"prune layer {rec['layer']}: {kept.size} statuses say kept, but "
+                                   f"{rec['result'].kept.numel()} tokens were kept")
+            if kept.size < V:
+                a = np.concatenate([a[:S], a[S + kept], a[S + V:S + V + T]])
+        alive.append(a)
+    return alive
+
+
 def _select_tokens(vision: VisionResult, sel: torch.Tensor) -> VisionResult:
     """The vision block reduced to positions ``sel`` (ascending) before the LLM; protected positions
     are always kept, and key and protected positions are renumbered."""
@@ -773,23 +822,30 @@ def text_rows_attention(attn_module, hidden, position_embeddings, keys, T: int, 
     cos, sin = position_embeddings
     L = hidden.shape[1]
     queries = attn_module.q_proj(hidden[:, L - T:])
-    causal = torch.ones(T, T, dtype=torch.bool, device=hidden.device).triu(1)
 
     def rotate(q):
         return rope(q, q, cos[:, L - T:], sin[:, L - T:])[0] * attn_module.scaling
-    return _text_rows_probs(queries, keys, attn_module.head_dim, rotate, causal).unsqueeze(0)
+    return _text_rows_probs(queries, keys, attn_module.head_dim, rotate).unsqueeze(0)
 
 
-def _text_rows_probs(queries, keys, head_dim: int, rotate, causal) -> torch.Tensor:
+@lru_cache(maxsize=32)
+def _later_rows(T: int, groups: int, device: torch.device) -> torch.Tensor:
+    """(groups * T, T) bool, True where text row t (of each of ``groups`` query heads sharing a key
+    head) would see a later text row: the causal mask of the text rows' own columns. Built once per
+    shape and device (read-only: masked_fill_ reads it)."""
+    return torch.ones(T, T, dtype=torch.bool).triu(1).repeat(groups, 1).to(device)
+
+
+def _text_rows_probs(queries, keys, head_dim: int, rotate) -> torch.Tensor:
     """(H, T, L) float32 probabilities of T query rows over the L cached keys. ``queries`` is the
     q_proj output of the rows (1, T, H * head_dim); ``rotate`` applies RoPE and the attention
-    scaling to (1, H, T, head_dim); ``causal`` (T, T) is True where a text row would see a later one."""
+    scaling to (1, H, T, head_dim). Causal within the T rows, which are the last T of the L."""
     T = queries.shape[1]
     q = rotate(queries.view(1, T, -1, head_dim).transpose(1, 2))           # (1, H, T, hd)
     H, kv, L = q.shape[1], keys.shape[1], keys.shape[-2]
     # grouped-query heads share their key head: one batched matmul over the key heads, keys not copied
     scores = torch.bmm(q.reshape(kv, H // kv * T, head_dim).float(), keys[0].float().mT)   # (kv, g*T, L)
-    scores.view(kv, H // kv, T, L)[..., L - T:].masked_fill_(causal, float("-inf"))
+    scores[..., L - T:].masked_fill_(_later_rows(T, H // kv, scores.device), float("-inf"))
     return torch.softmax(scores, dim=-1).view(H, T, L)
 
 
@@ -798,24 +854,40 @@ class _RowsRope:
     the full-length tables the first prune layer receives: later prune layers slice them at their
     rows' positions instead of recomputing or re-shaping tables. With the standard rotate-half RoPE
     the rotation is q * cos + roll(q) * sin' (sin' = sin with its first half negated), equal to
-    rotate_half's concatenation of -q2 and q1 bit for bit; any other RoPE goes through ``rope``."""
+    rotate_half's concatenation of -q2 and q1 bit for bit; any other RoPE goes through ``rope``.
 
-    def __init__(self, position_embeddings, T: int, scaling: float, rope=None):
+    ``grouped``: the query heads share key heads, so the rotated rows are regrouped by key head
+    next, which copies them unless they are contiguous. The two products are then summed with the
+    contiguous one (the roll's) first: addition commutes exactly, and the sum comes out contiguous,
+    so the regrouping is a view. Without grouping the order stays, and so does the strided layout
+    the batched matmul has always been given."""
+
+    def __init__(self, position_embeddings, scaling: float, rope=None, grouped: bool = False):
         cos, sin = position_embeddings                     # (1, L0, hd): positions 0..L0-1
-        self.rope, self.scaling = rope, scaling
+        self.rope, self.scaling, self.grouped = rope, scaling, grouped
         if rope is None:           # float32 tables: the scores are float32, half-precision q is promoted
-            half = cos.shape[-1] // 2
-            self.cos = (cos.float() * scaling).unsqueeze(1)
-            self.sin = (torch.cat([-sin[..., :half], sin[..., half:]], dim=-1).float() * scaling).unsqueeze(1)
+            # (1, L0, hd) tables broadcast over the heads of (1, H, T, hd); sin' * scaling is sin times
+            # (-scaling, ..., +scaling, ...), equal bit for bit to negating its first half, then scaling
+            self.cos = cos.float() * scaling
+            self.sin = sin.float() * _signed_scale(cos.shape[-1], float(scaling), cos.device)
         else:
             self.cos, self.sin = cos, sin
-        self.causal = torch.ones(T, T, dtype=torch.bool, device=cos.device).triu(1)
 
     def __call__(self, q, start: int):
         end = start + q.shape[-2]
         if self.rope is None:
-            return q * self.cos[:, :, start:end] + q.roll(q.shape[-1] // 2, -1) * self.sin[:, :, start:end]
+            cos, sin = self.cos[:, start:end], self.sin[:, start:end]
+            if self.grouped:
+                return q.roll(q.shape[-1] // 2, -1) * sin + q * cos
+            return q * cos + q.roll(q.shape[-1] // 2, -1) * sin
         return self.rope(q, q, self.cos[:, start:end], self.sin[:, start:end])[0] * self.scaling
+
+
+@lru_cache(maxsize=32)
+def _signed_scale(head_dim: int, scaling: float, device: torch.device) -> torch.Tensor:
+    """(head_dim,) float32: -scaling on the first half, +scaling on the second (read-only)."""
+    half = head_dim // 2
+    return torch.tensor([-scaling] * half + [scaling] * (head_dim - half), dtype=torch.float32).to(device)
 
 
 def _is_rotate_half_rope(rope, head_dim: int) -> bool:
