@@ -36,33 +36,32 @@ log = logging.getLogger("mustdrop.app")
 # (gradio gives a checkbox in a form no minimum width). Small example thumbnails and a one-row preset
 # choice bring the examples above the fold of a 1440 x 900 window.
 CSS = """
-.gradio-container .prose table { display: block; max-width: 100%; overflow-x: auto; word-break: normal; }
+.gradio-container .prose table { display: block; width: max-content; max-width: 100%; overflow-x: auto; word-break: normal; }
 .gradio-container .prose table th, .gradio-container .prose table td { word-break: normal; overflow-wrap: normal; hyphens: none; }
 #examples td .container.table { width: var(--size-12); height: var(--size-12); }
 #preset_in .wrap { gap: var(--size-1); }
 #show_gt { min-width: min(200px, 100%) !important; }
-
 #preset_in label { padding: var(--size-1) var(--size-2); }
 """
 
 
-def reveal(after_run: bool) -> str:
-    """JS run after an event: scroll what it drew into view unless the page already shows it.
-
-    after_run: the results column (its top in the upper half of the window is enough; on a phone it
-    is far below the Run button), or the status line when the event reported a problem. Otherwise
-    the patch inspector, aligned by its nearest edge so that the overlay just clicked stays in view
-    where the two fit together.
-    """
-    pick = ("const s = document.querySelector('#status');"
-            " const bad = !!s && s.innerText.includes('Problem:');"
-            " const e = document.querySelector(bad ? '#status' : '#results');" if after_run
-            else "const e = document.querySelector('#inspector'); const bad = false;")
-    return ("() => { setTimeout(() => { " + pick + " if (!e) return;"
-            " const r = e.getBoundingClientRect(), h = window.innerHeight; let dy = 0;"
-            + (" if (r.top < 0 || r.top > h / 2) dy = r.top - 8;" if after_run else
-               " if (r.top < 0 || r.bottom > h) dy = (r.top > 0 && r.height <= h - 16) ? r.bottom - h + 8 : r.top - 8;")
-            + " if (dy) window.scrollBy({top: dy, behavior: 'instant'}); }, 150); }")
+# JS run after an event: scroll what it drew into view unless the page already shows it. The results
+# column after Run or a replay (its top in the upper half of the window is enough; on a phone it is far
+# below the Run button), or the status line when the event reported a problem; the patch inspector after
+# a click on an overlay, aligned by its nearest edge so the overlay stays in view as far as the two fit.
+_REVEAL = """() => { setTimeout(() => {
+  const status = document.querySelector('#status');
+  const e = document.querySelector(%s);
+  if (!e) return;
+  const r = e.getBoundingClientRect(), h = window.innerHeight;
+  let dy = 0;
+  %s
+  if (dy) window.scrollBy({top: dy, behavior: 'instant'});
+}, 150); }"""
+REVEAL_RESULTS = _REVEAL % ("status && status.innerText.includes('Problem:') ? '#status' : '#results'",
+                            "if (r.top < 0 || r.top > h / 2) dy = r.top - 8;")
+REVEAL_INSPECTOR = _REVEAL % ("'#inspector'", "if (r.top < 0 || r.bottom > h) "
+                              "dy = (r.top > 0 && r.height <= h - 16) ? r.bottom - h + 8 : r.top - 8;")
 
 
 def pair_traces(traces: list[Trace]) -> tuple[Trace, Trace | None]:
@@ -353,9 +352,9 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
         redraw_inputs = [state, layer_slider, sel_state, show_gt]
         quiet = dict(api_visibility="undocumented", queue=False, show_progress="hidden")
         run_btn.click(guarded(on_run), run_inputs, session_outputs, api_name="run", api_visibility="undocumented",
-                      preprocess=False, concurrency_limit=1, concurrency_id="model").then(None, js=reveal(True))
+                      preprocess=False, concurrency_limit=1, concurrency_id="model").then(None, js=REVEAL_RESULTS)
         files.upload.upload(guarded(on_upload), [files.upload, image_in, show_gt], session_outputs, api_name="replay",
-                            api_visibility="undocumented", preprocess=False, queue=False).then(None, js=reveal(True))
+                            api_visibility="undocumented", preprocess=False, queue=False).then(None, js=REVEAL_RESULTS)
         layer_slider.change(guarded(on_layer), redraw_inputs, outputs_on(LAYER) + [status], api_name="layer",
                             trigger_mode="always_last", **quiet)
         show_gt.change(guarded(on_redraw), redraw_inputs, outputs_on(GT) + [status], **quiet)
@@ -363,9 +362,9 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
         for v in views:
             for im in v.clickable:
                 im.select(guarded(on_select), [state, layer_slider, show_gt], select_outputs, **quiet) \
-                    .then(None, js=reveal(False))
+                    .then(None, js=REVEAL_INSPECTOR)
         inspector.button.click(guarded(on_inspect), [state, layer_slider, inspector.row, inspector.col, show_gt],
-                               select_outputs, api_visibility="undocumented", queue=False).then(None, js=reveal(False))
+                               select_outputs, api_visibility="undocumented", queue=False).then(None, js=REVEAL_INSPECTOR)
         crop_in.input(guarded(on_crop), [state, crop_in, layer_slider, show_gt],
                       outputs_on(CROP) + [state, sel_state, status], **quiet)
         files.slides_button.click(guarded(on_slides), [state, layer_slider, show_gt],
