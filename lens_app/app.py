@@ -32,16 +32,20 @@ GREY_NOTE = "drawn on grey: the trace holds no pixels; put the same image in the
 log = logging.getLogger("mustdrop.app")
 
 # Narrow screens: table cells wrap between words only (a wide table scrolls sideways instead of
-# breaking "prune" into "pru / ne"), and a checkbox in a row takes a new line rather than clip its label
-# (gradio gives a checkbox in a form no minimum width). Small example thumbnails and a one-row preset
-# choice bring the examples above the fold of a 1440 x 900 window.
+# breaking "prune" into "pru / ne"), a checkbox in a row takes a new line rather than clip its label
+# (gradio gives a checkbox in a form no minimum width), and file names wrap instead of shrinking to
+# "m….safetensors". Small example thumbnails and a one-row preset choice bring the examples above the
+# fold of a 1440 x 900 window.
 CSS = """
 .gradio-container .prose table { display: block; width: max-content; max-width: 100%; overflow-x: auto; word-break: normal; }
 .gradio-container .prose table th, .gradio-container .prose table td { word-break: normal; overflow-wrap: normal; hyphens: none; }
 #examples td .container.table { width: var(--size-12); height: var(--size-12); }
 #preset_in .wrap { gap: var(--size-1); }
 #show_gt { min-width: min(200px, 100%) !important; }
+.form > .block:has(> label.checkbox-container):not(#show_gt) { min-width: fit-content !important; }
 #preset_in label { padding: var(--size-1) var(--size-2); }
+.file-preview td.filename { flex-wrap: wrap; min-width: 0; }
+.file-preview td.filename .stem { white-space: normal; overflow: visible; overflow-wrap: anywhere; }
 """
 
 

@@ -457,7 +457,8 @@ VIEWPORTS = {"1440x900": {"width": 1440, "height": 900}, "390x844": {"width": 39
 TABS = ["1a merge", "1b key set", "2 filter", "3 KV cache", "Counts and cost"]
 
 # Words of table cells, labels and tab buttons laid out over two lines, and boxes whose text is cut
-# (scrollWidth > clientWidth); a break at a hyphen or slash is a break between words.
+# (scrollWidth > clientWidth: those, and any text shortened with an ellipsis, as gradio shortens file
+# names); a break at a hyphen or slash is a break between words.
 FIT_JS = """() => {
   const broken = [], clipped = [];
   for (const el of document.querySelectorAll('td, th, label, [data-testid=block-info], [role=tab]')) {
@@ -472,6 +473,10 @@ FIT_JS = """() => {
         if (tops.size > 1) broken.push(m[0]);
       }
     }
+  }
+  for (const el of document.querySelectorAll('*')) {          // text gradio shortens with an ellipsis
+    if (el.offsetParent && el.scrollWidth > el.clientWidth + 1 && getComputedStyle(el).textOverflow === 'ellipsis')
+      clipped.push(el.innerText.slice(0, 60) + ` (${el.scrollWidth} > ${el.clientWidth} px, ellipsis)`);
   }
   return {broken: [...new Set(broken)], clipped: [...new Set(clipped)],
           page_width: document.documentElement.scrollWidth, window_width: window.innerWidth};
@@ -564,9 +569,16 @@ def test_tables_and_labels_fit_without_broken_words(fresh):
     page.click("#inspect_btn")
     wait_text(page, "inspect_md", "Patch (3, 4)")
     assert page.locator("#inspect_md table").count() >= 1            # the lifecycle table is among those checked
+    for accordion in ["Advanced: every MustDrop knob", "Decoding"]:  # and every knob's label
+        page.get_by_text(accordion).first.click()
+    page.get_by_label("individual threshold").wait_for()
     for name in TABS:
         open_tab(page, name)
-        time.sleep(0.3)
-        fit = page.evaluate(FIT_JS)
+        deadline = time.time() + 10
+        while True:   # the tab strip and the panels settle a moment after a tab or an accordion opens
+            fit = page.evaluate(FIT_JS)
+            if (not fit["broken"] and not fit["clipped"]) or time.time() > deadline:
+                break
+            time.sleep(0.3)
         assert not fit["broken"] and not fit["clipped"], (name, fit)
         assert fit["page_width"] <= fit["window_width"], (name, fit)   # no sideways scrolling of the page
