@@ -317,7 +317,7 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
                         seed_in = gr.Number(0, label="seed", precision=0)
                 for v in slot("sidebar"):
                     v.build()
-            with gr.Column(scale=2, min_width=360, elem_id="results"):
+            with gr.Column(scale=2, min_width=520, elem_id="results"):
                 stale_md = gr.Markdown(elem_id="stale_md")
                 for v in slot("top"):
                     v.build()
