@@ -18,6 +18,16 @@ from pathlib import Path
 from analysis.toyworld import QUESTION_TYPES, make_sample
 
 PHOTOS = {"astronaut.png": "astronaut", "coffee.png": "coffee", "chelsea.png": "chelsea"}
+# Questions a real checkpoint can answer from the photo (what, how many, which colour), with the
+# answer a person gives; the scene-world toy model cannot read them (the app offers it none).
+PHOTO_QUESTIONS = {
+    "astronaut": [("What is the woman wearing?", "an orange spacesuit", "what"),
+                  ("How many flags are in the picture?", "one", "count")],
+    "coffee": [("What drink is in the cup?", "coffee", "what"),
+               ("What color is the saucer?", "red", "color")],
+    "chelsea": [("What animal is this?", "a cat", "what"),
+                ("What color are its eyes?", "green", "color")],
+}
 N_SCENES = 6
 
 
@@ -54,7 +64,7 @@ def main(argv=None):
         stem = f"scene_test_{i:04d}"
         s.image.save(out / f"{stem}.png")
         s.scene.to_npz(out / f"{stem}.npz")
-        listing.append({"file": f"{stem}.png", "masks": f"{stem}.npz", "split": "test", "index": i,
+        listing.append({"file": f"{stem}.png", "world": "scene", "masks": f"{stem}.npz", "split": "test", "index": i,
                         "seed": s.scene.seed, "question": s.question, "answer": s.answer,
                         "question_type": s.qtype, "target_ids": list(s.targets),
                         "background": s.scene.background["kind"],
@@ -63,9 +73,9 @@ def main(argv=None):
     data = Path(skimage.__file__).parent / "data"
     for fname, name in PHOTOS.items():
         shutil.copyfile(data / fname, out / f"photo_{name}.png")
-        listing.append({"file": f"photo_{name}.png", "source": f"scikit-image data/{fname}",
-                        "question": "what is in the image ?", "answer": None,
-                        "question_type": "natural_photo"})
+        for question, answer, kind in PHOTO_QUESTIONS[name]:
+            listing.append({"file": f"photo_{name}.png", "world": "photo", "source": f"scikit-image data/{fname}",
+                            "question": question, "answer": answer, "question_type": f"photo_{kind}"})
     (out / "examples.json").write_text(json.dumps(listing, indent=1) + "\n")
     print(f"wrote {len(listing)} examples to {out}")
 

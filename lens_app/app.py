@@ -21,7 +21,7 @@ from mustdrop.vis import compare as vis_compare
 
 from . import inputs
 from .engine import COMPARE_METHODS, PRESETS, Lens, compare_method, user_errors
-from .examples import EXAMPLES_DIR, GroundTruthIndex, image_sha, load_examples
+from .examples import EXAMPLES_DIR, GroundTruthIndex, image_sha, load_examples, offer
 from .session import Frame, Session, save_comparison, split_comparison
 from .views import View, all_views
 from .views.base import CROP, GT, LAYER, SELECTION
@@ -31,6 +31,42 @@ MAX_FILE_SIZE = "64mb"                     # uploads (images, traces); traces ar
 GREY_NOTE = "drawn on grey: the trace holds no pixels; put the same image in the image box to see it under the overlays"
 
 log = logging.getLogger("mustdrop.app")
+
+# Narrow screens: table cells wrap between words only (a wide table scrolls sideways instead of
+# breaking "prune" into "pru / ne"), a checkbox in a row takes a new line rather than clip its label
+# (gradio gives a checkbox in a form no minimum width), and file names wrap instead of shrinking to
+# "m….safetensors". Small example thumbnails and a one-row preset choice bring the examples above the
+# fold of a 1440 x 900 window.
+CSS = """
+.gradio-container .prose table { display: block; width: max-content; max-width: 100%; overflow-x: auto; word-break: normal; }
+.gradio-container .prose table th, .gradio-container .prose table td { word-break: normal; overflow-wrap: normal; hyphens: none; }
+#examples td .container.table { width: var(--size-12); height: var(--size-12); }
+#preset_in .wrap { gap: var(--size-1); }
+#show_gt { min-width: min(200px, 100%) !important; }
+.form > .block:has(> label.checkbox-container):not(#show_gt) { min-width: fit-content !important; }
+#preset_in label { padding: var(--size-1) var(--size-2); }
+.file-preview td.filename { flex-wrap: wrap; min-width: 0; }
+.file-preview td.filename .stem { white-space: normal; overflow: visible; overflow-wrap: anywhere; }
+"""
+
+
+# JS run after an event: scroll what it drew into view unless the page already shows it. The results
+# column after Run or a replay (its top in the upper half of the window is enough; on a phone it is far
+# below the Run button), or the status line when the event reported a problem; the patch inspector after
+# a click on an overlay, aligned by its nearest edge so the overlay stays in view as far as the two fit.
+_REVEAL = """() => { setTimeout(() => {
+  const status = document.querySelector('#status');
+  const e = document.querySelector(%s);
+  if (!e) return;
+  const r = e.getBoundingClientRect(), h = window.innerHeight;
+  let dy = 0;
+  %s
+  if (dy) window.scrollBy({top: dy, behavior: 'instant'});
+}, 150); }"""
+REVEAL_RESULTS = _REVEAL % ("status && status.innerText.includes('Problem:') ? '#status' : '#results'",
+                            "if (r.top < 0 || r.top > h / 2) dy = r.top - 8;")
+REVEAL_INSPECTOR = _REVEAL % ("'#inspector'", "if (r.top < 0 || r.bottom > h) "
+                              "dy = (r.top > 0 && r.height <= h - 16) ? r.bottom - h + 8 : r.top - 8;")
 
 
 def pair_traces(traces: list[Trace]) -> tuple[Trace, Trace | None]:
@@ -50,6 +86,8 @@ def pair_traces(traces: list[Trace]) -> tuple[Trace, Trace | None]:
 def build_app(lens: Lens, examples=None) -> gr.Blocks:
     examples = load_examples() if examples is None else examples
     truth = GroundTruthIndex(examples)
+    offered = offer(examples, getattr(getattr(lens.runner, "processor", None), "tokenizer", None), lens.model_label)
+    depth = lens.runner.num_layers if lens.runner is not None else 32   # a trace sets it when no model is loaded
     workdir = Workdir()
     views: list[View] = [cls() for cls in all_views()]
 
@@ -254,20 +292,28 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
         state = gr.State(None, time_to_live=3 * 3600)      # the visitor's Session, freed after 3 h
         sel_state = gr.State(None, time_to_live=3 * 3600)  # the inspected patch [row, col]
         gr.Markdown("# MustDrop Lens\nWhat multi-stage vision token dropping "
-                    "([MustDrop](https://arxiv.org/abs/2411.10803)) does to every image patch inside a LLaVA model: "
-                    "**1a** local spatial merge · **1b** key token set · **2** dual-attention filter · "
-                    f"**3** output-aware KV trim. Model: `{lens.model_label}`." + model_note)
+                    "([MustDrop](https://arxiv.org/abs/2411.10803)) does to every image patch of a LLaVA model: "
+                    "**1a** spatial merge · **1b** key tokens · **2** dual-attention filter · "
+                    f"**3** KV trim. Model: `{lens.model_label}`." + model_note)
         status = gr.Markdown("Choose an example or upload an image, ask a question, press **Run**.", elem_id="status")
         with gr.Row():
             with gr.Column(scale=1, min_width=320):
                 image_in = gr.Image(label="Image", type="filepath", image_mode=None, sources=["upload", "clipboard"],
-                                    elem_id="image_in", height=300)
-                question_in = gr.Textbox(label="Question", value="What color is the square?", max_lines=3,
-                                         elem_id="question_in")
+                                    elem_id="image_in", height=240)
+                question_in = gr.Textbox(label="Question", value="", max_lines=3, elem_id="question_in",
+                                         placeholder="choose an example, or type a question")
                 preset_in = gr.Radio(PRESETS, value="64", label="Preset (average vision-token budget)",
                                      elem_id="preset_in")
                 compare_in = of("CompareView").choice_input()
                 compare_state = gr.State("none")      # the choice, held server-side: /run keeps its parameters
+                run_btn = gr.Button("Run vanilla + MustDrop", variant="primary", elem_id="run_btn")
+                if offered.rows:
+                    gr.Examples(offered.rows, inputs=[image_in, question_in], label=offered.label,
+                                examples_per_page=6, elem_id="examples")
+                if offered.photos:
+                    gr.Markdown(offered.note, elem_id="photo_note")
+                    gr.Examples([[p] for p in offered.photos], inputs=[image_in], label="Photos (for a real checkpoint)",
+                                elem_id="photo_examples")
                 with gr.Accordion("Advanced: every MustDrop knob (used when the preset is 'custom')", open=False):
                     d = lens.defaults("64")
                     with gr.Row():
@@ -291,19 +337,14 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
                         temp_in = gr.Number(0.7, label="temperature")
                         top_p_in = gr.Number(0.9, label="top p")
                         seed_in = gr.Number(0, label="seed", precision=0)
-                run_btn = gr.Button("Run vanilla + MustDrop", variant="primary", elem_id="run_btn")
-                if examples:
-                    rows = [[ex.image, q] for ex in examples for q in ex.questions[:2]]
-                    gr.Examples(rows, inputs=[image_in, question_in], label="Scene-world examples",
-                                examples_per_page=12, elem_id="examples")
                 for v in slot("sidebar"):
                     v.build()
-            with gr.Column(scale=2, min_width=520):
+            with gr.Column(scale=2, min_width=520, elem_id="results"):
                 stale_md = gr.Markdown(elem_id="stale_md")
                 for v in slot("top"):
                     v.build()
                 with gr.Row():
-                    layer_slider = gr.Slider(0, 31, value=0, step=1, label="LLM layer (0-based)", elem_id="layer_slider",
+                    layer_slider = gr.Slider(0, depth - 1, value=0, step=1, label="LLM layer (0-based)", elem_id="layer_slider",
                                              scale=3)
                     crop_in = gr.Dropdown(choices=[("image", 0)], value=0, label="crop (LLaVA-NeXT: base image, tiles)",
                                           visible=False, elem_id="crop_in", scale=1)
@@ -314,7 +355,7 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
                                            scale=1)
                 for v in slot("caption"):
                     v.build()
-                with gr.Tabs():
+                with gr.Tabs(overflow_behavior="wrap"):     # every tab's button in reach on a phone
                     tabs = {}
                     for v in slot("tab"):
                         tabs.setdefault((v.tab, v.tab_id), []).append(v)
@@ -349,10 +390,10 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
         opacity_outputs = outputs_on(SELECTION) + [state, status]
         run_btn.click(guarded(on_run), run_inputs, session_outputs, api_name="run", api_visibility="undocumented",
                       preprocess=False, concurrency_limit=1, concurrency_id="model") \
-            .then(guarded(on_opacity), opacity_inputs, opacity_outputs, **quiet)
+            .then(guarded(on_opacity), opacity_inputs, opacity_outputs, **quiet).then(None, js=REVEAL_RESULTS)
         files.upload.upload(guarded(on_upload), [files.upload, image_in, show_gt], session_outputs, api_name="replay",
                             api_visibility="undocumented", preprocess=False, queue=False) \
-            .then(guarded(on_opacity), opacity_inputs, opacity_outputs, **quiet)
+            .then(guarded(on_opacity), opacity_inputs, opacity_outputs, **quiet).then(None, js=REVEAL_RESULTS)
         opacity_in.change(guarded(on_opacity), opacity_inputs, opacity_outputs, trigger_mode="always_last", **quiet)
         layer_slider.change(guarded(on_layer), redraw_inputs, outputs_on(LAYER) + [status], api_name="layer",
                             trigger_mode="always_last", **quiet)
@@ -360,9 +401,10 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
         select_outputs = outputs_on(SELECTION) + [sel_state, status]
         for v in views:
             for im in v.clickable:
-                im.select(guarded(on_select), [state, layer_slider, show_gt], select_outputs, **quiet)
+                im.select(guarded(on_select), [state, layer_slider, show_gt], select_outputs, **quiet) \
+                    .then(None, js=REVEAL_INSPECTOR)
         inspector.button.click(guarded(on_inspect), [state, layer_slider, inspector.row, inspector.col, show_gt],
-                               select_outputs, api_visibility="undocumented", queue=False)
+                               select_outputs, api_visibility="undocumented", queue=False).then(None, js=REVEAL_INSPECTOR)
         crop_in.input(guarded(on_crop), [state, crop_in, layer_slider, show_gt],
                       outputs_on(CROP) + [state, sel_state, status], **quiet)
         files.slides_button.click(guarded(on_slides), [state, layer_slider, show_gt],
@@ -393,6 +435,7 @@ def launch(demo: gr.Blocks, host="127.0.0.1", port=7860, **kw):
     tests/test_security.py), so the address is printed here instead."""
     demo.queue(default_concurrency_limit=1, max_size=64)
     kw.setdefault("state_session_capacity", 500)     # at most 500 visitors' view states (a few MB each) kept
+    kw["css"] = CSS + kw.get("css", "")
     quiet = kw.setdefault("quiet", True)
     block = not kw.pop("prevent_thread_lock", False)
     out = demo.launch(server_name=host, server_port=port, share=False, max_file_size=MAX_FILE_SIZE,

@@ -11,9 +11,9 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 log = logging.getLogger("mustdrop.app")
 
 
-def main(argv=None):
-    from .app import build_app, launch
-    from .engine import DEFAULT_MODEL, Lens, user_errors
+def parser() -> argparse.ArgumentParser:
+    """The command line (defaults from the environment a Space sets)."""
+    from .engine import DEFAULT_MODEL
 
     ap = argparse.ArgumentParser(description="MustDrop Lens: see what MustDrop does to every image patch.")
     env = os.environ
@@ -25,7 +25,14 @@ def main(argv=None):
     ap.add_argument("--host", default=env.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                     help="address to bind (default 127.0.0.1; a HuggingFace Space sets GRADIO_SERVER_NAME)")
     ap.add_argument("--port", type=int, default=int(env.get("GRADIO_SERVER_PORT", 7860)))
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    from .app import build_app, launch
+    from .engine import Lens, user_errors
+
+    args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     lens = Lens(args.model, args.device, args.dtype)
     try:

@@ -3,6 +3,8 @@ bad inputs (never a traceback, the server keeps serving), replay of uploaded tra
 cache, two users at once, the example listing, and the pieces of lens_app on their own."""
 
 import json
+import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -322,12 +324,102 @@ def test_examples_masks_and_targets(tmp_path):
     {"question": "x"},
     {"file": "a.png", "question": "x", "masks": "nowhere.npz"},
     {"file": "a.png", "question": "x", "target_ids": "0"},
+    {"file": "a.png", "question": "x", "world": "moon"},
     42,
 ])
 def test_unusable_example_entries_are_skipped(tmp_path, entry):
     _png(tmp_path / "a.png")
     ex = _listing(tmp_path, [entry, {"file": "a.png", "question": "what shape?"}])
     assert [e.questions for e in ex] == [["what shape?"]]
+
+
+def test_example_world_from_the_listing(tmp_path):
+    _png(tmp_path / "a.png")
+    _png(tmp_path / "p.png")
+    _png(tmp_path / "q.png")
+    ex = _listing(tmp_path, [{"file": "a.png", "question": "what color is the star ?"},
+                             {"file": "p.png", "question": "What animal is this?", "world": "photo"},
+                             {"file": "q.png", "question": "what is in the image ?", "question_type": "natural_photo"}])
+    assert [e.world for e in ex] == ["scene", "photo", "photo"]
+
+
+# what the app offers: honest examples for the model loaded
+PHOTO_QUESTION = re.compile(r"^(what|how many)\b", re.I)
+
+
+@pytest.fixture(scope="module")
+def toy_tokenizer():
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(engine.HERE / engine.DEFAULT_MODEL))
+
+
+def test_shipped_toy_model_is_offered_only_the_scene_questions_it_was_trained_on(toy_tokenizer):
+    from analysis.toyworld import make_sample
+
+    shipped = examples.load_examples()
+    assert examples.closed_vocabulary(toy_tokenizer)
+    shown = examples.offer(shipped, toy_tokenizer, engine.DEFAULT_MODEL)
+    scenes = {e.image: e for e in shipped if e.world == "scene"}
+    assert shown.rows and all(img in scenes for img, _ in shown.rows)
+    listed = json.loads((examples.EXAMPLES_DIR / "examples.json").read_text())
+    for entry in (e for e in listed if e.get("world") == "scene"):     # the training distribution: regenerated
+        assert make_sample(entry["split"], entry["index"]).question == entry["question"]
+        assert [str(examples.EXAMPLES_DIR / entry["file"]), entry["question"]] in shown.rows
+    assert all(examples.reads(toy_tokenizer, q) for _, q in shown.rows)
+    assert sorted(shown.photos) == sorted(e.image for e in shipped if e.world == "photo") and shown.photos
+    assert "scene world only" in shown.note and "assets/toy-llava" in shown.note
+
+
+def test_the_photo_note_names_a_checkpoint_with_the_apps_own_flag(toy_tokenizer):
+    shown = examples.offer(examples.load_examples(), toy_tokenizer, engine.DEFAULT_MODEL)
+    command = re.search(r"`python viz_app\.py ([^`]+)`", shown.note).group(1)
+    args = cli.parser().parse_args(shlex.split(command))
+    assert args.model == "llava-hf/llava-1.5-7b-hf"
+    assert not examples.closed_vocabulary(None) and examples.offer(examples.load_examples()).photos == []
+
+
+def test_a_closed_vocabulary_is_not_offered_a_question_it_cannot_read(tmp_path, toy_tokenizer):
+    _png(tmp_path / "a.png")
+    ex = _listing(tmp_path, [{"file": "a.png", "question": "what color is the star ?"},
+                             {"file": "a.png", "question": "what colour is the sky ?"}])
+    assert examples.offer(ex, toy_tokenizer).rows == [[ex[0].image, "what color is the star ?"]]
+
+
+def test_a_real_checkpoint_gets_real_questions_about_the_photos(tiny):
+    tok = tiny.processor.tokenizer
+    assert not examples.closed_vocabulary(tok)          # BPE, as the published checkpoints' tokenizers
+    shipped = examples.load_examples()
+    shown = examples.offer(shipped, tok, tiny.model_id)
+    photos = [e for e in shipped if e.world == "photo"]
+    asked = [q for img, q in shown.rows if img in {e.image for e in photos}]
+    assert shown.photos == [] and shown.note == ""
+    assert shown.rows[: len(asked)] == [[img, q] for img, q in shown.rows if img in {e.image for e in photos}]
+    assert {img for img, q in shown.rows[: len(asked)]} == {e.image for e in photos}
+    assert all(PHOTO_QUESTION.match(q) for q in asked)
+    kinds = " ".join(asked).lower()
+    assert "how many" in kinds and "color" in kinds and "what is in the image" not in kinds
+    assert len(shown.rows) == len(asked) + sum(len(e.questions) for e in shipped if e.world == "scene")
+
+
+def test_the_page_offers_the_toy_its_scene_questions_and_fits_the_slider_to_the_model(tiny):
+    from mustdrop.adapters import LlavaMustDrop, load_llava
+
+    def props(demo):
+        return {c["props"].get("elem_id"): c["props"] for c in demo.get_config_file()["components"]
+                if c.get("props", {}).get("elem_id")}
+
+    model, processor = load_llava(str(engine.HERE / engine.DEFAULT_MODEL))
+    toy = LlavaMustDrop(model, processor, engine.DEFAULT_MODEL)
+    page = props(lens_app_app.build_app(engine.Lens(runner=toy)))
+    questions = [row[1] for row in page["examples"]["samples"]]
+    assert questions and all(examples.reads(processor.tokenizer, q) for q in questions)
+    assert len(page["photo_examples"]["samples"]) == 3 and page["photo_examples"]["headers"] == ["Image"]
+    assert "scene world only" in page["photo_note"]["value"]
+    assert page["layer_slider"]["maximum"] == toy.num_layers - 1 == 7
+    assert page["question_in"]["value"] == ""                # no question before an image is chosen
+    real = props(lens_app_app.build_app(engine.Lens(runner=tiny)))
+    assert "photo_note" not in real and real["layer_slider"]["maximum"] == tiny.num_layers - 1
+    assert any(PHOTO_QUESTION.match(row[1]) and "photo_" in row[0]["path"] for row in real["examples"]["samples"])
 
 
 def test_examples_without_a_listing(tmp_path):

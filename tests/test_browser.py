@@ -450,3 +450,135 @@ def test_editing_a_knob_switches_to_custom_and_runs_it(app, browser):
     wait_status(page, "(custom)")
     wait_text(page, "stale_md", "Stale", present=False)
     page.close()
+
+
+# ----------------------------------------------------------------------------- layout: desktop and phone
+VIEWPORTS = {"1440x900": {"width": 1440, "height": 900}, "390x844": {"width": 390, "height": 844}}
+TABS = ["1a merge", "1b key set", "2 filter", "3 KV cache", "Counts and cost"]
+
+# Words of table cells, labels and tab buttons laid out over two lines, and boxes whose text is cut
+# (scrollWidth > clientWidth: those, and any text shortened with an ellipsis, as gradio shortens file
+# names); a break at a hyphen or slash is a break between words.
+FIT_JS = """() => {
+  const broken = [], clipped = [];
+  for (const el of document.querySelectorAll('td, th, label, [data-testid=block-info], [role=tab]')) {
+    if (!el.offsetParent) continue;
+    if (el.scrollWidth > el.clientWidth + 1) clipped.push(el.innerText.slice(0, 60) + ` (${el.scrollWidth} > ${el.clientWidth} px)`);
+    const walk = document.createTreeWalker(el, NodeFilter.SHOW_TEXT);
+    for (let n = walk.nextNode(); n; n = walk.nextNode()) {
+      for (const m of n.data.matchAll(/[^\\s\\-\\/]+/g)) {
+        const r = document.createRange();
+        r.setStart(n, m.index); r.setEnd(n, m.index + m[0].length);
+        const tops = new Set(Array.from(r.getClientRects()).filter(b => b.width > 0).map(b => Math.round(b.top)));
+        if (tops.size > 1) broken.push(m[0]);
+      }
+    }
+  }
+  for (const el of document.querySelectorAll('*')) {          // text gradio shortens with an ellipsis
+    if (el.offsetParent && el.scrollWidth > el.clientWidth + 1 && getComputedStyle(el).textOverflow === 'ellipsis')
+      clipped.push(el.innerText.slice(0, 60) + ` (${el.scrollWidth} > ${el.clientWidth} px, ellipsis)`);
+  }
+  return {broken: [...new Set(broken)], clipped: [...new Set(clipped)],
+          page_width: document.documentElement.scrollWidth, window_width: window.innerWidth};
+}"""
+
+
+def box(page, selector):
+    return page.evaluate("s => { const r = document.querySelector(s).getBoundingClientRect();"
+                         " return {top: r.top, bottom: r.bottom, left: r.left, right: r.right, h: innerHeight}; }", selector)
+
+
+def wait_in_view(page, selector, upper_half=False, timeout=10_000):
+    """Wait until the element's top is inside the window (in its upper half); False if it never is."""
+    try:
+        page.wait_for_function(
+            "([s, half]) => { const e = document.querySelector(s); if (!e) return false;"
+            " const t = e.getBoundingClientRect().top; return t >= 0 && t < (half ? innerHeight / 2 : innerHeight - 40); }",
+            arg=[selector, upper_half], timeout=timeout)
+        return True
+    except Exception:  # noqa: BLE001 - playwright's timeout: the caller asserts
+        return False
+
+
+@pytest.fixture(scope="module", params=list(VIEWPORTS), ids=list(VIEWPORTS))
+def fresh(request, app, browser):
+    """One page per window size: what it showed before the first run, then the example run."""
+    page = new_page(browser, viewport=VIEWPORTS[request.param])
+    page.goto(app)
+    page.wait_for_selector("#run_btn")
+    before = page.evaluate("""() => ({
+        question: document.querySelector('#question_in textarea').value,
+        image: document.querySelector('#image_in img') !== null,
+        slider_max: Number(document.querySelector('#layer_slider input[type=range]').max),
+        examples_top: document.querySelector('#examples').getBoundingClientRect().top,
+        first_example_bottom: document.querySelector('#examples tbody tr').getBoundingClientRect().bottom})""")
+    page.locator("#examples").get_by_text("what color is the square?").first.click()
+    page.wait_for_function("() => document.querySelector('#image_in img') !== null", timeout=30_000)
+    chosen = page.locator("#question_in textarea").input_value()
+    page.click("#run_btn")
+    wait_status(page, "Done:")
+    results_in_view = wait_in_view(page, "#results", upper_half=True)
+    yield {"page": page, "size": VIEWPORTS[request.param], "before": before, "chosen": chosen,
+           "results_in_view": results_in_view, "results": box(page, "#results")}
+    page.close()
+
+
+def test_before_the_first_run_the_page_fits_the_model(fresh, tiny):
+    before = fresh["before"]
+    assert before["question"] == "" and not before["image"]          # no question without an image
+    assert fresh["chosen"] == "what color is the square?"           # the example brings its question
+    assert before["slider_max"] == tiny.num_layers - 1               # layers count from 0
+    if fresh["size"]["width"] == 1440:                               # the first example above the fold
+        assert before["examples_top"] < 900 and before["first_example_bottom"] <= 900, before
+
+
+def test_results_come_into_view_after_run(fresh):
+    assert fresh["results_in_view"], f"results column at {fresh['results']} after Run"
+
+
+def test_every_tab_can_be_reached(fresh):
+    page, width = fresh["page"], fresh["size"]["width"]
+    for name in TABS:
+        tab = page.get_by_role("tab", name=name)
+        tab.scroll_into_view_if_needed()
+        bb = tab.bounding_box()
+        assert bb and bb["x"] >= 0 and bb["x"] + bb["width"] <= width, (name, bb)
+        tab.click()
+        page.wait_for_function("n => [...document.querySelectorAll('[role=tab]')].some("
+                               "b => b.innerText === n && b.getAttribute('aria-selected') === 'true')", arg=name)
+
+
+def test_inspector_comes_into_view_after_a_click_on_an_overlay(fresh):
+    page = fresh["page"]
+    open_tab(page, "2 filter")
+    img = page.locator("#img_filter img").first
+    img.scroll_into_view_if_needed()
+    bb = img.bounding_box()
+    side = min(bb["width"], bb["height"])         # the square overlay, centred in its box (object-fit: contain)
+    r, c = 6, 9
+    img.click(position={"x": (bb["width"] - side) / 2 + (c + 0.5) / 24 * side,
+                        "y": (bb["height"] - side) / 2 + (r + 0.5) / 24 * side})
+    wait_text(page, "inspect_md", f"Patch ({r}, {c})")
+    assert wait_in_view(page, "#inspect_md"), f"inspector at {box(page, '#inspect_md')}"
+
+
+def test_tables_and_labels_fit_without_broken_words(fresh):
+    page = fresh["page"]
+    page.locator("#row_in input").fill("3")
+    page.locator("#col_in input").fill("4")
+    page.click("#inspect_btn")
+    wait_text(page, "inspect_md", "Patch (3, 4)")
+    assert page.locator("#inspect_md table").count() >= 1            # the lifecycle table is among those checked
+    for accordion in ["Advanced: every MustDrop knob", "Decoding"]:  # and every knob's label
+        page.get_by_text(accordion).first.click()
+    page.get_by_label("individual threshold").wait_for()
+    for name in TABS:
+        open_tab(page, name)
+        deadline = time.time() + 10
+        while True:   # the tab strip and the panels settle a moment after a tab or an accordion opens
+            fit = page.evaluate(FIT_JS)
+            if (not fit["broken"] and not fit["clipped"]) or time.time() > deadline:
+                break
+            time.sleep(0.3)
+        assert not fit["broken"] and not fit["clipped"], (name, fit)
+        assert fit["page_width"] <= fit["window_width"], (name, fit)   # no sideways scrolling of the page

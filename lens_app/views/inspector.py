@@ -18,12 +18,12 @@ class Inspector(View):
     depends = frozenset({SELECTION, CROP})
 
     def build(self):
-        with gr.Group():
+        with gr.Group(elem_id="inspector"):      # app.py scrolls it into view after a click on an overlay
             gr.Markdown("### Patch inspector — click a patch on any overlay, or give row / column")
             with gr.Row():
                 self.row = gr.Number(0, label="row", precision=0, elem_id="row_in")
                 self.col = gr.Number(0, label="column", precision=0, elem_id="col_in")
-                self.button = gr.Button("Inspect", elem_id="inspect_btn")
+                self.button = gr.Button("Inspect", elem_id="inspect_btn", scale=0, min_width=110)
             self.text = gr.Markdown(elem_id="inspect_md")
 
     @property
