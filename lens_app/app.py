@@ -234,35 +234,46 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
         out[status] = "**Done:** slides exported (PNG and PDF)"
         return out
 
-    def stale_note(session, preset, knob_values) -> str:
-        """What a Run would change about the results shown ("" when they are of the preset and knobs chosen)."""
+    def stale_note(session, preset, knob_values, compare="none") -> str:
+        """What a Run would change about the results shown ("" when they are of the preset, knobs and
+        comparison chosen)."""
         if not session:
             return ""
         cfg = session.trace.meta["config"]
         shown = cfg.get("preset")
-        if preset == shown != "custom":
-            return ""
+        shown_cmp = session.compare.meta["config"].get("method") if session.compare is not None else "none"
+        wanted_cmp = compare or "none"
+        same_run = preset == shown != "custom"
         if preset == shown == "custom":
             try:
-                if inputs.same_knobs(cfg, inputs.custom_knobs(*knob_values)):
-                    return ""
+                same_run = inputs.same_knobs(cfg, inputs.custom_knobs(*knob_values))
             except ValueError:
-                pass
-        return f"**Stale:** shown: preset {shown}; press **Run** for {preset}."
+                same_run = False
+        if same_run and wanted_cmp == shown_cmp:
+            return ""
+        now = f"preset {shown}" + ("" if shown_cmp == "none" else f" compared with {shown_cmp}")
+        then = f"{preset}" + ("" if wanted_cmp == "none" else f" compared with {wanted_cmp}")
+        return f"**Stale:** shown: {now}; press **Run** for {then}."
 
-    def on_preset(session, preset, *knob_values):
+    def on_preset(session, preset, *knob_values_and_compare):
         """Fill the advanced panel with a named preset's knobs (the model's own defaults); say whether
         the results shown are still of the chosen preset."""
-        out = {stale_md: stale_note(session, preset, knob_values)}
+        *knob_values, compare = knob_values_and_compare
+        out = {stale_md: stale_note(session, preset, knob_values, compare)}
         if preset != "custom" and lens.runner is not None:
             out.update(zip(knobs, inputs.knob_values(lens.runner.config_for(preset))))
         return out
 
-    def on_knob(session, preset, *knob_values):
+    def on_knob(session, preset, *knob_values_and_compare):
         """An edited knob is a custom run: the preset switches to custom (which redraws the stale note)."""
+        *knob_values, compare = knob_values_and_compare
         if preset != "custom":
             return {preset_in: "custom"}
-        return {stale_md: stale_note(session, preset, knob_values)}
+        return {stale_md: stale_note(session, preset, knob_values, compare)}
+
+    def on_compare(session, compare, preset, *knob_values):
+        """The comparison choice, kept for the next Run; the results are stale when it differs."""
+        return {compare_state: compare, stale_md: stale_note(session, preset, knob_values, compare)}
 
     def api_analyze(image, question, preset, method="none"):
         """/analyze: (image, question, preset[, method]) -> trace file, vanilla answer, MustDrop answer,
@@ -410,10 +421,12 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
         files.slides_button.click(guarded(on_slides), [state, layer_slider, show_gt],
                                   [files.slides, files.preview, status], api_visibility="undocumented",
                                   concurrency_limit=2)
-        compare_in.change(lambda v: v, compare_in, compare_state, **quiet)
-        preset_in.change(guarded(on_preset), [state, preset_in] + knobs, knobs + [stale_md, status], **quiet)
+        compare_in.change(guarded(on_compare), [state, compare_in, preset_in] + knobs, [compare_state, stale_md, status],
+                          **quiet)
+        preset_in.change(guarded(on_preset), [state, preset_in] + knobs + [compare_in], knobs + [stale_md, status],
+                         **quiet)
         for k in knobs:
-            k.input(guarded(on_knob), [state, preset_in] + knobs, [preset_in, stale_md, status], **quiet)
+            k.input(guarded(on_knob), [state, preset_in] + knobs + [compare_in], [preset_in, stale_md, status], **quiet)
         api_btn.click(api_analyze, [image_in, question_in, api_preset, api_method],
                       [api_trace, api_vanilla, api_md, api_compare_trace, api_compare_answer, api_compare],
                       api_name="analyze", api_description="Run vanilla and MustDrop on (image, question, preset "

@@ -432,6 +432,12 @@ def test_results_are_marked_stale_until_the_next_run(app, browser):
     wait_text(page, "stale_md", "shown: preset 64; press Run for 128")
     page.locator("#preset_in").get_by_label("64", exact=True).check()
     wait_text(page, "stale_md", "Stale", present=False)
+    page.locator("#compare_in input").click()              # another comparison is another run, too
+    page.get_by_role("option", name="FastV").click()
+    wait_text(page, "stale_md", "shown: preset 64; press Run for 64 compared with fastv")
+    page.locator("#compare_in input").click()
+    page.get_by_role("option", name="none").click()
+    wait_text(page, "stale_md", "Stale", present=False)
     page.close()
 
 
