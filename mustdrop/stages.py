@@ -24,21 +24,10 @@ from functools import lru_cache
 
 import torch
 
-# Status codes of each vision token entering a prune layer (stage 2).
-KEPT_BOTH = 0          # global share and individual max both at/above their thresholds
-KEPT_GLOBAL = 1        # only the global share is at/above its threshold
-KEPT_INDIVIDUAL = 2    # only the individual max is at/above its threshold
-KEPT_KEY = 3           # both conditions said drop, but it is in the key token set
-DROPPED = 4            # both conditions held: dropped
-KEPT_PROTECTED = 5     # a layout marker that is never dropped (LLaVA-NeXT newline row)
-STATUS_NAMES = {
-    KEPT_BOTH: "kept: both scores above threshold",
-    KEPT_GLOBAL: "kept: global share above threshold",
-    KEPT_INDIVIDUAL: "kept: individual max above threshold",
-    KEPT_KEY: "kept: key token (both scores below threshold)",
-    DROPPED: "dropped: global share AND individual max below threshold",
-    KEPT_PROTECTED: "kept: newline row marker (never dropped)",
-}
+# Status codes of each vision token entering a prune layer (stage 2): defined once, in the trace
+# schema (numpy only, so a trace reads without torch); re-exported here where the filter sets them.
+from .trace import (DROPPED, KEPT_BOTH, KEPT_GLOBAL, KEPT_INDIVIDUAL, KEPT_KEY,  # noqa: E402,F401
+                    KEPT_PROTECTED, STATUS_NAMES)
 
 
 def check_grid(grid: int, window: int) -> None:

@@ -177,14 +177,8 @@ def run_example(page):
     wait_status(page, "Done:")
 
 
-@pytest.fixture(scope="module")
-def visit(app, browser, tmp_path_factory):
-    """One visitor's page after running the example, with both traces downloaded from it."""
-    page = new_page(browser, viewport={"width": 1500, "height": 1300}, accept_downloads=True)
-    page.goto(app)
-    page.wait_for_selector("#run_btn")
-    run_example(page)
-    folder = tmp_path_factory.mktemp("downloads")
+def download_traces(page, folder) -> list:
+    """Click every trace link of the page; the paths of the files it downloaded into ``folder``."""
     links = page.locator("#trace_files a")
     links.first.wait_for()
     paths = []
@@ -194,6 +188,17 @@ def visit(app, browser, tmp_path_factory):
         p = folder / dl.value.suggested_filename
         dl.value.save_as(p)
         paths.append(p)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def visit(app, browser, tmp_path_factory):
+    """One visitor's page after running the example, with both traces downloaded from it."""
+    page = new_page(browser, viewport={"width": 1500, "height": 1300}, accept_downloads=True)
+    page.goto(app)
+    page.wait_for_selector("#run_btn")
+    run_example(page)
+    paths = download_traces(page, tmp_path_factory.mktemp("downloads"))
     traces = [Trace.load(p) for p in paths]
     md = next(t for t in traces if t.meta["config"]["filter"])
     yield {"page": page, "paths": paths, "traces": traces, "md": md, "geom": vis.geometry(md, CANVAS)}

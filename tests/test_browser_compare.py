@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from test_browser import (CANVAS, Trace, app, browser, image_pixels, new_page, no_server_errors,  # noqa: F401
+from test_browser import (CANVAS, Trace, app, browser, download_traces, image_pixels, new_page, no_server_errors,  # noqa: F401
                           open_tab, pytestmark, run_example, vis, wait_layer_caption, wait_status, watch_server)
 from test_compare_view import kept_from_records
 
@@ -36,15 +36,7 @@ def test_a_comparison_runs_and_draws_both_kept_sets(app, browser, tmp_path):  # 
     page.get_by_role("option", name="FastV").click()
     run_example(page)
     assert "and fastv@64" in page.locator("#status").inner_text()
-    links = page.locator("#trace_files a")
-    links.first.wait_for()
-    traces = []
-    for i in range(links.count()):
-        with page.expect_download() as dl:
-            links.nth(i).click()
-        p = tmp_path / dl.value.suggested_filename
-        dl.value.save_as(p)
-        traces.append(Trace.load(p))
+    traces = [Trace.load(p) for p in download_traces(page, tmp_path)]
     assert len(traces) == 3
     other = next(t for t in traces if t.meta["config"]["method"] == "fastv")
     md = next(t for t in traces if t.meta["config"]["method"] == "mustdrop" and not t.is_vanilla)
