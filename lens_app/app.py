@@ -310,7 +310,7 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
         with gr.Row():
             with gr.Column(scale=1, min_width=320):
                 image_in = gr.Image(label="Image", type="filepath", image_mode=None, sources=["upload", "clipboard"],
-                                    elem_id="image_in", height=240)
+                                    elem_id="image_in", height=200)
                 question_in = gr.Textbox(label="Question", value="", max_lines=3, elem_id="question_in",
                                          placeholder="choose an example, or type a question")
                 preset_in = gr.Radio(PRESETS, value="64", label="Preset (average vision-token budget)",

@@ -23,9 +23,8 @@ class CompareView(View):
 
     def choice_input(self):
         """The "compare with" choice; app.py places it among the run inputs."""
-        self.choice = gr.Dropdown(COMPARE_CHOICES, value=COMPARE_NONE, label="Compare with (same budget)",
-                                  info="runs this method at the MustDrop run's budget on the same image",
-                                  elem_id="compare_in")
+        self.choice = gr.Dropdown(COMPARE_CHOICES, value=COMPARE_NONE, elem_id="compare_in",
+                                  label="Compare with (runs it at the MustDrop run's budget, same image)")
         return self.choice
 
     def build(self):
