@@ -37,6 +37,13 @@ log = logging.getLogger("mustdrop.app")
 # (gradio gives a checkbox in a form no minimum width), and file names wrap instead of shrinking to
 # "m….safetensors". Small example thumbnails and a one-row preset choice bring the examples above the
 # fold of a 1440 x 900 window.
+def theme():
+    """Gradio's default look with its orange accent (buttons, sliders, checkboxes, the active tab)
+    replaced by neutral greys: every hue on the page belongs to the palette's meanings
+    (mustdrop/vis/palette.py), and orange would read as 'dropped'."""
+    return gr.themes.Default(primary_hue="neutral", secondary_hue="neutral")
+
+
 CSS = """
 .gradio-container .prose table { display: block; width: max-content; max-width: 100%; overflow-x: auto; word-break: normal; }
 .gradio-container .prose table th, .gradio-container .prose table td { word-break: normal; overflow-wrap: normal; hyphens: none; }
@@ -449,6 +456,7 @@ def launch(demo: gr.Blocks, host="127.0.0.1", port=7860, **kw):
     demo.queue(default_concurrency_limit=1, max_size=64)
     kw.setdefault("state_session_capacity", 500)     # at most 500 visitors' view states (a few MB each) kept
     kw["css"] = CSS + kw.get("css", "")
+    kw.setdefault("theme", theme())
     quiet = kw.setdefault("quiet", True)
     block = not kw.pop("prevent_thread_lock", False)
     out = demo.launch(server_name=host, server_port=port, share=False, max_file_size=MAX_FILE_SIZE,

@@ -94,3 +94,17 @@ def test_the_page_has_an_opacity_slider_that_redraws():
     outputs = set(listens[0]["outputs"])
     img_filter = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "img_filter")
     assert img_filter._id in outputs
+
+
+def test_the_page_chrome_has_no_hue_of_its_own():
+    """Buttons, sliders, checkboxes and the active tab take the theme's primary and secondary
+    colours: neutral greys, so no UI accent shares a hue with a palette meaning (Gradio's default
+    orange is close to 'dropped')."""
+    from lens_app.app import theme
+
+    t = theme()
+    for name in ("primary", "secondary"):
+        for step in ("50", "100", "200", "300", "400", "500", "600", "700", "800", "900"):
+            hexa = getattr(t, f"{name}_{step}").lstrip("#")
+            rgb = tuple(int(hexa[i:i + 2], 16) for i in (0, 2, 4))
+            assert vis.palette.oklch(rgb)[1] < 0.02, f"{name}_{step} {rgb} has a hue"
