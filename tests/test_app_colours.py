@@ -108,3 +108,13 @@ def test_the_page_chrome_has_no_hue_of_its_own():
             hexa = getattr(t, f"{name}_{step}").lstrip("#")
             rgb = tuple(int(hexa[i:i + 2], 16) for i in (0, 2, 4))
             assert vis.palette.oklch(rgb)[1] < 0.02, f"{name}_{step} {rgb} has a hue"
+
+
+def test_legend_text_entries_are_spaced_like_swatches(session):
+    """A legend's plain-text entry (the merge threshold) sits in its own spaced box: at phone width it
+    wrapped into the next swatch's label ('merge threshold 0.8◉ contour ...')."""
+    import re
+
+    h = vis.legend_html("similarity", session.trace, gt=True)
+    thr = session.trace.meta["stage1a"]["threshold"]
+    assert re.search(rf'<span style="display:inline-block;margin:[^"]*">merge threshold {thr}</span>', h)

@@ -180,7 +180,7 @@ def compare_markdown(md, other, layer: int, vanilla=None, crop: int = 0) -> str:
 
 def legend_html(other=None, inspected: bool = True) -> str:
     """What each colour of the comparison views means."""
-    from .legends import DOTS, _dot, _ring, _swatch
+    from .legends import DOTS, _dot, _ring, _swatch, legend_block
     from .palette import SELECT_OUTLINE
 
     name = method_name(other) if other is not None else "the compared method"
@@ -193,7 +193,7 @@ def legend_html(other=None, inspected: bool = True) -> str:
                  "token with others (a merged window, a VisionZip contextual token, a pooled cell)")
     if inspected:
         parts.append(_ring(SELECT_OUTLINE, "white square with a black line: inspected patch", inner=(0, 0, 0)))
-    return '<div style="font-size:0.9em;line-height:1.6">' + "".join(parts) + "</div>"
+    return legend_block(parts)
 
 
 # ----------------------------------------------------------------------------- slides

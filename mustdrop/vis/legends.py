@@ -111,4 +111,12 @@ def legend_html(kind: str, trace=None, layer: int | None = None, inspected: bool
                   _ring(GT_TARGET, "thick white contour: the object the question asks about", radius="50%")]
     if inspected:
         parts.append(_ring(SELECT_OUTLINE, "white square with a black line: inspected patch", inner=(0, 0, 0)))
-    return '<div style="font-size:0.9em;line-height:1.6">' + "".join(parts) + "</div>"
+    return legend_block(parts)
+
+
+def legend_block(parts) -> str:
+    """The legend's parts in one block; a plain-text part (a threshold, a count) gets the spacing of
+    a swatch, so it never runs into the next entry when the line wraps."""
+    items = [p if p.startswith("<") else f'<span style="display:inline-block;margin:2px 10px 2px 0">{p}</span>'
+             for p in parts]
+    return '<div style="font-size:0.9em;line-height:1.6">' + "".join(items) + "</div>"
