@@ -32,11 +32,7 @@ GREY_NOTE = "drawn on grey: the trace holds no pixels; put the same image in the
 
 log = logging.getLogger("mustdrop.app")
 
-# Narrow screens: table cells wrap between words only (a wide table scrolls sideways instead of
-# breaking "prune" into "pru / ne"), a checkbox in a row takes a new line rather than clip its label
-# (gradio gives a checkbox in a form no minimum width), and file names wrap instead of shrinking to
-# "m….safetensors". Small example thumbnails and a one-row preset choice bring the examples above the
-# fold of a 1440 x 900 window.
+
 def theme():
     """Gradio's default look with its orange accent (buttons, sliders, checkboxes, the active tab)
     replaced by neutral greys: every hue on the page belongs to the palette's meanings
@@ -44,6 +40,11 @@ def theme():
     return gr.themes.Default(primary_hue="neutral", secondary_hue="neutral")
 
 
+# Narrow screens: table cells wrap between words only (a wide table scrolls sideways instead of
+# breaking "prune" into "pru / ne"), a checkbox in a row takes a new line rather than clip its label
+# (gradio gives a checkbox in a form no minimum width), and file names wrap instead of shrinking to
+# "m….safetensors". Small example thumbnails and a one-row preset choice bring the examples above the
+# fold of a 1440 x 900 window.
 CSS = """
 .gradio-container .prose table { display: block; width: max-content; max-width: 100%; overflow-x: auto; word-break: normal; }
 .gradio-container .prose table th, .gradio-container .prose table td { word-break: normal; overflow-wrap: normal; hyphens: none; }
@@ -219,9 +220,10 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
     def on_opacity(session, opacity, layer, sel, show_gt):
         """The category colours' opacity: redraw the overlays (also after a run or upload, so a new
         session takes the slider's value)."""
-        if not session or session.opacity == vis.check_opacity(opacity):
+        opacity = vis.check_opacity(opacity)
+        if not session or session.opacity == opacity:
             return unchanged()
-        session.opacity = vis.check_opacity(opacity)
+        session.opacity = opacity
         out = draw(session, Frame.of(session, layer, sel, show_gt), SELECTION)
         out[state] = session
         return out

@@ -176,7 +176,7 @@ class Lens:
             if vanilla is not None:
                 self._vanilla.move_to_end(key)
                 self.vanilla_hits += 1
-                say(0.5, "vanilla: cached")
+                say(span, "vanilla: cached")
             else:
                 vanilla = _run_model(runner, img, q, runner.config_for("off"), max_new_tokens=max_new_tokens,
                                      sampling=sampling, progress=stage_progress(say, "vanilla", 0.0, span)).trace

@@ -2,14 +2,16 @@
 
 A Session lives in the visitor's ``gr.State``; every view draws from a Session and a Frame, never
 from the model. Beside the MustDrop and vanilla traces it may hold a comparison: a same-budget
-baseline's trace of the same input (run by "compare with", or uploaded with the others). A Frame is the part of the page state a redraw depends on: the LLM layer on the
-slider, the inspected patch, whether ground-truth outlines are shown.
+baseline's trace of the same input (run by "compare with", or uploaded with the others). A Frame is
+the part of the page state a redraw depends on: the LLM layer on the slider, the inspected patch,
+whether ground-truth outlines are shown.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -92,11 +94,8 @@ def split_comparison(traces: list[Trace]) -> tuple[list[Trace], Trace | None]:
     """Uploaded traces as (MustDrop + vanilla ones, comparison or None): a baseline's trace is the
     comparison when a MustDrop run that prunes is among them; alone (or with its vanilla trace) it
     is replayed as the run itself."""
-    def baseline(t):
-        return (t.meta.get("config") or {}).get("method", "mustdrop") != "mustdrop"
-
-    pruning = [t for t in traces if not baseline(t) and not t.is_vanilla]
-    others = [t for t in traces if baseline(t)]
+    pruning = [t for t in traces if not vis_compare.is_baseline(t) and not t.is_vanilla]
+    others = [t for t in traces if vis_compare.is_baseline(t)]
     if not pruning or not others:
         return list(traces), None
     if len(others) > 1:
@@ -108,7 +107,5 @@ def save_comparison(compare: Trace | None, beside: str) -> list[str]:
     """The comparison trace as a file to download, in the folder of the run's other traces."""
     if compare is None:
         return []
-    from pathlib import Path
-
     method = compare.meta["config"].get("method")
     return [str(compare.save(Path(beside).parent / f"compare-{method}.safetensors"))]

@@ -11,7 +11,7 @@ from mustdrop.vis import compare as vc
 from ..engine import COMPARE_CHOICES, COMPARE_NONE
 from .base import CROP, GT, LAYER, SELECTION, View, image_output, view
 
-NONE_NOTE = ("**No comparison in this session.** Choose a method under **Compare with (same budget)** and press "
+NONE_NOTE = ("**No comparison in this session.** Choose a method under **Compare with** and press "
              "**Run**; or upload a baseline's trace (e.g. the `compare-*.safetensors` a comparison run offers) "
              "together with the MustDrop trace.")
 

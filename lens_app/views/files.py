@@ -36,7 +36,5 @@ class FilesView(View):
         view = s.views[s.crop] if s.views else None
         png, pdf = vis.save_slides(s.trace, workdir.folder("slides", s.trace), vanilla=s.vanilla, layer=f.layer,
                                    gt_masks=s.ground_truth(f.show_gt), view=view, crop=s.crop,
-                                   compare=s.compare,
-                                   opacity=getattr(s, "opacity", vis.DEFAULT_OPACITY),
-                                   image_name=getattr(s, "image_name", None) or None)
+                                   compare=s.compare, opacity=s.opacity, image_name=s.image_name or None)
         return {self.slides: [str(png), str(pdf)], self.preview: str(png)}
