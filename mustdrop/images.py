@@ -45,8 +45,12 @@ def load_image(source) -> Image.Image:
 
 
 def _open(data: bytes, name: str) -> Image.Image:
-    previous = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+    """Decode with this module's limits whatever PIL's globals say: another library in the process
+    (lmms-eval's import sets ImageFile.LOAD_TRUNCATED_IMAGES) must not make a truncated file pass."""
+    from PIL import ImageFile
+
+    previous, previous_truncated = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
+    Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = MAX_PIXELS, False
     try:
         img = Image.open(io.BytesIO(data))
         _check_size(img.size, name)
@@ -61,7 +65,7 @@ def _open(data: bytes, name: str) -> Image.Image:
             raise
         raise ImageInputError(f"{name} could not be decoded (truncated or corrupt image: {e})") from None
     finally:
-        Image.MAX_IMAGE_PIXELS = previous
+        Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = previous, previous_truncated
 
 
 def _check_size(size, name="the image"):
