@@ -56,5 +56,13 @@ def test_config_stages_trace_form_no_circle():
         assert cycle_through(graph, m) is None, " -> ".join(cycle_through(graph, m))
 
 
+def test_no_module_of_the_package_is_on_a_circle():
+    """Hosts, the shared run machinery and the compatibility layer (mustdrop.adapters) included:
+    a host imports neither mustdrop.adapters nor the runner."""
+    graph = import_graph()
+    circles = [" -> ".join(c) for m in sorted(graph) if (c := cycle_through(graph, m))]
+    assert not circles, circles
+
+
 def test_status_codes_live_in_a_leaf_module():
     assert import_graph()["mustdrop.statuses"] == set()
