@@ -5,6 +5,7 @@ GFM Markdown renderer and must hold none of the payloads' elements. Also: a one-
 replays (gradio refuses a slider whose minimum equals its maximum)."""
 
 import re
+from pathlib import Path
 import socket
 
 import numpy as np
@@ -195,3 +196,142 @@ def test_the_layer_slider_of_a_one_layer_model_is_fixed():
 
     assert slider_range(1) == dict(minimum=0, maximum=1, interactive=False)
     assert slider_range(32) == dict(minimum=0, maximum=31, interactive=True)
+
+
+# ----------------------------------------------------------------------------- static: every sink escaped
+SAFE_CALLS = {"md_text", "md_code", "md_value", "html_text", "skip"}   # escapers, and gr.skip()
+VIS_MODULES = {"vis", "vc", "vis_compare"}        # mustdrop.vis builders: their output is tested above
+ALLOWED = {"offered.note": "examples.offer: the model label through md_code (test_app's photo-note tests)"}
+
+
+class SinkChecker:
+    """Every value a module returns into a gr.Markdown / gr.HTML (a dict entry or ``out[c] = ...`` keyed
+    by such a component, or the component's first argument) is a constant, a mustdrop.vis builder's
+    result, an escaper's result, or built (f-string, +, if/else, local names, parameters at their call
+    sites, local functions' returns) from those; a formatted value with a numeric format is a number."""
+
+    def __init__(self, source: str):
+        import ast
+
+        self.ast, self.tree = ast, ast.parse(source)
+        self.parents = {c: p for p in ast.walk(self.tree) for c in ast.iter_child_nodes(p)}
+        self.markup = {ast.unparse(t) for n in ast.walk(self.tree) if isinstance(n, ast.Assign)
+                       and self._is_markup_ctor(n.value) for t in n.targets}
+        self.funcs = {n.name: n for n in ast.walk(self.tree) if isinstance(n, ast.FunctionDef)}
+        self.problems: list[str] = []
+
+    def _is_markup_ctor(self, node):
+        a = self.ast
+        return isinstance(node, a.Call) and isinstance(node.func, a.Attribute) and node.func.attr in ("Markdown", "HTML")
+
+    def sinks(self):
+        a = self.ast
+        for n in a.walk(self.tree):
+            if isinstance(n, a.Dict):
+                yield from (v for k, v in zip(n.keys, n.values) if k is not None and a.unparse(k) in self.markup)
+            elif isinstance(n, a.Assign) and isinstance(n.targets[0], a.Subscript) \
+                    and a.unparse(n.targets[0].slice) in self.markup:
+                yield n.value
+            elif self._is_markup_ctor(n):
+                yield from n.args[:1]
+                yield from (k.value for k in n.keywords if k.arg == "value")
+
+    def run(self) -> list[str]:
+        for s in self.sinks():
+            self.check(s, set())
+        return self.problems
+
+    def enclosing(self, node):
+        while node in self.parents and not isinstance(node, self.ast.FunctionDef):
+            node = self.parents[node]
+        return node if isinstance(node, self.ast.FunctionDef) else None
+
+    def assigned(self, target, value, name):
+        """The values ``target = value`` gives ``name`` (also ``a, b = x, y``; unpacking a call: the call)."""
+        a = self.ast
+        if isinstance(target, a.Name):
+            return [value] if target.id == name else []
+        if isinstance(target, a.Tuple):
+            if isinstance(value, a.Tuple) and len(value.elts) == len(target.elts):
+                return [v for t, x in zip(target.elts, value.elts) for v in self.assigned(t, x, name)]
+            return [value] if any(isinstance(t, a.Name) and t.id == name for t in target.elts) else []
+        return []
+
+    def check(self, e, seen) -> None:
+        a = self.ast
+        if id(e) in seen:
+            return
+        seen = seen | {id(e)}
+        if isinstance(e, a.Constant):
+            return
+        if isinstance(e, a.JoinedStr):
+            for v in e.values:
+                if isinstance(v, a.FormattedValue):
+                    spec = "".join(str(c.value) for c in v.format_spec.values
+                                   if isinstance(c, a.Constant)) if v.format_spec else ""
+                    if not re.search(r"[bdoxXeEfFgGn%]$", spec):      # a numeric format: a number
+                        self.check(v.value, seen)
+            return
+        if isinstance(e, a.BinOp):
+            return self.check(e.left, seen) or self.check(e.right, seen)
+        if isinstance(e, a.IfExp):
+            return self.check(e.body, seen) or self.check(e.orelse, seen)
+        if isinstance(e, a.Call):
+            f = e.func
+            name = f.attr if isinstance(f, a.Attribute) else getattr(f, "id", "")
+            if name in SAFE_CALLS or (isinstance(f, a.Attribute) and a.unparse(f.value) in VIS_MODULES):
+                return
+            if isinstance(f, a.Name) and name in self.funcs:
+                for r in a.walk(self.funcs[name]):
+                    if isinstance(r, a.Return) and r.value is not None:
+                        self.check(r.value, seen)
+                return
+        if isinstance(e, a.Subscript) and isinstance(e.value, a.Name):
+            return self.check(e.value, seen)
+        if isinstance(e, a.Name):
+            fn = self.enclosing(e)
+            scope = fn if fn is not None else self.tree
+            values = [v for n in a.walk(scope) if isinstance(n, a.Assign) for t in n.targets
+                      for v in self.assigned(t, n.value, e.id)]
+            if not values:
+                values = [n.value for n in self.tree.body if isinstance(n, a.Assign)
+                          and any(isinstance(t, a.Name) and t.id == e.id for t in n.targets)]
+            params = [p.arg for p in fn.args.args] if fn is not None else []
+            if e.id in params:
+                i = params.index(e.id)
+                for c in a.walk(self.tree):
+                    if isinstance(c, a.Call) and isinstance(c.func, a.Name) and c.func.id == fn.name:
+                        values += [c.args[i]] if i < len(c.args) else [k.value for k in c.keywords if k.arg == e.id]
+            if values:
+                for v in values:
+                    self.check(v, seen)
+                return
+        if a.unparse(e) in ALLOWED:
+            return
+        self.problems.append(f"line {e.lineno}: {a.unparse(e)[:120]}")
+
+
+def app_modules():
+    root = Path(__file__).resolve().parents[1] / "lens_app"
+    return sorted(root.glob("*.py")) + sorted((root / "views").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", app_modules(), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_markdown_and_html_value_in_lens_app_is_escaped(path):
+    problems = SinkChecker(path.read_text()).run()
+    assert not problems, f"{path.name}: unescaped values into gr.Markdown / gr.HTML:\n" + "\n".join(problems)
+
+
+def test_the_sink_checker_finds_unescaped_values():
+    bad = SinkChecker('''
+import gradio as gr
+def build(lens, trace):
+    status = gr.Markdown(f"model `{lens.model_label}`")
+    def warn(msg):
+        return {status: f"**Problem:** {msg}"}
+    def ok(n):
+        return {status: f"{n:.1f} " + md_text(trace.meta['x']) + vis.layer_markdown(trace, 0)}
+    warn(str(trace))
+    return {status: trace.meta["input"]["question"]}
+''').run()
+    assert len(bad) == 3, bad
