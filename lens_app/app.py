@@ -18,7 +18,7 @@ from mustdrop.config import PRESET_NAMES
 from mustdrop.images import ImageInputError, load_image
 from mustdrop.trace import Trace, TraceError
 from mustdrop.vis import compare as vis_compare
-from mustdrop.vis.text import md_code, md_text
+from mustdrop.vis.text import html_text, md_code, md_text
 
 from . import inputs
 from .engine import COMPARE_METHODS, PRESETS, Lens, compare_method, user_errors
@@ -120,7 +120,7 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
         return {status: gr.skip()}
 
     def warn(msg):
-        gr.Warning(msg)
+        gr.Warning(html_text(msg))  # Gradio renders toasts as (sanitised) HTML: show the message as text
         return {status: f"**Problem:** {md_text(msg)}"}
 
     def guarded(fn):
