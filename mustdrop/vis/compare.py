@@ -56,8 +56,8 @@ def check_pair(md, other) -> None:
     if not is_baseline(other):
         raise TraceError("the comparison trace is not a same-budget baseline (its config method is 'mustdrop')")
     same_input = md.meta["input"].get("input_hash") == other.meta["input"].get("input_hash")
-    if not same_input or md.n_crops != other.n_crops \
-            or any(md.crop_grid(c) != other.crop_grid(c) for c in range(md.n_crops)) or md.num_layers != other.num_layers:
+    same_grids = md.n_crops == other.n_crops and all(md.crop_grid(c) == other.crop_grid(c) for c in range(md.n_crops))
+    if not same_input or not same_grids or md.num_layers != other.num_layers:
         raise TraceError("the comparison trace is of another image, question or model than the MustDrop trace")
 
 
