@@ -23,3 +23,11 @@ def test_fastv_on_next_keeps_newline_rows_when_dropping_before_the_llm(stock, wi
 def test_vision_side_baselines_are_refused_on_next(stock, wide_image, method):  # noqa: F811
     with pytest.raises(ValueError, match="one 24 x 24 grid"):
         stock.run(wide_image, QUESTION, MustDropConfig.baseline(method, 64), max_new_tokens=1)
+
+
+@pytest.mark.parametrize("method", ["fastv", "random", "pdrop"])
+def test_text_ranked_baselines_meet_their_budget_on_next(stock, wide_image, method, tmp_path):  # noqa: F811
+    """The newline rows count toward the budget: the baseline chooses among the other tokens."""
+    from test_baselines_budget import _check
+    t = _check(stock, wide_image, method, 400, tmp_path)
+    assert t.arrays["tokens.newline"].sum() > 0

@@ -238,11 +238,12 @@ def test_parameter_count_of_llava_15_7b():
     assert FL.read_config("analysis/configs/llava-1.5-7b.json")["params"]["total"] == 7_063_427_072
 
 
-def test_onevision_is_refused_with_the_reason(tmp_path):
+def test_other_model_types_are_refused_with_the_families_we_run(tmp_path):
+    """OneVision loads since issue 27 (tests/test_llava_onevision.py); a model type of no host is refused."""
     from mustdrop.adapters import ModelLoadError, load_llava
-    from transformers import LlavaOnevisionConfig
-    LlavaOnevisionConfig().save_pretrained(tmp_path)
-    with pytest.raises(ModelLoadError, match="LLaVA-OneVision .* interpolates the tiles"):
+    from transformers import GPT2Config
+    GPT2Config().save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match="'gpt2' model; .* 'llava_onevision'"):
         load_llava(str(tmp_path))
 
 

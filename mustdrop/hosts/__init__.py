@@ -3,6 +3,7 @@
 - ``base``        the interface (``Host``) and what stage 1 hands the LLM (``VisionResult``)
 - ``llava``       LLaVA-1.5 layout: one square crop, CLIP (CLS) or SigLIP (no CLS) tower
 - ``llava_next``  LLaVA-NeXT any-res: base image + tiles, stock or reference layout
+- ``llava_onevision``  LLaVA-OneVision: SigLIP tiles packed with anyres_max_9 interpolation (weighted tokens)
 
 ``host_for(model, processor, layout)`` picks the host of a loaded model.
 """
@@ -12,6 +13,9 @@ from .base import Host, VisionResult
 
 def host_for(model, processor, layout: str = "stock") -> Host:
     """The host of a loaded transformers model, by its model_type."""
+    if model.config.model_type == "llava_onevision":
+        from .llava_onevision import LlavaOnevisionHost
+        return LlavaOnevisionHost(model, processor, layout=layout)
     if model.config.model_type == "llava_next":
         from .llava_next import LlavaNextHost
         return LlavaNextHost(model, processor, layout=layout)

@@ -15,6 +15,20 @@ So the geometry is weighted: :func:`onevision_packing` says, for every LLM token
 covers and with which bilinear weights (derived as PyTorch computes them), which tokens are newlines, and
 how each crop maps to the original image's pixels (:func:`cell_box`). It is pure and tested against
 transformers' own packing and against ``F.interpolate``.
+
+The host (:class:`LlavaOnevisionHost`) runs MustDrop on transformers' own packing, as the LLaVA-NeXT stock
+layout does, on the packed features (shortening inside the tower would break the packing):
+
+- stage 1a: window similarity where the authors measure it (after vision layer 0, 3 x 3 windows of each
+  crop's 27 x 27 grid); the tokens whose heaviest cell lies in a similar window are averaged into one
+  token at the place of the first (its cells and weights are their mean: the weights still sum to 1).
+  Without interpolation each token has one cell, and this is exactly NeXT's stock stage 1a.
+- stage 1b: the tower has no CLS token, so each patch is scored by the documented substitute (mean
+  attention received in the last vision layer, all queries, head mean); a token's score is its cells'
+  scores through its bilinear weights (a merged token: the sum over the tokens it replaced, as NeXT sums a
+  window), and each crop (the crop of a token's heaviest cell) keeps ceil(rate * n) key tokens.
+- the newline tokens are protected: never dropped, never drawn as patches.
+- stages 2 and 3, decoding and positions (Qwen2, 1-D rotary) are the shared machinery's.
 """
 
 from __future__ import annotations
@@ -25,6 +39,13 @@ from fractions import Fraction
 
 import numpy as np
 import torch
+
+from .. import stages
+from ..hooks import HookSet, attached, hidden_states_of
+from ..loading import ModelLoadError
+from .base import VisionResult
+from .llava import LlavaHost
+from .llava_next import LlavaNextHost
 
 # Largest cells a token can mix: 2 x 2 under bilinear interpolation.
 TAPS = 4
@@ -188,3 +209,119 @@ def cell_box(mapping: dict, row: int, col: int, patch_size: int, width: int, hei
     if x0 >= x1 or y0 >= y1:
         return None
     return x0, y0, x1, y1
+
+
+class LlavaOnevisionHost(LlavaNextHost):
+    """LLaVA-OneVision: NeXT's any-res crops on a SigLIP tower (no CLS), packed with anyres_max_N interpolation.
+
+    Only the stock layout exists: the authors' flat concatenation ('reference') is LLaVA-NeXT's."""
+
+    family = "llava_onevision"
+    layout = "stock"
+
+    def __init__(self, model, processor, layout: str = "stock"):
+        if layout != "stock":
+            raise ValueError(f"LLaVA-OneVision runs transformers' own packing (layout 'stock') only; the authors' "
+                             f"flat layout is defined for LLaVA-NeXT, got layout {layout!r}")
+        LlavaHost.__init__(self, model, processor)     # NeXT's __init__ refuses towers without CLS
+        if self.has_cls:
+            raise ModelLoadError("LLaVA-OneVision with a CLS tower is not supported (the published ones are SigLIP)")
+        cfg = model.config
+        self.pinpoints = cfg.image_grid_pinpoints
+        self.max_tiles = anyres_max(getattr(cfg, "vision_aspect_ratio", "anyres_max_9"))
+
+    def check(self, config) -> None:
+        LlavaHost.check(self, config)
+        if config.method == "pool" or config.method in stages.VISION_SIDE:
+            raise ValueError(f"the {config.method} baseline is defined on one square grid of one crop; LLaVA-OneVision "
+                             "packs a base image and interpolated tiles: use LLaVA-1.5 layouts for it")
+
+    def packing(self, inputs) -> OnevisionPacking:
+        """The packing of the image the processor saw (its ``image_sizes`` entry)."""
+        height, width = (int(v) for v in inputs["image_sizes"][0].tolist())
+        vc = self.vision_config
+        return onevision_packing(height, width, self.pinpoints, vc.image_size, vc.patch_size, self.max_tiles)
+
+    def encode(self, inputs, img, config) -> VisionResult:
+        G, G2 = self.grid, self.grid * self.grid
+        hooks, layer0, qk = HookSet(), {}, {}
+        if config.merge:
+            def capture(module, args, kwargs):
+                layer0["h"] = hidden_states_of(args, kwargs).detach()
+            hooks.pre("vision.layer1.capture_layer0", self.vision_layers[1], capture)
+        if config.key_set:
+            self.hook_qk(hooks, qk)
+        with attached(hooks):
+            out = self.model.model.get_image_features(pixel_values=inputs["pixel_values"],
+                                                      image_sizes=inputs["image_sizes"])
+        features = torch.cat(list(out.pooler_output), dim=0)                  # (n_packed, D)
+        pack = self.packing(inputs)
+        if features.shape[0] != len(pack.groups):
+            raise RuntimeError(f"the model packed {features.shape[0]} rows, the OneVision geometry says "
+                               f"{len(pack.groups)}: transformers' packing has changed")
+        n_crops = len(pack.crops)
+        cells = [{int(c): float(w) for c, w in zip(g, wt) if c >= 0} for g, wt in zip(pack.groups, pack.weights)]
+        crop_of = pack.crop_of
+        score = None
+        if config.key_set:
+            patch_score = self.key_scores(qk).mean(1).flatten().double().cpu().numpy()   # (n_crops * G2,)
+            score = [sum(w * patch_score[c] for c, w in cw.items()) for cw in cells]
+        keep = np.ones(len(cells), bool)
+        similarity, merged_windows = [None] * n_crops, [[] for _ in range(n_crops)]
+        if config.merge:
+            features = features.clone()
+            members = _window_members(pack, G, config.window)
+            for c in range(n_crops):
+                sim = stages.window_similarity(layer0["h"][c], G, config.window)
+                similarity[c] = sim
+                for wdx in stages.windows_to_merge(sim, config.merge_threshold).tolist():
+                    pos = members.get((c, wdx), [])
+                    if len(pos) < 2:
+                        continue                       # unpadded away (or one token left): nothing to merge
+                    at = torch.tensor(pos, device=features.device)
+                    features[pos[0]] = features[at].float().mean(0).to(features.dtype)
+                    merged: dict[int, float] = {}
+                    for p in pos:
+                        for cell, w in cells[p].items():
+                            merged[cell] = merged.get(cell, 0.0) + w / len(pos)
+                    cells[pos[0]] = merged
+                    if score is not None:
+                        score[pos[0]] = sum(score[p] for p in pos)
+                    keep[pos[1:]] = False
+                    merged_windows[c].append(wdx)
+        positions = np.flatnonzero(keep)
+        features = features[torch.from_numpy(positions).to(features.device)]
+        groups, weights = _pad_cells([cells[p] for p in positions], features.device)
+        newline = torch.from_numpy(np.flatnonzero(pack.newline[positions]))
+        key_score, key_tokens = None, torch.zeros(0, dtype=torch.long, device=features.device)
+        if score is not None:
+            key_score = torch.tensor([score[p] for p in positions], dtype=torch.float32, device=features.device)
+            key_tokens = stages.key_token_set_per_crop(key_score, torch.from_numpy(crop_of[positions]).to(
+                features.device), config.key_keep_rate)
+        crops = [{**crop, "merged_windows": merged_windows[c]} for c, crop in enumerate(pack.crops)]
+        return VisionResult(features, groups, key_tokens, key_score, newline.to(features.device), crops, similarity,
+                            weights=weights)
+
+
+def _window_members(pack: OnevisionPacking, grid: int, window: int) -> dict:
+    """(crop, window index) -> the packed positions, ascending, of the tokens whose heaviest cell lies in that
+    window of that crop (window index in ``stages.window_patch_ids`` order: row-major over the windows)."""
+    heaviest = pack.groups[np.arange(len(pack.groups)), np.argmax(pack.weights, axis=1)]
+    g2, per_row = grid * grid, grid // window
+    out: dict = {}
+    for pos in np.flatnonzero(heaviest >= 0).tolist():
+        crop, patch = divmod(int(heaviest[pos]), g2)
+        row, col = divmod(patch, grid)
+        out.setdefault((crop, (row // window) * per_row + col // window), []).append(pos)
+    return out
+
+
+def _pad_cells(cells: list, device):
+    """(N, k) cell ids (-1 padded) and float32 weights (0 on padding), heaviest first, from per-token dicts."""
+    width = max(1, max(len(cw) for cw in cells))
+    groups = np.full((len(cells), width), -1, np.int64)
+    weights = np.zeros((len(cells), width), np.float32)
+    for t, cw in enumerate(cells):
+        for k, (cell, w) in enumerate(sorted(cw.items(), key=lambda item: (-item[1], item[0]))):
+            groups[t, k], weights[t, k] = cell, w
+    return torch.from_numpy(groups).to(device), torch.from_numpy(weights).to(device)

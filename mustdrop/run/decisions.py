@@ -38,14 +38,21 @@ def _plan_baseline(host, vision: VisionResult, config):
                                    host.num_layers)
     else:
         plan = stages.plan_single_drop(m, config.budget, n0, config.prune_layers[0], host.num_layers)
+    n_prot = int(vision.protected.numel())
+    if n_prot and min((plan.pre_keep,) + tuple(plan.keep)) < n_prot:
+        raise ValueError(f"a {m} budget of {config.budget:g} tokens is below the {n_prot} newline tokens this image "
+                         "keeps at every layer: ask for a larger budget")
     pre_llm = None
     if plan.pre_keep < n0:
+        # newline tokens count toward the plan's keep and are always kept: the choice is among the others
+        free = _free_positions(n0, vision.protected.cpu())
+        k = plan.pre_keep - n_prot
         if m == "random":
             gen = torch.Generator(device="cpu").manual_seed(int(config.seed))
-            sel = torch.sort(torch.randperm(n0, generator=gen)[: plan.pre_keep]).values
+            sel = free[torch.sort(torch.randperm(free.numel(), generator=gen)[:k]).values]
             pre_llm = "seeded random"
         else:
-            sel = stages.evenly_spaced(n0, plan.pre_keep)
+            sel = free[stages.evenly_spaced(free.numel(), k)]
             pre_llm = "evenly spaced in raster order (no LLM score exists before the LLM)"
         vision = _select_tokens(vision, sel.to(vision.features.device))
     vision.baseline = {"plan": plan.to_dict(), "params": {"pre_llm_selection": pre_llm}}
@@ -68,10 +75,24 @@ def _decide(attn, state, layer, config):
         return stages.with_protected(res, prot, recount=False)
     keep = config.keep_counts[config.prune_layers.index(layer)]      # the plan of _plan_baseline
     if config.method == "random":
-        res = stages.random_keep(attn, keep, config.seed)
+        rule = lambda a, k: stages.random_keep(a, k, config.seed)            # noqa: E731
     else:                          # fastv, pdrop: ranked by the last (instruction) token's attention
-        res = stages.fastv_keep(attn, keep)
+        rule = stages.fastv_keep
+    res = rule(attn, keep)
+    if prot.numel():
+        # the protected tokens count toward ``keep`` (the plan meets the budget with them): the rule
+        # chooses keep - protected among the others; the scores recorded stay those of every token
+        free = _free_positions(attn.shape[-1], prot)
+        chosen = free[rule(attn[..., free], keep - prot.numel()).kept]
+        res = stages._single_drop_result(chosen, attn.shape[-1], res.global_share)
     return stages.with_protected(res, prot)
+
+
+def _free_positions(n: int, protected: torch.Tensor) -> torch.Tensor:
+    """The positions 0..n-1 that are not protected, ascending (all of them when none is)."""
+    free = torch.ones(n, dtype=torch.bool, device=protected.device)
+    free[protected] = False
+    return torch.nonzero(free).flatten()
 
 
 def _record_baseline(vision: VisionResult, meta: dict, arrays: dict) -> None:
