@@ -417,8 +417,14 @@ def patch_maps(t: Trace) -> dict:
     S, N0, N = m["sequence"]["S"], m["sequence"]["N0"], m["sequence"]["N"]
     groups = a["tokens.groups"]
     token_of_patch = np.full(N, -1, dtype=np.int64)
-    for tok, row in enumerate(groups):
-        token_of_patch[row[row >= 0]] = tok
+    # a patch several tokens cover (an interpolated grid) is drawn as the token with the largest share
+    # of it (ties: the later token, as when every patch had one token)
+    tok, k = np.nonzero(groups >= 0)
+    patch = groups[tok, k]
+    share = a["tokens.weights"][tok, k] if "tokens.weights" in a else np.ones(patch.size, np.float32)
+    order = np.lexsort((tok, share, patch))
+    last = np.r_[patch[order][1:] != patch[order][:-1], True]
+    token_of_patch[patch[order][last]] = tok[order][last]
     sizes = (groups >= 0).sum(1)
     have = token_of_patch >= 0
     out = {}

@@ -237,3 +237,35 @@ def test_cli_runs_onevision(ov_dir, tmp_path):
                 "--no-vanilla")
     assert p.returncode == 0, p.stderr
     assert "tile 0,0" in p.stdout and "stage 2" in p.stdout
+
+
+def test_each_cell_is_drawn_as_the_token_with_the_largest_share(dropping):
+    """Under interpolation a cell feeds up to 4 tokens; its patch maps show the one that takes most of it."""
+    t = dropping.trace
+    groups, weights = t.arrays["tokens.groups"], t.arrays["tokens.weights"]
+    best = {}
+    for tok, (g, w) in enumerate(zip(groups, weights)):
+        for cell, share in zip(g.tolist(), w.tolist()):
+            if cell >= 0 and (cell not in best or share >= best[cell][0]):
+                best[cell] = (share, tok)
+    G2 = 27 * 27
+    for c in range(len(t.meta["crops"])):
+        token = t.patch("token", c).ravel()
+        want = np.array([best.get(c * G2 + p, (0, -1))[1] for p in range(G2)])
+        assert np.array_equal(token, want), t.meta["crops"][c]["name"]
+
+
+def test_overlays_and_slides_draw_every_crop(ov, dropping, tmp_path):
+    from mustdrop.trace import Trace
+    from mustdrop.vis import overlays
+    from mustdrop.vis.slides import save_slides
+    t = Trace.load(dropping.trace.save(tmp_path / "ov.safetensors"))
+    w, h = t.meta["input"]["image"]["width"], t.meta["input"]["image"]["height"]
+    img = textured(w, h)
+    layer = t.prune_layers[0]
+    for c in range(len(t.meta["crops"])):
+        out = overlays.filter_overlay(t, layer, img, crop=c)
+        assert out.ndim == 3 and out.shape[2] == 3 and out.std() > 0
+    png, pdf = save_slides(t, tmp_path / "slides", image=img, layer=layer, crop=len(t.meta["crops"]) - 1)
+    from PIL import Image
+    assert Image.open(png).size[0] > 100 and pdf.stat().st_size > 0
