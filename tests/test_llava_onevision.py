@@ -269,3 +269,28 @@ def test_overlays_and_slides_draw_every_crop(ov, dropping, tmp_path):
     png, pdf = save_slides(t, tmp_path / "slides", image=img, layer=layer, crop=len(t.meta["crops"]) - 1)
     from PIL import Image
     assert Image.open(png).size[0] > 100 and pdf.stat().st_size > 0
+
+
+def test_the_app_engine_runs_and_draws_onevision_with_a_same_budget_comparison(ov_dir):
+    """What one click of the app does: vanilla, MustDrop and a same-budget FastV on the loaded folder; the
+    session draws the image as the model saw it for every crop."""
+    from lens_app import engine
+    from lens_app.session import Session
+    lens = engine.Lens(ov_dir)
+    res = lens.analyze(textured(500, 300), QUESTION, lens.config("64"), max_new_tokens=2, compare="fastv")
+    assert res.trace.meta["model"]["family"] == "llava_onevision" and res.compare.meta["method"] == "fastv"
+    session = Session.of_run(res.trace, res.vanilla, res.image, compare=res.compare)
+    assert [name for name, _ in session.crop_choices()] == ["base", "tile 0,0", "tile 0,1"]
+    for c in range(session.trace.n_crops):
+        session.show_crop(c)
+        canvas = session.canvas()
+        assert canvas.ndim == 3 and canvas.std() > 0, "the crop's pixels are decoded, not grey"
+
+
+def test_shipped_defaults_for_the_published_checkpoint():
+    """Its decoder is the 24-layer Qwen2-0.5B of llava-interleave: prune layers scaled to the depth, the
+    reference thresholds marked as not calibrated on it."""
+    from mustdrop.config import ModelDefaults
+    d = ModelDefaults.load("llava-hf/llava-onevision-qwen2-0.5b-ov-hf", 24)
+    assert d.prune_layers == (2, 5, 8, 11) and d.presets["64"] == (0.011, 0.01)
+    assert "llava-onevision-qwen2-0.5b-ov-hf" in d.source and "not yet calibrated" in d.source
