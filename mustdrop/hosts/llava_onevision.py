@@ -16,8 +16,8 @@ covers and with which bilinear weights (derived as PyTorch computes them), which
 how each crop maps to the original image's pixels (:func:`cell_box`). It is pure and tested against
 transformers' own packing and against ``F.interpolate``.
 
-The host (:class:`LlavaOnevisionHost`) runs MustDrop on transformers' own packing, as the LLaVA-NeXT stock
-layout does, on the packed features (shortening inside the tower would break the packing):
+The host (:class:`LlavaOnevisionHost`, on the LLaVA-1.5 host's SigLIP hooks) runs MustDrop on transformers'
+own packing, as the LLaVA-NeXT stock layout does, on the packed features (shortening inside the tower would break the packing):
 
 - stage 1a: window similarity where the authors measure it (after vision layer 0, 3 x 3 windows of each
   crop's 27 x 27 grid); the tokens whose heaviest cell lies in a similar window are averaged into one
@@ -45,7 +45,6 @@ from ..hooks import HookSet, attached, hidden_states_of
 from ..loading import ModelLoadError
 from .base import VisionResult
 from .llava import LlavaHost
-from .llava_next import LlavaNextHost
 
 # Largest cells a token can mix: 2 x 2 under bilinear interpolation.
 TAPS = 4
@@ -211,8 +210,9 @@ def cell_box(mapping: dict, row: int, col: int, patch_size: int, width: int, hei
     return x0, y0, x1, y1
 
 
-class LlavaOnevisionHost(LlavaNextHost):
+class LlavaOnevisionHost(LlavaHost):
     """LLaVA-OneVision: NeXT's any-res crops on a SigLIP tower (no CLS), packed with anyres_max_N interpolation.
+    The tower's hooks, inputs and key score are LLaVA-1.5's (SigLIP); the crops and packing are this module's.
 
     Only the stock layout exists: the authors' flat concatenation ('reference') is LLaVA-NeXT's."""
 
@@ -223,7 +223,7 @@ class LlavaOnevisionHost(LlavaNextHost):
         if layout != "stock":
             raise ValueError(f"LLaVA-OneVision runs transformers' own packing (layout 'stock') only; the authors' "
                              f"flat layout is defined for LLaVA-NeXT, got layout {layout!r}")
-        LlavaHost.__init__(self, model, processor)     # NeXT's __init__ refuses towers without CLS
+        super().__init__(model, processor)
         if self.has_cls:
             raise ModelLoadError("LLaVA-OneVision with a CLS tower is not supported (the published ones are SigLIP)")
         cfg = model.config
@@ -231,7 +231,7 @@ class LlavaOnevisionHost(LlavaNextHost):
         self.max_tiles = anyres_max(getattr(cfg, "vision_aspect_ratio", "anyres_max_9"))
 
     def check(self, config) -> None:
-        LlavaHost.check(self, config)
+        super().check(config)
         if config.method == "pool" or config.method in stages.VISION_SIDE:
             raise ValueError(f"the {config.method} baseline is defined on one square grid of one crop; LLaVA-OneVision "
                              "packs a base image and interpolated tiles: use LLaVA-1.5 layouts for it")
