@@ -154,7 +154,7 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
             if preset == "custom" else None
         max_new = inputs.number(max_new, "max new tokens", int)
         sampling = inputs.sampling_from(mode, temperature, top_p, seed)
-        img = load_image(src)
+        img = load_image(src, getattr(lens.runner, "processor", None))   # shape limits before decoding
         config = lens.config(str(preset), custom)
         progress(0.0, desc="starting")
         vanilla, trace, img, other = lens.analyze(img, question, config, max_new, sampling,

@@ -55,6 +55,11 @@ BAD_IMAGES = {
     "truncated_jpeg": (lambda d: _truncate(_save(_scene(), d / "t.jpg", quality=90), 0.4), ["truncated"]),
     "one_by_one": (lambda d: _save(Image.new("RGB", (1, 1)), d / "1.png"), ["1 x 1", "at least"]),
     "bomb_12000": (lambda d: _bomb(d / "bomb.png"), ["too large"]),
+    # issue 24 (images): a few hundred bytes that the processor's shortest-edge resize makes gigabytes of
+    "thin_2x100000": (lambda d: thin_strip(d / "thin-2x100000.png", 2, 100000), ["aspect ratio", "20:1"]),
+    "thin_2x3000": (lambda d: thin_strip(d / "thin-2x3000.png", 2, 3000), ["aspect ratio", "20:1"]),
+    # 308:1; CLIP-336 would make it 336 x 103,384 pixels (35 M, 417 MB as float32) and crop the middle 1/308
+    "thin_13x4000": (lambda d: _save(_scene(13, 4000), d / "thin.png"), ["aspect ratio"]),
 }
 GOOD_ODD_IMAGES = {   # must be accepted (converted), not refused
     "rgba": lambda d: _save(Image.new("RGBA", (200, 120), (255, 0, 0, 100)), d / "rgba.png"),
@@ -63,10 +68,16 @@ GOOD_ODD_IMAGES = {   # must be accepted (converted), not refused
     "cmyk": lambda d: _save(_scene().convert("CMYK"), d / "c.jpg"),
     "sixteen_bit": lambda d: _save(Image.fromarray((np.arange(300 * 200).reshape(200, 300) % 65535)
                                                    .astype(np.uint16)), d / "16.png"),
-    "thin_13x4000": lambda d: _save(_scene(13, 4000), d / "thin.png"),
+    "panorama_20to1": lambda d: _save(_scene(2000, 100), d / "pano.png"),     # the aspect limit itself
     "animated_gif": lambda d: _gif(d / "anim.gif"),
     "exif_rotated": lambda d: exif_rotated(d / "rot.jpg"),
 }
+
+
+def thin_strip(path: Path, w: int, h: int) -> Path:
+    """A real (decodable) w x h PNG: flat grey, so it compresses to a few hundred bytes."""
+    Image.new("RGB", (w, h), (128, 128, 128)).save(path)
+    return path
 
 
 def _truncate(path: Path, keep: float) -> Path:
