@@ -149,7 +149,8 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
         src = inputs.payload_path(image)
         if src is None:
             raise ImageInputError("no image given: upload, paste or choose an example image")
-        inputs.require_question(question)
+        question = inputs.require_question(question)
+        preset = inputs.preset_name(preset, PRESETS)
         custom = inputs.custom_knobs(window, merge_thr, key_rate, prune, gthr, ithr, positions, m1a, m1b, m2, m3) \
             if preset == "custom" else None
         max_new = inputs.number(max_new, "max new tokens", int)
@@ -291,10 +292,11 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
             src = inputs.payload_path(image)
             if src is None:
                 raise ImageInputError("no image given")
-            if preset not in PRESET_NAMES:
-                raise ValueError(f"/analyze takes a preset in {', '.join(PRESET_NAMES)}, got {preset!r}; a custom "
+            question = inputs.require_question(question)
+            if preset == "custom":
+                raise ValueError(f"/analyze takes a preset in {', '.join(PRESET_NAMES)}, got 'custom'; a custom "
                                  "configuration runs in the app's advanced panel")
-            config = lens.config(str(preset))
+            config = lens.config(inputs.preset_name(preset, PRESET_NAMES))
             vanilla, trace, _, other = lens.analyze(src, question, config, 16, compare=compare_method(method))
         except user_errors() as e:
             raise gr.Error(str(e)) from None

@@ -103,3 +103,148 @@ def test_processed_size_limit_uses_the_processors_own_settings(tmp_path):
     assert w * h <= 12845056 and abs(w / h - 4 / 3) < 0.01
     from mustdrop.images import MAX_ASPECT
     assert MAX_ASPECT == 20
+
+
+# ---------------------------------------------------------------- decoding knobs, presets, stage switches
+from test_app import client, files, run_ui, server, status_of  # noqa: E402,F401 - the live app's fixtures
+
+BIG = 2 ** 53 + 1
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(mode="sampling", temperature=1e-300), "temperature must be 0 (greedy) or a number in [0.01, 100]"),
+    (dict(mode="sampling", top_p=1e-300), "top p must be a number in [0.01, 1]"),
+    (dict(mode="sampling", seed=10 ** 30), "seed must be a whole number in 0..9007199254740991"),
+    (dict(mode="sampling", seed=BIG), "got 9007199254740993"),
+    (dict(mode="greedy", seed=-1), "seed must be a whole number in 0..9007199254740991"),
+    (dict(mode="beam"), "decoding must be one of greedy, sampling"),
+    (dict(m1a="yes"), "1a merge must be true or false"),
+    (dict(m3=1), "3 KV trim must be true or false"),
+    (dict(positions=["reference"]), "positions must be one of reference, original"),
+    (dict(max_new=True), "max new tokens must be a number"),
+    (dict(preset=64.5), "preset must be one of off, 192, 128, 64, custom (a string), got 64.5"),
+])
+def test_bad_knobs_through_the_api(client, files, kw, message):
+    status = status_of(run_ui(client, files / "scene.png", **kw))
+    assert status is not None and status.startswith("**Problem:**") and message in status, status
+
+
+def test_knob_strings_and_numbers_mean_what_they_say():
+    from lens_app import inputs
+    from mustdrop.config import MustDropConfig
+
+    knobs = inputs.custom_knobs(3, 0.8, 0.08, "1, 3", 0.011, 0.01, "reference", "false", "true", True, False)
+    assert (knobs["merge"], knobs["key_set"], knobs["filter"], knobs["kv_trim"]) == (False, True, True, False)
+    with pytest.raises(ValueError, match="must be true or false"):
+        MustDropConfig(merge="false")
+    with pytest.raises(ValueError, match="seed must be a whole number"):
+        MustDropConfig(seed=2 ** 64)
+    assert inputs.number(BIG, "seed", int) == BIG                 # never through float
+    assert inputs.number(str(BIG), "seed", int) == BIG
+    assert inputs.sampling_from("sampling", 0.7, 0.9, 2 ** 53 - 1).seed == 2 ** 53 - 1
+    with pytest.raises(ValueError, match="got 9007199254740993"):
+        inputs.sampling_from("sampling", 0.7, 0.9, BIG)
+    with pytest.raises(ValueError, match="too large to be exact"):
+        inputs.number(1e20, "seed", int)
+    assert inputs.preset_name(64, ("off", "192", "128", "64")) == "64"
+    with pytest.raises(ValueError, match="a string"):
+        inputs.preset_name(True, ("off", "64"))
+
+
+def test_largest_seed_is_recorded_exactly(tiny, image):
+    from mustdrop.adapters import Sampling
+    t = tiny.run(image, Q, tiny.config_for("64"), max_new_tokens=2, sampling=Sampling(0.7, 0.9, 2 ** 53 - 1)).trace
+    assert json.loads(json.dumps(t.meta))["generation"]["seed"] == 2 ** 53 - 1
+
+
+def test_preset_as_a_number_is_that_preset(client, files):
+    from gradio_client import handle_file
+    path, _, answer = client.predict(handle_file(str(files / "scene.png")), "what color is the square?", 64,
+                                     api_name="/analyze")[:3]
+    from mustdrop.trace import Trace
+    assert Trace.load(path).meta["config"]["preset"] == "64"
+
+
+# ---------------------------------------------------------------- questions
+BAD_TYPED_QUESTIONS = [(["what", "colour"], "must be text (a string), got a list"),
+                       ({"q": "what"}, "must be text (a string), got a dict"),
+                       (7, "must be text (a string), got a int"),
+                       ("what \ud800 colour", "not valid UTF-8")]
+
+
+def raw_call(url, api, image, *rest):
+    """An API call as any HTTP client may send it: JSON with \\ud800 escapes (gradio_client refuses to
+    encode a lone surrogate); the image uploaded first. Returns the event stream's text."""
+    import httpx
+    with open(image, "rb") as f:
+        path = httpx.post(f"{url}gradio_api/upload", files=[("files", (Path(image).name, f))]).json()[0]
+    data = [{"path": path, "meta": {"_type": "gradio.FileData"}, "orig_name": Path(image).name}, *rest]
+    r = httpx.post(f"{url}gradio_api/call/{api}", content=json.dumps({"data": data}),
+                   headers={"content-type": "application/json"})
+    return httpx.get(f"{url}gradio_api/call/{api}/{r.json()['event_id']}", timeout=300).text
+
+
+@pytest.mark.parametrize("question,message", BAD_TYPED_QUESTIONS)
+def test_bad_questions_through_run_and_analyze(client, server, files, question, message):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+    if isinstance(question, str):                     # the lone surrogate: only raw HTTP can send it
+        text = raw_call(server[1], "analyze", files / "scene.png", question, "64", "none")
+        assert "event: error" in text and message in text and "Traceback" not in text, text[-500:]
+        return
+    status = status_of(run_ui(client, files / "scene.png", question=question))
+    assert status is not None and status.startswith("**Problem:**") and message in status, status
+    with pytest.raises(AppError) as e:
+        client.predict(handle_file(str(files / "scene.png")), question, "64", api_name="/analyze")
+    assert message in str(e.value) and "Traceback" not in str(e.value)
+
+
+@pytest.mark.parametrize("question,message", BAD_TYPED_QUESTIONS)
+def test_bad_questions_through_the_library(tiny, image, question, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        tiny.run(image, question, tiny.config_for("64"), max_new_tokens=1)
+
+
+def run_cli(args, cwd):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "mustdrop", *args], capture_output=True, env=env, cwd=cwd,
+                          timeout=300)
+
+
+def test_cli_question_with_invalid_utf8(tiny_dir, tmp_path):
+    img = corpus.GOOD_ODD_IMAGES["rgba"](tmp_path)
+    bad = b"what \xff\xfe colour?"                         # not UTF-8: argv decodes it to lone surrogates
+    p = run_cli([b"run", b"--model", str(tiny_dir).encode(), b"--image", str(img).encode(), b"--question", bad],
+                tmp_path)
+    err = p.stderr.decode("utf-8", "replace")
+    assert p.returncode == 2, err
+    assert "not valid UTF-8" in err and "Traceback" not in err
+
+
+def test_cli_out_on_a_full_disk_says_so_and_keeps_the_old_file(tiny_dir, tmp_path, monkeypatch, capsys):
+    """The disk fills during the write (simulated: safetensors' writer fails as on ENOSPC after writing
+    part of the temporary file); a message, exit 2, the trace already at --out unchanged, no temporary left."""
+    import safetensors.numpy
+    from safetensors import SafetensorError
+
+    from mustdrop import cli
+
+    out = tmp_path / "out" / "trace.safetensors"
+    out.parent.mkdir()
+    out.write_bytes(b"the old trace")
+    real = safetensors.numpy.save_file
+
+    def full_disk(arrays, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                              'message: "No space left on device" })')
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", full_disk)
+    img = corpus.GOOD_ODD_IMAGES["rgba"](tmp_path)
+    rc = cli.main(["run", "--model", str(tiny_dir), "--image", str(img), "--question", Q, "--max-new-tokens", "1",
+                   "--no-vanilla", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "cannot write the trace to" in err and "no space left on device" in err and "Traceback" not in err
+    assert out.read_bytes() == b"the old trace" and sorted(p.name for p in out.parent.iterdir()) == ["trace.safetensors"]
+    monkeypatch.setattr(safetensors.numpy, "save_file", real)
