@@ -110,6 +110,21 @@ BAD_QUESTIONS = {
     "whitespace": ("   \n\t ", ["empty"]),
     "very_long": ("why " * 1250, ["characters", "limit"]),
     "image_token": ("what is <image> in this", ["image placeholder"]),
+    # issue 24 (questions): what an API payload or a command line can hand over
+    "list": (["what", "colour"], ["must be text"]),
+    "dict": ({"q": "what colour"}, ["must be text"]),
+    "lone_surrogate": ("what \udcff colour", ["not valid UTF-8"]),     # invalid UTF-8 in argv arrives so
+}
+
+# issue 24 (decoding): Sampling(**kw) -> words. Each one crashed a run or was recorded wrong before.
+BAD_SAMPLING = {
+    "temperature_1e-300": ({"temperature": 1e-300, "top_p": 1.0}, ["temperature"]),
+    "temperature_bool": ({"temperature": True}, ["temperature"]),
+    "top_p_1e-300": ({"temperature": 1.0, "top_p": 1e-300}, ["top p"]),
+    "seed_10^30": ({"temperature": 1.0, "seed": 10 ** 30}, ["seed"]),
+    "seed_2^53+1": ({"temperature": 1.0, "seed": 2 ** 53 + 1}, ["seed", "9007199254740993"]),
+    "seed_negative": ({"seed": -1}, ["seed"]),
+    "seed_float": ({"seed": 1.5}, ["seed"]),
 }
 
 BAD_KNOBS = {   # MustDropConfig.replace(**kw) -> words
@@ -195,6 +210,9 @@ def markdown_table() -> str:
         for name, (kw, _) in BAD_KNOBS.items():
             attempt("knob", name, lambda kw=kw: runner.run(img, "q?", runner.config_for("64").replace(**kw),
                                                             max_new_tokens=1))
+        from mustdrop.adapters import Sampling
+        for name, (kw, _) in BAD_SAMPLING.items():
+            attempt("decoding", name, lambda kw=kw: runner.run(img, "q?", runner.config_for("64"), 1, Sampling(**kw)))
         for name, n in BAD_MAX_NEW_TOKENS.items():
             attempt("max new tokens", name, lambda n=n: runner.run(img, "q?", runner.config_for("64"), n))
         attempt("model", "unknown hub id offline", lambda: load_llava("llava-hf/no-such-model"))

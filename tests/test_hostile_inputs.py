@@ -151,6 +151,15 @@ def test_knob_strings_and_numbers_mean_what_they_say():
         inputs.preset_name(True, ("off", "64"))
 
 
+@pytest.mark.parametrize("name", sorted(corpus.BAD_SAMPLING))
+def test_bad_sampling_through_the_library(tiny, image, name):
+    from mustdrop.adapters import Sampling
+    kw, words = corpus.BAD_SAMPLING[name]
+    with pytest.raises(ValueError) as e:
+        tiny.run(image, Q, tiny.config_for("64"), max_new_tokens=1, sampling=Sampling(**kw))
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
 def test_largest_seed_is_recorded_exactly(tiny, image):
     from mustdrop.adapters import Sampling
     t = tiny.run(image, Q, tiny.config_for("64"), max_new_tokens=2, sampling=Sampling(0.7, 0.9, 2 ** 53 - 1)).trace
