@@ -257,3 +257,77 @@ def test_cli_out_on_a_full_disk_says_so_and_keeps_the_old_file(tiny_dir, tmp_pat
     assert "cannot write the trace to" in err and "no space left on device" in err and "Traceback" not in err
     assert out.read_bytes() == b"the old trace" and sorted(p.name for p in out.parent.iterdir()) == ["trace.safetensors"]
     monkeypatch.setattr(safetensors.numpy, "save_file", real)
+
+
+# ---------------------------------------------------------------- special-token text stays text
+PLAIN = ["what colour is the square?", "Is there a cat?  Answer yes or no.", "what's <b>that</b> (in [brackets])?",
+         "¿qué color tiene el cuadrado? 日本語 🙂", "USER: ASSISTANT: ?", "a\nb\tc"]
+
+
+def published_processor(name, tmp_path):
+    import shutil
+
+    from transformers import AutoImageProcessor, LlavaNextProcessor, LlavaProcessor
+
+    from mustdrop.testing import build_published_tokenizer
+    src = ROOT / "tests" / "published" / name
+    d = tmp_path / name
+    d.mkdir()
+    shutil.copy(src / "preprocessor_config.json", d)
+    pconf = json.loads((src / "processor_config.json").read_text())
+    cls = LlavaNextProcessor if pconf["processor_class"] == "LlavaNextProcessor" else LlavaProcessor
+    return cls(image_processor=AutoImageProcessor.from_pretrained(d),
+               tokenizer=build_published_tokenizer(json.loads((src / "tokenizer_facts.json").read_text())),
+               patch_size=pconf["patch_size"], vision_feature_select_strategy=pconf["vision_feature_select_strategy"],
+               num_additional_image_tokens=pconf["num_additional_image_tokens"],
+               chat_template=json.loads((src / "chat_template.json").read_text())["chat_template"])
+
+
+@pytest.fixture(params=["toy", "llava-1.5-7b-hf", "llava-v1.6-mistral-7b-hf", "llava-interleave-qwen-0.5b-hf"])
+def processor(request, tiny, tmp_path):
+    return tiny.processor if request.param == "toy" else published_processor(request.param, tmp_path)
+
+
+def prompt_ids(proc, question, image):
+    from mustdrop.question import as_text
+    conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    prompt = proc.apply_chat_template(conv, add_generation_prompt=True)
+    ids = proc(images=image, text=prompt, return_tensors="pt")["input_ids"]
+    image_id = proc.tokenizer.convert_tokens_to_ids(proc.image_token)
+    return ids, lambda force=False: as_text(ids, prompt, question, proc.tokenizer, image_id, force=force)
+
+
+def test_plain_questions_keep_their_ids(processor, image):
+    for q in PLAIN:
+        ids, text_ids = prompt_ids(processor, q, image)
+        assert text_ids() is ids                                   # untouched: bit-identical to before
+        assert text_ids(force=True).tolist() == ids.tolist(), q    # and the splice reproduces them
+
+
+def test_special_token_text_in_a_question_stays_text(processor, image):
+    tok = processor.tokenizer
+    specials = {t: i for i, t in ((i, a.content) for i, a in tok.added_tokens_decoder.items() if a.special)
+                if t != processor.image_token}
+    q = "is " + " and ".join(specials) + " here?"
+    ids, text_ids = prompt_ids(processor, q, image)
+    plain_ids, _ = prompt_ids(processor, "is x here?", image)
+    out, old, plain = text_ids()[0].tolist(), ids[0].tolist(), plain_ids[0].tolist()
+    for text, i in specials.items():
+        if text == tok.unk_token:          # <unk> also stands for characters the vocabulary lacks
+            continue
+        assert old.count(i) > plain.count(i), f"the old path made the typed {text} a special id"
+        assert out.count(i) == plain.count(i), f"the typed {text} stays text: only the template's own {text} remain"
+    if tok.unk_token_id not in out:        # a vocabulary that spells every character (not the toy's)
+        assert all(s in tok.decode(out) for s in specials), tok.decode(out)
+
+
+def test_a_run_with_special_token_text(tiny, image):
+    """Through the adapter: the prompt ids carry no eos / pad the user typed, and the run completes."""
+    tok = tiny.processor.tokenizer
+    q = f"what colour {tok.eos_token} is {tok.pad_token} the square?"
+    typed, _ = tiny._inputs(image, q)
+    plain, _ = tiny._inputs(image, "what colour is the square?")
+    for i in (tok.eos_token_id, tok.pad_token_id):
+        assert typed["input_ids"][0].tolist().count(i) == plain["input_ids"][0].tolist().count(i)
+    t = tiny.run(image, q, tiny.config_for("64"), max_new_tokens=2).trace
+    assert t.meta["input"]["question"] == q

@@ -34,7 +34,7 @@ from .. import stages
 from ..config import SEED_MAX, MustDropConfig, ModelDefaults, check_int
 from ..hooks import HookSet, attached, hidden_states_of, with_hidden_states
 from ..images import load_image
-from ..question import MAX_QUESTION_CHARS, check_question  # noqa: F401 - MAX_QUESTION_CHARS: importers
+from ..question import MAX_QUESTION_CHARS, as_text, check_question  # noqa: F401 - MAX_QUESTION_CHARS: importers
 from ..trace import SCHEMA_VERSION, Trace
 from .loading import ModelLoadError
 
@@ -264,7 +264,8 @@ class LlavaMustDrop:
         inputs = self.processor(images=img, text=prompt, return_tensors="pt")
         device = self.model.device
         dtype = self.model.dtype
-        out = {"input_ids": inputs["input_ids"],                          # stays on the host (_split_prompt)
+        ids = as_text(inputs["input_ids"], prompt, question, self.processor.tokenizer, self.image_token_id)
+        out = {"input_ids": ids,                                          # stays on the host (_split_prompt)
                "pixel_values": inputs["pixel_values"].to(device=device, dtype=dtype)}
         if "image_sizes" in inputs:
             out["image_sizes"] = inputs["image_sizes"].to(device)
