@@ -66,6 +66,25 @@ def summary_lines(trace) -> list[str]:
     return lines
 
 
+def _save(trace, out):
+    """trace.save with a message instead of a traceback when the disk is full or not writable (the
+    write is atomic: a file already at ``out`` stays as it was)."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    from .trace import TraceError
+
+    try:
+        return trace.save(out)
+    except (OSError, SafetensorError) as e:
+        text = str(e)
+        full = getattr(e, "errno", None) == errno.ENOSPC or "os error 28" in text or "code: 28" in text \
+            or "No space left" in text
+        reason = "no space left on device" if full else (e.strerror if getattr(e, "strerror", None) else text)
+        raise TraceError(f"cannot write the trace to {out}: {reason}; a file already there is left unchanged") from None
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from .adapters import ModelLoadError, Sampling, load_llava, make_runner
@@ -76,19 +95,22 @@ def main(argv=None) -> int:
         if args.command == "show":
             print("\n".join(summary_lines(Trace.load(args.trace))))
             return 0
+        from .question import check_question
+
+        check_question(args.question)           # before the model loads: invalid UTF-8 in argv, length
+        sampling = Sampling(args.temperature, args.top_p, args.seed)
         model, processor = load_llava(args.model, args.device, args.dtype)
         runner = make_runner(model, processor, args.model, layout=args.layout)
         config = runner.config_for(args.preset)
         if args.positions:
             config = config.replace(positions=args.positions)
-        sampling = Sampling(args.temperature, args.top_p, args.seed)
         result = runner.run(args.image, args.question, config, args.max_new_tokens, sampling)
         print("\n".join(summary_lines(result.trace)))
         if not args.no_vanilla and args.preset != "off":
             vanilla = runner.run(args.image, args.question, runner.config_for("off"), args.max_new_tokens, sampling)
             print(f"vanilla   {vanilla.trace.answer!r}  (prefill {vanilla.trace.meta['timings']['prefill_s']:.3f} s)")
         if args.out:
-            print(f"trace     written to {result.trace.save(args.out)}")
+            print(f"trace     written to {_save(result.trace, args.out)}")
         return 0
     except (ValueError, ImageInputError, TraceError, ModelLoadError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

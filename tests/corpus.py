@@ -55,6 +55,11 @@ BAD_IMAGES = {
     "truncated_jpeg": (lambda d: _truncate(_save(_scene(), d / "t.jpg", quality=90), 0.4), ["truncated"]),
     "one_by_one": (lambda d: _save(Image.new("RGB", (1, 1)), d / "1.png"), ["1 x 1", "at least"]),
     "bomb_12000": (lambda d: _bomb(d / "bomb.png"), ["too large"]),
+    # issue 24 (images): a few hundred bytes that the processor's shortest-edge resize makes gigabytes of
+    "thin_2x100000": (lambda d: thin_strip(d / "thin-2x100000.png", 2, 100000), ["aspect ratio", "20:1"]),
+    "thin_2x3000": (lambda d: thin_strip(d / "thin-2x3000.png", 2, 3000), ["aspect ratio", "20:1"]),
+    # 308:1; CLIP-336 would make it 336 x 103,384 pixels (35 M, 417 MB as float32) and crop the middle 1/308
+    "thin_13x4000": (lambda d: _save(_scene(13, 4000), d / "thin.png"), ["aspect ratio"]),
 }
 GOOD_ODD_IMAGES = {   # must be accepted (converted), not refused
     "rgba": lambda d: _save(Image.new("RGBA", (200, 120), (255, 0, 0, 100)), d / "rgba.png"),
@@ -63,10 +68,16 @@ GOOD_ODD_IMAGES = {   # must be accepted (converted), not refused
     "cmyk": lambda d: _save(_scene().convert("CMYK"), d / "c.jpg"),
     "sixteen_bit": lambda d: _save(Image.fromarray((np.arange(300 * 200).reshape(200, 300) % 65535)
                                                    .astype(np.uint16)), d / "16.png"),
-    "thin_13x4000": lambda d: _save(_scene(13, 4000), d / "thin.png"),
+    "panorama_20to1": lambda d: _save(_scene(2000, 100), d / "pano.png"),     # the aspect limit itself
     "animated_gif": lambda d: _gif(d / "anim.gif"),
     "exif_rotated": lambda d: exif_rotated(d / "rot.jpg"),
 }
+
+
+def thin_strip(path: Path, w: int, h: int) -> Path:
+    """A real (decodable) w x h PNG: flat grey, so it compresses to a few hundred bytes."""
+    Image.new("RGB", (w, h), (128, 128, 128)).save(path)
+    return path
 
 
 def _truncate(path: Path, keep: float) -> Path:
@@ -99,6 +110,21 @@ BAD_QUESTIONS = {
     "whitespace": ("   \n\t ", ["empty"]),
     "very_long": ("why " * 1250, ["characters", "limit"]),
     "image_token": ("what is <image> in this", ["image placeholder"]),
+    # issue 24 (questions): what an API payload or a command line can hand over
+    "list": (["what", "colour"], ["must be text"]),
+    "dict": ({"q": "what colour"}, ["must be text"]),
+    "lone_surrogate": ("what \udcff colour", ["not valid UTF-8"]),     # invalid UTF-8 in argv arrives so
+}
+
+# issue 24 (decoding): Sampling(**kw) -> words. Each one crashed a run or was recorded wrong before.
+BAD_SAMPLING = {
+    "temperature_1e-300": ({"temperature": 1e-300, "top_p": 1.0}, ["temperature"]),
+    "temperature_bool": ({"temperature": True}, ["temperature"]),
+    "top_p_1e-300": ({"temperature": 1.0, "top_p": 1e-300}, ["top p"]),
+    "seed_10^30": ({"temperature": 1.0, "seed": 10 ** 30}, ["seed"]),
+    "seed_2^53+1": ({"temperature": 1.0, "seed": 2 ** 53 + 1}, ["seed", "9007199254740993"]),
+    "seed_negative": ({"seed": -1}, ["seed"]),
+    "seed_float": ({"seed": 1.5}, ["seed"]),
 }
 
 BAD_KNOBS = {   # MustDropConfig.replace(**kw) -> words
@@ -184,6 +210,9 @@ def markdown_table() -> str:
         for name, (kw, _) in BAD_KNOBS.items():
             attempt("knob", name, lambda kw=kw: runner.run(img, "q?", runner.config_for("64").replace(**kw),
                                                             max_new_tokens=1))
+        from mustdrop.adapters import Sampling
+        for name, (kw, _) in BAD_SAMPLING.items():
+            attempt("decoding", name, lambda kw=kw: runner.run(img, "q?", runner.config_for("64"), 1, Sampling(**kw)))
         for name, n in BAD_MAX_NEW_TOKENS.items():
             attempt("max new tokens", name, lambda n=n: runner.run(img, "q?", runner.config_for("64"), n))
         attempt("model", "unknown hub id offline", lambda: load_llava("llava-hf/no-such-model"))
