@@ -51,6 +51,10 @@ Several crops (LLaVA-NeXT: base image + any-res tiles): meta "crops" lists each 
 mapping and merged windows; tokens.groups then holds global ids crop * G*G + patch; crop 0's maps
 are patch.*, crop c's are patch.c{c}.*; stage1a.c{c}.similarity per crop; tokens.newline (N0,)
 uint8 marks the newline-row tokens (never dropped, cover no patch).
+
+Loading treats the file as untrusted (traces are shared): mustdrop.trace_checks bounds every size
+the header claims by what a supported model produces and types every field above, before any
+array is read or map built; each problem is one TraceError naming the field.
 """
 
 from __future__ import annotations

@@ -273,7 +273,7 @@ def check_meta(m: dict) -> dict:
     ids = items(field(gen, "token_ids", "generation.token_ids"), "generation.token_ids", integer,
                 max_len=MAX_GENERATED, lo=0, hi=MAX_VOCAB)
     items(field(gen, "tokens", "generation.tokens"), "generation.tokens", string, n=len(ids))
-    items(field(gen, "probs", "generation.probs"), "generation.probs", number, n=len(ids), lo=0.0, hi=1.0)
+    items(field(gen, "probs", "generation.probs"), "generation.probs", number, n=len(ids), lo=0.0, hi=1.001)
     string(field(gen, "answer", "generation.answer"), "generation.answer")
     for k in ("mode", "stop"):
         if gen.get(k) is not None:
@@ -314,24 +314,24 @@ def _mapping(v, name: str) -> int:
 
 
 def _check_config(c: dict) -> None:
+    """The run's knobs: the ones the summaries print are required (every trace has written them)."""
     from .config import MustDropConfig
 
     for k in ("merge", "key_set", "filter", "kv_trim"):
-        if k in c:
-            boolean(c[k], f"config.{k}")
-    for k in ("preset", "positions", "method"):
-        if c.get(k) is not None:
-            string(c[k], f"config.{k}")
+        boolean(field(c, k, f"config.{k}"), f"config.{k}")
+    for k in ("preset", "positions"):
+        string(field(c, k, f"config.{k}"), f"config.{k}")
+    if c.get("method") is not None:
+        string(c["method"], "config.method")
     for k in ("global_thr", "individual_thr", "merge_threshold", "key_keep_rate"):
-        if k in c:
-            number(c[k], f"config.{k}")
+        number(field(c, k, f"config.{k}"), f"config.{k}")
     if c.get("budget") is not None:
         number(c["budget"], "config.budget")
-    for k in ("prune_layers", "keep_counts"):
-        if k in c:
-            items(c[k], f"config.{k}", integer, max_len=MAX_LLM_LAYERS, lo=0, hi=MAX_PATCHES)
-    if "window" in c:
-        integer(c["window"], "config.window", 1, MAX_GRID)
+    items(field(c, "prune_layers", "config.prune_layers"), "config.prune_layers", integer,
+          max_len=MAX_LLM_LAYERS, lo=0, hi=MAX_LLM_LAYERS)
+    if "keep_counts" in c:
+        items(c["keep_counts"], "config.keep_counts", integer, max_len=MAX_LLM_LAYERS, lo=0, hi=MAX_PATCHES)
+    integer(field(c, "window", "config.window"), "config.window", 1, MAX_GRID)
     if c.get("pre_keep") is not None:
         integer(c["pre_keep"], "config.pre_keep", 0, MAX_PATCHES)
     if "seed" in c:

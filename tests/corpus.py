@@ -255,6 +255,7 @@ TRACE_WRONG_TYPES = {
                         ["tokens.groups"]),
     "similarity_wrong_shape": (lambda g: _edit(g, _arrays(stage1a__similarity=lambda v: v[:3])),
                                ["stage1a.similarity"]),
+    "config_without_positions": (lambda g: _edit(g, lambda m, a: m["config"].pop("positions")), ["config.positions"]),
     "nan_timing": (lambda g: _edit(g, _set("timings.total_s", float("nan"))), ["timings.total_s"]),
     "meta_is_a_list": (lambda g: ([1, 2, 3], _claims(g)[1]), ["JSON object"]),
     "nested_100000_deep": (lambda g: ("[" * 100000 + "]" * 100000, _claims(g)[1]), ["nested"]),
