@@ -48,7 +48,8 @@ def summary_lines(trace) -> list[str]:
              f"question  {m['input']['question']}",
              f"answer    {m['generation']['answer']!r}",
              f"stage 1a  {seq['N']} patches -> {seq['N0']} vision tokens ("
-             + ", ".join(f"{c['name']}: {len(c['merged_windows'])} windows merged" for c in m["crops"]) + ")",
+             + ", ".join(f"{trace.crop_name(c)}: {len(crop_windows(trace, c))} windows merged"
+                         for c in range(trace.n_crops)) + ")",
              f"stage 1b  {len(m['stage1b']['key_tokens'])} key tokens"]
     for s in m["stage2"]:
         lines.append(f"stage 2   layer {s['layer']:>2}: {s['entering']} -> {s['kept']} ({s['dropped']} dropped)")
@@ -64,6 +65,29 @@ def summary_lines(trace) -> list[str]:
               "time      vision {vision_s:.3f} s, prefill {prefill_s:.3f} s, decode {decode_s:.3f} s".format(
                   **m["timings"])]
     return lines
+
+
+def crop_windows(trace, crop: int) -> list:
+    """The stage-1a windows merged in one crop (the run's list for a trace without crop records)."""
+    crops = trace.meta.get("crops")
+    rec = crops[crop] if isinstance(crops, list) and crop < len(crops) else trace.meta["stage1a"]
+    return rec.get("merged_windows", [])
+
+
+def show(path) -> int:
+    """``show TRACE``: the summary, or one message on stderr and exit code 2 (never a traceback)."""
+    from .trace import Trace, TraceError
+
+    try:
+        lines = summary_lines(Trace.load(path))
+    except (TraceError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (KeyError, TypeError, ValueError, IndexError) as e:   # a field the checks let through
+        print(f"error: {path}: the trace cannot be summarised ({type(e).__name__}: {str(e)[:200]})", file=sys.stderr)
+        return 2
+    print("\n".join(lines))
+    return 0
 
 
 def _save(trace, out):
@@ -87,16 +111,14 @@ def _save(trace, out):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "show":
+        return show(args.trace)
     from .adapters import ModelLoadError, Sampling, load_llava, make_runner
     from .images import ImageInputError
-    from .trace import Trace, TraceError
+    from .question import check_question
+    from .trace import TraceError
 
     try:
-        if args.command == "show":
-            print("\n".join(summary_lines(Trace.load(args.trace))))
-            return 0
-        from .question import check_question
-
         check_question(args.question)           # before the model loads: invalid UTF-8 in argv, length
         sampling = Sampling(args.temperature, args.top_p, args.seed)
         model, processor = load_llava(args.model, args.device, args.dtype)
