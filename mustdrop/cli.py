@@ -113,9 +113,11 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "show":
         return show(args.trace)
-    from .adapters import ModelLoadError, Sampling, load_llava, make_runner
+    from .adapters import make_runner
     from .images import ImageInputError
+    from .loading import ModelLoadError, load_llava
     from .question import check_question
+    from .run.decode import Sampling
     from .trace import TraceError
 
     try:
