@@ -36,6 +36,8 @@ Arrays. "Token ids" are the merged numbering 0..N0-1 (the order the LLM sees the
                              a row sums to 1): 1 for one patch, 1/k each for a merged window of k,
                              1/4 each under a 2 x 2 patch merger, interpolation weights for an
                              interpolated grid
+  tokens.merged              (N0,) uint8, optional: 1 for the tokens stage 1a built (without it: the tokens
+                             covering several patches; a host whose tokens mix patches unmerged writes it)
   stage1a.similarity         (G/w, G/w) float32 window similarity (when stage 1a ran)
   stage1b.key_score          (N0,) float32 the score that ranked the key set (when stage 1b ran):
                              head-mean CLS attention, or the substitute meta["stage1b"]["score"]
@@ -359,6 +361,7 @@ def patch_maps(t: Trace) -> dict:
     last = np.r_[patch[order][1:] != patch[order][:-1], True]
     token_of_patch[patch[order][last]] = tok[order][last]
     sizes = (groups >= 0).sum(1)
+    merged_tok = a["tokens.merged"].astype(bool) if "tokens.merged" in a else sizes > 1
     have = token_of_patch >= 0
     out = {}
 
@@ -368,7 +371,7 @@ def patch_maps(t: Trace) -> dict:
         return res
 
     maps = {"token": token_of_patch,
-            "merged": (have & (sizes[np.maximum(token_of_patch, 0)] > 1)).astype(np.uint8)}
+            "merged": (have & merged_tok[np.maximum(token_of_patch, 0)]).astype(np.uint8)}
     is_key = np.zeros(N0, dtype=np.uint8)
     is_key[m["stage1b"]["key_tokens"]] = 1
     maps["key"] = spread(is_key, 0, np.uint8)

@@ -294,3 +294,23 @@ def test_shipped_defaults_for_the_published_checkpoint():
     d = ModelDefaults.load("llava-hf/llava-onevision-qwen2-0.5b-ov-hf", 24)
     assert d.prune_layers == (2, 5, 8, 11) and d.presets["64"] == (0.011, 0.01)
     assert "llava-onevision-qwen2-0.5b-ov-hf" in d.source and "not yet calibrated" in d.source
+
+
+def test_only_tokens_stage_1a_built_are_drawn_as_merged(ov, dropping, tmp_path):
+    """An interpolated token covers up to 4 cells without being merged: the trace says which tokens stage 1a
+    built (tokens.merged), and the merge overlay's patch map follows it, not the number of cells."""
+    from mustdrop.trace import Trace, TraceError
+    t = dropping.trace
+    built = t.arrays["tokens.merged"].astype(bool)
+    assert built.sum() == sum(len(c["merged_windows"]) for c in t.meta["crops"]) > 0
+    for c in range(len(t.meta["crops"])):
+        token = t.patch("token", c).ravel()
+        assert np.array_equal(t.patch("merged", c).ravel().astype(bool), (token >= 0) & built[np.maximum(token, 0)])
+    off = ov.run(textured(1200, 1200), QUESTION, ov.config_for("off"), max_new_tokens=1).trace
+    assert (off.arrays["tokens.groups"] >= 0).sum(1).max() == 4
+    assert not any(off.patch("merged", c).any() for c in range(len(off.meta["crops"])))
+    bad = Trace.load(t.save(tmp_path / "t.safetensors"))
+    bad.arrays["tokens.merged"] = bad.arrays["tokens.merged"].copy()
+    bad.arrays["tokens.merged"][0] = 2
+    with pytest.raises(TraceError, match="tokens.merged must hold 0 or 1"):
+        Trace.load(bad.save(tmp_path / "bad.safetensors"))

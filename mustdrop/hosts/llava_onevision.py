@@ -267,6 +267,7 @@ class LlavaOnevisionHost(LlavaHost):
             patch_score = self.key_scores(qk).mean(1).flatten().double().cpu().numpy()   # (n_crops * G2,)
             score = [sum(w * patch_score[c] for c, w in cw.items()) for cw in cells]
         keep = np.ones(len(cells), bool)
+        built = np.zeros(len(cells), bool)             # by stage 1a (an interpolated token covers 4 cells unmerged)
         similarity, merged_windows = [None] * n_crops, [[] for _ in range(n_crops)]
         if config.merge:
             features = features.clone()
@@ -288,6 +289,7 @@ class LlavaOnevisionHost(LlavaHost):
                     if score is not None:
                         score[pos[0]] = sum(score[p] for p in pos)
                     keep[pos[1:]] = False
+                    built[pos[0]] = True
                     merged_windows[c].append(wdx)
         positions = np.flatnonzero(keep)
         features = features[torch.from_numpy(positions).to(features.device)]
@@ -300,7 +302,7 @@ class LlavaOnevisionHost(LlavaHost):
                 features.device), config.key_keep_rate)
         crops = [{**crop, "merged_windows": merged_windows[c]} for c, crop in enumerate(pack.crops)]
         return VisionResult(features, groups, key_tokens, key_score, newline.to(features.device), crops, similarity,
-                            weights=weights)
+                            weights=weights, merged=torch.from_numpy(built[positions]).to(features.device))
 
 
 def _window_members(pack: OnevisionPacking, grid: int, window: int) -> dict:

@@ -118,4 +118,5 @@ def _select_tokens(vision: VisionResult, sel: torch.Tensor) -> VisionResult:
     return VisionResult(vision.features[sel], vision.groups[sel.to(vision.groups.device)], renumber(vision.key_tokens),
                         None if vision.key_score is None else vision.key_score[sel], renumber(vision.protected).cpu(),
                         vision.crops, vision.similarity, vision.baseline,
-                        None if vision.weights is None else vision.weights[sel.to(vision.weights.device)])
+                        None if vision.weights is None else vision.weights[sel.to(vision.weights.device)],
+                        None if vision.merged is None else vision.merged[sel.to(vision.merged.device)])
