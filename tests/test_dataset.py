@@ -254,3 +254,38 @@ def test_lmms_eval_output_folder_opens(run_dir, tmp_path):
     s = A.config_summary(ts)["64"]
     assert s["n_samples"] == 6 and s["accuracy"] is None and s["lost"] == 0
     assert A.frequency_maps(ts, "64", "kept")["image"][1] == 6
+
+
+def test_report_is_self_contained_escaped_and_counts(run_copy, tmp_path):
+    import re
+
+    from mustdrop.cli import main
+
+    rows = _rows(run_copy)
+    for r in rows:
+        if r["id"] == "test-0000001":
+            r["question"] = "<script>alert(1)</script> what shape?"
+    (run_copy / "summary.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out, js = tmp_path / "rep" / "report.html", tmp_path / "rep" / "summary.json"
+    assert main(["report", str(run_copy), "--out", str(out), "--json", str(js)]) == 0
+    text = out.read_text()
+    assert "<script>" not in text and "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//)""", text)      # nothing fetched
+    assert text.count("data:image/png;base64,") >= 4
+    figs = sorted(p.name for p in (tmp_path / "rep" / "report-figures").iterdir())
+    assert "survival.png" in figs and "survival.pdf" in figs and "maps-64.png" in figs
+    summary = json.loads(js.read_text())["configs"]
+    van = {r["id"]: r["correct"] for r in rows if r["config"] == "off"}
+    for cfg in CONFIGS:
+        mine = [r for r in rows if r["config"] == cfg]
+        assert summary[cfg]["n_samples"] == len(mine)
+        assert summary[cfg]["lost"] == sum(van[r["id"]] == 1 and r["correct"] == 0 for r in mine)
+        assert summary[cfg]["gained"] == sum(van[r["id"]] == 0 and r["correct"] == 1 for r in mine)
+        assert summary[cfg]["accuracy"] == pytest.approx(np.mean([r["correct"] for r in mine]))
+
+
+def test_report_refuses_a_non_run_with_a_message(tmp_path, capsys):
+    from mustdrop.cli import main
+
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "r.html")]) == 2
+    assert "not a run folder" in capsys.readouterr().err

@@ -259,7 +259,9 @@ def attribution_table(ts: TraceSet, config: str, half: float = 0.5):
     df = df.assign(where=[c if not s else f"{c} ({s})" for c, s in zip(df["category"], df["score"])])
     t = pd.crosstab(df["qtype"], df["where"])
     t.insert(0, "lost", t.sum(axis=1))
-    return t.reset_index()
+    means = df.groupby("qtype")[["gone", "merged"]].mean().rename(
+        columns={"gone": "mean share gone", "merged": "mean share merged"})
+    return t.join(means).reset_index()
 
 
 def attribution_sentences(ts: TraceSet, config: str, half: float = 0.5) -> list[str]:

@@ -1,0 +1,147 @@
+"""The dataset lens's figures (matplotlib): frequency maps, survival curves, positional bias, failure
+attribution. Each function takes a TraceSet and returns a Figure; the colours are the palette's
+meanings (mustdrop.vis.palette): a white-to-colour ramp per property, so that 'dropped' is
+vermillion here as in every per-image view."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import aggregate as A
+
+SUBSETS = ("all", "right", "wrong", "lost", "kept")
+SUBSET_TITLES = {"all": "all samples", "right": "answered right", "wrong": "answered wrong",
+                 "lost": "lost answers", "kept": "kept answers (vanilla and this right)"}
+MAX_MAP_LAYERS = 4
+
+
+def _colours() -> dict:
+    from ..vis.palette import BLUE, MEANINGS, VERMILLION, VIOLET, YELLOW
+
+    return {"merged": MEANINGS["merged_dark"][0], "key": YELLOW, "dropped": VERMILLION, "kept": BLUE,
+            "trimmed": VIOLET}
+
+
+def _cmap(kind: str):
+    from matplotlib.colors import LinearSegmentedColormap
+
+    rgb = np.array(_colours()[kind]) / 255
+    return LinearSegmentedColormap.from_list(f"freq-{kind}", [(1, 1, 1), tuple(rgb)])
+
+
+def _label(ts, config: str) -> str:
+    return f"{config} (vanilla)" if config == ts.vanilla else config
+
+
+def map_columns(ts, config: str) -> list[tuple[str, int | None, str]]:
+    """(kind, layer, title) of the maps drawn for a config: merged, key, dropped by each of its first
+    prune layers, kept after the last layer, trimmed from the KV cache (any layer)."""
+    recs = [ts.index.traces[i] for i in A.traces_of(ts, config)]
+    if not recs:
+        return []
+    prune = recs[0]["prune_layers"][:MAX_MAP_LAYERS]
+    last = recs[0]["num_layers"] - 1
+    return ([("merged", None, "merged in 1a"), ("key", None, "key token (1b)")]
+            + [("dropped", p, f"dropped by layer {p}") for p in prune]
+            + [("kept", None, f"kept after layer {last}"), ("trimmed", None, "trimmed from KV (3)")])
+
+
+def maps_figure(ts, config: str, crop_kind: str | None = None):
+    """Rows: all samples, right, wrong, lost, kept answers; columns: map_columns. Each cell: the share
+    of the subset's traces in which the patch had that property (0 white .. 1 full colour)."""
+    import matplotlib.pyplot as plt
+
+    cols = map_columns(ts, config)
+    subsets = A.answer_subsets(ts, config)
+    rows = [s for s in SUBSETS if s == "all" or subsets.get(s)]
+    fig, axes = plt.subplots(len(rows), max(len(cols), 1), figsize=(1.9 * max(len(cols), 1), 2.0 * len(rows) + 0.6),
+                             squeeze=False)
+    for r, sub in enumerate(rows):
+        ids = None if sub == "all" else subsets[sub]
+        for c, (kind, layer, title) in enumerate(cols):
+            ax = axes[r][c]
+            maps = A.frequency_maps(ts, config, kind, layer, ids)
+            key = crop_kind if crop_kind in maps else next(iter(maps), None)
+            if key is not None:
+                m, n = maps[key]
+                ax.imshow(m, cmap=_cmap(kind), vmin=0, vmax=1, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(title, fontsize=8)
+            if c == 0:
+                n = len(A.traces_of(ts, config, ids))
+                ax.set_ylabel(f"{SUBSET_TITLES[sub]}\n(n = {n})", fontsize=8)
+    fig.suptitle(f"{_label(ts, config)}: how often each patch ... (share of samples, 0 white to 1 full colour)",
+                 fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def survival_figure(ts):
+    """Vision tokens per LLM layer: median and interquartile band per config; vanilla dashed."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for k, cfg in enumerate(ts.configs):
+        s = A.survival(ts, cfg)
+        if not s["n"]:
+            continue
+        if cfg == ts.vanilla:
+            ax.plot(s["layers"], s["median"], "--", color="0.4", label=f"{_label(ts, cfg)}")
+            continue
+        line, = ax.plot(s["layers"], s["median"], marker="o", ms=3, label=f"{cfg} (median, n = {s['n']})")
+        ax.fill_between(s["layers"], s["q25"], s["q75"], color=line.get_color(), alpha=0.2)
+    ax.set_xlabel("LLM layer")
+    ax.set_ylabel("vision tokens processed")
+    ax.set_yscale("log")
+    ax.set_title("Survival: vision tokens per LLM layer (band: interquartile range)", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def bias_figure(ts, bands: int = 6):
+    """Kept share per row band over the uniform share (1 = no positional preference), per config."""
+    import matplotlib.pyplot as plt
+
+    cfgs = [c for c in ts.configs if c != ts.vanilla]
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    width = 0.8 / max(len(cfgs), 1)
+    for k, cfg in enumerate(cfgs):
+        df = A.positional_bias(ts, cfg, bands)
+        if df.empty:
+            continue
+        ax.bar(df["band"] + (k - (len(cfgs) - 1) / 2) * width, df["ratio"], width, label=cfg)
+        labels = list(df["rows"])
+    ax.axhline(1.0, color="0.3", lw=1, ls="--")
+    if cfgs:
+        ax.set_xticks(range(bands), [f"rows {r}" for r in labels], fontsize=7)
+    ax.set_xlabel("image row band (top to bottom)")
+    ax.set_ylabel("kept share / uniform share")
+    ax.set_title("Positional bias after the last layer (> 1: kept more than a uniform choice)", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def attribution_figure(ts, config: str):
+    """Lost answers per question type, stacked by where the asked objects' patches went."""
+    import matplotlib.pyplot as plt
+
+    t = A.attribution_table(ts, config)
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    if t.empty:
+        ax.text(0.5, 0.5, "no lost answers with object masks", ha="center", va="center")
+        ax.set_axis_off()
+        return fig
+    cats = [c for c in t.columns if c not in ("qtype", "lost") and not c.startswith("mean share")]
+    bottom = np.zeros(len(t))
+    for c in cats:
+        ax.bar(t["qtype"].astype(str), t[c], bottom=bottom, label=c)
+        bottom += t[c].to_numpy()
+    ax.set_ylabel("lost answers")
+    ax.set_title(f"{config}: where the asked objects' patches went, per lost answer", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
