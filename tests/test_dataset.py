@@ -22,15 +22,8 @@ CONFIGS = ["64", "fastv@64", "fastervlm@64"]
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    from analysis.batch import run_batch
-    from analysis.common import load_runner, scene_items
-
-    out = tmp_path_factory.mktemp("run") / "r"
-    runner = load_runner("assets/toy-llava", threads=1)
-    run_batch(runner, scene_items("test", 6, 0), CONFIGS, out, progress=False,
-              dataset={"kind": "scene", "split": "test", "seed": 0, "n": 6})
-    return out
+def run_dir(dataset_run):
+    return dataset_run
 
 
 @pytest.fixture()
