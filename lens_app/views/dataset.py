@@ -56,12 +56,18 @@ def run_folders(root: Path | None) -> dict[str, Path]:
     return out
 
 
-def figure_array(fig) -> np.ndarray:
+_DRAWING = threading.Lock()      # pyplot (and mathtext's parser) are not thread-safe; gradio calls from workers
+
+
+def figure_array(make, *args) -> np.ndarray:
+    """Draw ``make(*args)`` (a figure function of mustdrop.dataset.figures) as an RGB array."""
     import matplotlib.pyplot as plt
 
-    fig.canvas.draw()
-    arr = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(fig)
+    with _DRAWING:
+        fig = make(*args)
+        fig.canvas.draw()
+        arr = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+        plt.close(fig)
     return arr
 
 
@@ -184,7 +190,7 @@ class DatasetTab:
                self.cmp_a: gr.Dropdown(ts.configs, value=a), self.cmp_b: gr.Dropdown(ts.configs, value=b),
                self.table: self.rows(key, ALL, "all", ALL, "", a, b, False),
                self.maps_cfg: gr.Dropdown(ts.configs, value=a),
-               self.survival: figure_array(F.survival_figure(ts)), self.bias: figure_array(F.bias_figure(ts))}
+               self.survival: figure_array(F.survival_figure, ts), self.bias: figure_array(F.bias_figure, ts)}
         out.update(self.show_maps(key, a))
         return out
 
@@ -217,7 +223,7 @@ class DatasetTab:
             return {self.maps: None, self.attribution_md: "", self.attribution: None}
         t = A.attribution_table(ts, config)
         lines = A.attribution_sentences(ts, config)
-        return {self.maps: figure_array(F.maps_figure(ts, config)),
+        return {self.maps: figure_array(F.maps_figure, ts, config),
                 self.attribution_md: "\n".join(f"- {md_text(s)}" for s in lines) or "no lost answers with object masks",
                 self.attribution: t}
 

@@ -30,7 +30,9 @@ def _cmap(kind: str):
 
 
 def _label(ts, config: str) -> str:
-    return f"{config} (vanilla)" if config == ts.vanilla else config
+    from ..vis.text import mpl_text
+
+    return mpl_text(f"{config} (vanilla)" if config == ts.vanilla else config)
 
 
 def map_columns(ts, config: str) -> list[tuple[str, int | None, str]]:
@@ -90,11 +92,10 @@ def survival_figure(ts):
         if cfg == ts.vanilla:
             ax.plot(s["layers"], s["median"], "--", color="0.4", label=f"{_label(ts, cfg)}")
             continue
-        line, = ax.plot(s["layers"], s["median"], marker="o", ms=3, label=f"{cfg} (median, n = {s['n']})")
+        line, = ax.plot(s["layers"], s["median"], marker="o", ms=3, label=f"{_label(ts, cfg)} (median, n = {s['n']})")
         ax.fill_between(s["layers"], s["q25"], s["q75"], color=line.get_color(), alpha=0.2)
     ax.set_xlabel("LLM layer")
     ax.set_ylabel("vision tokens processed")
-    ax.set_yscale("log")
     ax.set_title("Survival: vision tokens per LLM layer (band: interquartile range)", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -112,7 +113,7 @@ def bias_figure(ts, bands: int = 6):
         df = A.positional_bias(ts, cfg, bands)
         if df.empty:
             continue
-        ax.bar(df["band"] + (k - (len(cfgs) - 1) / 2) * width, df["ratio"], width, label=cfg)
+        ax.bar(df["band"] + (k - (len(cfgs) - 1) / 2) * width, df["ratio"], width, label=_label(ts, cfg))
         labels = list(df["rows"])
     ax.axhline(1.0, color="0.3", lw=1, ls="--")
     if cfgs:
@@ -129,6 +130,8 @@ def attribution_figure(ts, config: str):
     """Lost answers per question type, stacked by where the asked objects' patches went."""
     import matplotlib.pyplot as plt
 
+    from ..vis.text import mpl_text
+
     t = A.attribution_table(ts, config)
     fig, ax = plt.subplots(figsize=(7, 3.6))
     if t.empty:
@@ -138,10 +141,10 @@ def attribution_figure(ts, config: str):
     cats = [c for c in t.columns if c not in ("qtype", "lost") and not c.startswith("mean share")]
     bottom = np.zeros(len(t))
     for c in cats:
-        ax.bar(t["qtype"].astype(str), t[c], bottom=bottom, label=c)
+        ax.bar([mpl_text(q) for q in t["qtype"].astype(str)], t[c], bottom=bottom, label=mpl_text(c))
         bottom += t[c].to_numpy()
     ax.set_ylabel("lost answers")
-    ax.set_title(f"{config}: where the asked objects' patches went, per lost answer", fontsize=10)
+    ax.set_title(f"{config}: where the asked objects' patches went, per lost answer", fontsize=10, parse_math=False)
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
