@@ -444,8 +444,8 @@ def build_app(lens: Lens, examples=None, runs_dir=None) -> gr.Blocks:
             k.input(guarded(on_knob), [state, preset_in] + knobs + [compare_in], [preset_in, stale_md, status], **quiet)
         # the Dataset tab: open a run, filter its table, open a row in the per-image tabs (no model call)
         def on_dataset_row(key, a, b, show_gt, evt: gr.SelectData):
-            session, msg = dataset.sample_session(key, evt.row_value, a, b)
-            return show_session(session, bool(show_gt), msg) | {result_tabs: gr.Tabs(selected="tab_2")}
+            session, what = dataset.sample_session(key, evt.row_value, a, b)
+            return show_session(session, bool(show_gt), f"**Opened** {md_text(what)}") | {result_tabs: gr.Tabs(selected="tab_2")}
 
         ds_outputs = dataset.run_outputs + [status]
         dataset.run_in.input(guarded(lambda name: dataset.show_run(f"runs:{name}")), [dataset.run_in], ds_outputs,

@@ -26,7 +26,7 @@ from mustdrop.dataset import figures as F
 from mustdrop.dataset.archive import unpack_run
 from mustdrop.trace import TraceError
 from mustdrop.vis import compare as vis_compare
-from mustdrop.vis.text import md_text
+from mustdrop.vis.text import md_text, md_value
 
 from .. import inputs
 
@@ -181,9 +181,9 @@ class DatasetTab:
         qtypes = sorted({str(q) for q in ts.rows["qtype"].dropna()})
         a = pruned[0] if pruned else None
         b = pruned[1] if len(pruned) > 1 else (ts.vanilla or a)
-        note = (f"**Run** {md_text(ts.root.name)} ({md_text(ts.kind)}): {len(ts.rows)} rows, {len(ts.configs)} "
-                f"configs, model {md_text(ts.settings.get('model') or '?')}"
-                + (f"; {len(ts.problems)} trace(s) left out (they do not validate)" if ts.problems else ""))
+        note = (f"**Run** {md_text(ts.root.name)} ({md_text(ts.kind)}): {md_value(len(ts.rows))} rows, "
+                f"{md_value(len(ts.configs))} configs, model {md_text(ts.settings.get('model') or '?')}"
+                + (f"; {md_value(len(ts.problems))} trace(s) left out (they do not validate)" if ts.problems else ""))
         out = {self.state: key, self.info: note, self.summary: sdf,
                self.config_f: gr.Dropdown([ALL] + ts.configs, value=ALL),
                self.qtype_f: gr.Dropdown([ALL] + qtypes, value=ALL),
@@ -224,12 +224,12 @@ class DatasetTab:
         t = A.attribution_table(ts, config)
         lines = A.attribution_sentences(ts, config)
         return {self.maps: figure_array(F.maps_figure, ts, config),
-                self.attribution_md: "\n".join(f"- {md_text(s)}" for s in lines) or "no lost answers with object masks",
+                self.attribution_md: md_text("; ".join(lines) or "no lost answers with object masks"),
                 self.attribution: t}
 
     # ------------------------------------------------------------------ a row -> the per-image views
     def sample_session(self, key, row, a, b):
-        """(Session, message) of a clicked row: its trace, the vanilla trace, the other of methods A / B
+        """(Session, what was opened in plain text: the caller escapes it) of a clicked row: its trace, the vanilla trace, the other of methods A / B
         as the Compare tab's comparison, the sample's image (when its pixels match) and masks."""
         from ..session import Session, save_comparison
 
@@ -262,10 +262,10 @@ class DatasetTab:
         note = "drawn on the sample's image" if image is not None else "drawn on grey (the run does not hold this image)"
         saved = self.workdir.save_traces(t, vanilla)
         session = Session.of_run(t, vanilla, image, gt, saved + save_comparison(other, saved[0]), note, compare=other)
-        msg = (f"**Opened** sample {md_text(sid)} of run {md_text(ts.root.name)}: {md_text(t.meta['config'].get('preset'))}"
-               + ("" if other is None else f" compared with {md_text(other.meta['config'].get('preset'))}")
-               + f", from its traces (no model call); {note}")
-        return session, msg
+        what = (f"sample {sid} of run {ts.root.name}: {t.meta['config'].get('preset')}"
+                + ("" if other is None else f" compared with {other.meta['config'].get('preset')}")
+                + f", from its traces (no model call); {note}")
+        return session, what
 
 
 def _row_key(row) -> tuple[str, str]:
