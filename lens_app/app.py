@@ -455,8 +455,8 @@ def build_app(lens: Lens, examples=None, runs_dir=None) -> gr.Blocks:
         ds_outputs = dataset.run_outputs + [status]
         dataset.run_in.input(guarded(lambda name: dataset.show_run(f"runs:{name}")), [dataset.run_in], ds_outputs,
                              **quiet)
-        dataset.zip_in.upload(guarded(lambda f: dataset.show_run(dataset.upload(f))), [dataset.zip_in], ds_outputs,
-                              api_visibility="undocumented", concurrency_limit=1)
+        dataset.zip_in.upload(guarded(lambda f: dataset.show_run(dataset.upload(gate.payload(f)))), [dataset.zip_in],
+                              ds_outputs, api_visibility="undocumented", preprocess=False, concurrency_limit=1)
         for c in dataset.filters[1:]:
             c.input(guarded(lambda *v: {dataset.table: dataset.rows(*v)}), dataset.filters, [dataset.table, status],
                     **quiet)

@@ -28,8 +28,6 @@ from mustdrop.trace import TraceError
 from mustdrop.vis import compare as vis_compare
 from mustdrop.vis.text import md_text, md_value
 
-from .. import inputs
-
 ALL = "all"
 VERDICTS = ("all", "lost", "gained", "wrong", "right")
 TABLE_COLUMNS = ["id", "config", "qtype", "question", "answer", "prediction", "correct", "lost", "gained", "recall",
@@ -109,9 +107,10 @@ class DatasetTab:
                 self._open.popitem(last=False)
         return ts
 
-    def upload(self, payload) -> str:
-        src = inputs.payload_path(payload)
-        if not src or isinstance(src, bytes):
+    def upload(self, src) -> str:
+        """Unpack a zipped run (``src``: the upload's path, already passed through the app's UploadGate)
+        into a new folder of the work folder and open it; the key of the open run."""
+        if not src or not isinstance(src, (str, Path)):
             raise RunError("upload a zip of a run folder")
         into = self.workdir.root / f"dataset-{int(time.time() * 1000) % 10 ** 10}"
         ts = unpack_run(src, into)
