@@ -89,6 +89,17 @@ def test_maps_survival_recall_match_traces(run_dir):
             got, n = A.frequency_maps(ts, cfg, kind, layer)["image"]
             assert n == len(mine)
             np.testing.assert_allclose(got, np.mean(maps, axis=0), err_msg=f"{cfg} {kind} L{layer}")
+        kept_rows = np.sum([t.alive_after(L - 1).sum(1) for t in mine], 0)
+        tok_rows = np.sum([t.has_token().sum(1) for t in mine], 0)
+        bias = A.positional_bias(ts, cfg, bands=4)
+        for b, lo in enumerate(range(0, 24, 6)):
+            assert bias["kept_share"][b] == pytest.approx(kept_rows[lo:lo + 6].sum() / kept_rows.sum())
+            assert bias["uniform_share"][b] == pytest.approx(tok_rows[lo:lo + 6].sum() / tok_rows.sum())
+        ids = sorted({sid for (sid, c) in traces if c == cfg})[:3]      # a subset of the samples
+        sub = [traces[(i, cfg)] for i in ids]
+        got, n = A.frequency_maps(ts, cfg, "kept", None, ids)["image"]
+        assert n == 3
+        np.testing.assert_allclose(got, np.mean([t.alive_after(L - 1) for t in sub], axis=0))
         curves = np.array([t.meta["vision_tokens_per_layer"] for t in mine], float)
         s = A.survival(ts, cfg)
         np.testing.assert_allclose(s["median"], np.median(curves, 0))

@@ -121,17 +121,80 @@ def patch_property(ts: TraceSet, i: int, kind: str, layer: int | None = None, cr
     raise ValueError(f"unknown map kind {kind!r}; one of {', '.join(MAP_KINDS)}")
 
 
+def _stacks(ts: TraceSet, config: str) -> dict:
+    """{crop kind: dict(ids, layers, has, drop, merged, key, kv)} of a config's traces, one row per
+    crop of that kind (the index's per-patch arrays gathered into (n, rows*cols) matrices once per
+    config and kept on the TraceSet, so that every map and subset is a vectorised mean)."""
+    memo = ts.__dict__.setdefault("_stacks", {})
+    if config in memo:
+        return memo[config]
+    idx, a = ts.index, ts.index.arrays
+    groups: dict = {}
+    for i in traces_of(ts, config):
+        t = idx.traces[i]
+        off = t["offset"]
+        for c, (name, r, k) in enumerate(t["crops"]):
+            ck = name if c == 0 else "tile"
+            g = groups.setdefault(ck, {"shape": (r, k), "starts": [], "ids": [], "layers": []})
+            if g["shape"] != (r, k):
+                g = groups.setdefault(f"{ck} {r}x{k}", {"shape": (r, k), "starts": [], "ids": [], "layers": []})
+            g["starts"].append(off)
+            g["ids"].append(t["id"])
+            g["layers"].append(t["num_layers"])
+            off += r * k
+    out = {}
+    for ck, g in groups.items():
+        r, k = g["shape"]
+        pos = np.asarray(g["starts"], np.int64)[:, None] + np.arange(r * k)
+        out[ck] = {"shape": (r, k), "ids": np.asarray(g["ids"]), "layers": np.asarray(g["layers"]),
+                   "has": a["has_token"][pos] > 0, "drop": a["drop_layer"][pos].astype(np.int64),
+                   "merged": a["merged"][pos] > 0, "key": a["key"][pos] > 0, "kv": a["kv"][pos]}
+    memo[config] = out
+    return out
+
+
+def _property(st: dict, kind: str, layer: int | None, rows: np.ndarray) -> np.ndarray:
+    """(n, rows*cols) bool of one property for the selected rows of a stack (see patch_property)."""
+    has, drop = st["has"][rows], st["drop"][rows]
+    last = st["layers"][rows][:, None] - 1
+    if kind == "merged":
+        return st["merged"][rows]
+    if kind == "key":
+        return st["key"][rows]
+    if kind == "dropped":
+        upto = last if layer is None else layer
+        return has & (drop >= 0) & (drop <= upto)
+    if kind == "kept":
+        after = last if layer is None else layer
+        return has & ((drop < 0) | (drop > after))
+    if kind == "trimmed":
+        L = int(st["layers"].max()) if len(st["layers"]) else 0
+        kv = np.unpackbits(st["kv"][rows], axis=2, count=L).astype(bool)         # (n, P, L)
+        layers = range(L) if layer is None else [layer]
+        gone = np.zeros(has.shape, bool)
+        for lyr in layers:
+            gone |= has & ((drop < 0) | (drop >= lyr)) & ~kv[:, :, lyr] & (lyr <= last)
+        return gone
+    raise ValueError(f"unknown map kind {kind!r}; one of {', '.join(MAP_KINDS)}")
+
+
+def _rows(st: dict, ids) -> np.ndarray:
+    if ids is None:
+        return np.ones(len(st["ids"]), bool)
+    return np.isin(st["ids"], np.asarray(sorted(map(str, ids)), dtype=st["ids"].dtype if len(st["ids"]) else str))
+
+
 def frequency_maps(ts: TraceSet, config: str, kind: str, layer: int | None = None, ids=None) -> dict:
-    """{crop kind: (frequency map (rows, cols) float64, number of crops averaged)} for one config."""
-    sums: dict = {}
-    for i in traces_of(ts, config, ids):
-        for crop, ck in _crop_kinds(ts.index.traces[i]):
-            m = patch_property(ts, i, kind, layer, crop)
-            if ck in sums and sums[ck][0].shape != m.shape:
-                ck = f"{ck} {m.shape[0]}x{m.shape[1]}"
-            s, n = sums.get(ck, (np.zeros(m.shape), 0))
-            sums[ck] = (s + m, n + 1)
-    return {k: (s / n if n else s, n) for k, (s, n) in sums.items()}
+    """{crop kind: (frequency map (rows, cols) float64, number of crops averaged)} for one config:
+    the share of its traces (of samples ``ids`` when given) in which the patch had property ``kind``
+    (see patch_property)."""
+    out = {}
+    for ck, st in _stacks(ts, config).items():
+        rows = _rows(st, ids)
+        n = int(rows.sum())
+        m = _property(st, kind, layer, rows).mean(0) if n else np.zeros(st["shape"][0] * st["shape"][1])
+        out[ck] = (m.reshape(st["shape"]).astype(np.float64), n)
+    return out
 
 
 def answer_subsets(ts: TraceSet, config: str) -> dict:
@@ -150,18 +213,14 @@ def positional_bias(ts: TraceSet, config: str, bands: int = 6, layer: int | None
     reports attention-based pruning favouring the bottom rows)."""
     import pandas as pd
 
-    kept_rows = tok_rows = None
-    for i in traces_of(ts, config, ids):
-        kept = patch_property(ts, i, "kept", layer, 0).sum(1)
-        tok = (ts.index.patch(i, "has_token", 0) > 0).sum(1)
-        if kept_rows is None:
-            kept_rows, tok_rows = np.zeros(kept.shape), np.zeros(tok.shape)
-        if kept.shape != kept_rows.shape:
-            continue
-        kept_rows += kept
-        tok_rows += tok
-    if kept_rows is None:
+    stacks = _stacks(ts, config)
+    if not stacks:
         return pd.DataFrame(columns=["band", "rows", "kept_share", "uniform_share", "ratio"])
+    st = next(iter(stacks.values()))                 # the first crop kind (the image, or the base image)
+    sel = _rows(st, ids)
+    r, c = st["shape"]
+    kept_rows = _property(st, "kept", layer, sel).reshape(-1, r, c).sum((0, 2)).astype(float)
+    tok_rows = st["has"][sel].reshape(-1, r, c).sum((0, 2)).astype(float)
     edges = np.linspace(0, kept_rows.shape[0], bands + 1).round().astype(int)
     recs = []
     for b in range(bands):
