@@ -84,3 +84,39 @@ def test_open_run_filter_lost_click_opens_the_samples_filter_tab(dataset_app, br
     np.testing.assert_array_equal(codes, vis.status_map(md, md.start_layer))
     assert sid in page.locator("#status").inner_text()
     page.close()
+
+
+def screenshot(runs_dir, run: str, out: str) -> None:
+    """docs/app-dataset.png: the Dataset tab on a run under ``runs_dir``, lost answers listed."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from playwright.sync_api import sync_playwright
+
+    demo = build_app(Lens(runner=None), examples=[], runs_dir=runs_dir)
+    port = free_port()
+    launch(demo, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
+    try:
+        with sync_playwright() as p:
+            b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = b.new_page(viewport={"width": 1440, "height": 2200})
+            page.goto(f"http://127.0.0.1:{port}/")
+            open_run(page, run)
+            page.locator("#ds_verdict").get_by_text("lost", exact=True).click()
+            page.wait_for_timeout(3000)
+            page.locator("#results").screenshot(path=out)
+            b.close()
+    finally:
+        demo.close()
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="screenshot of the Dataset tab for docs/")
+    ap.add_argument("--runs", default="runs")
+    ap.add_argument("--run", default="toy-llava-test-n200")
+    ap.add_argument("--out", default="docs/app-dataset.png")
+    a = ap.parse_args()
+    screenshot(a.runs, a.run, a.out)

@@ -168,20 +168,36 @@ def _property(st: dict, kind: str, layer: int | None, rows: np.ndarray) -> np.nd
         after = last if layer is None else layer
         return has & ((drop < 0) | (drop > after))
     if kind == "trimmed":
-        L = int(st["layers"].max()) if len(st["layers"]) else 0
-        kv = np.unpackbits(st["kv"][rows], axis=2, count=L).astype(bool)         # (n, P, L)
-        layers = range(L) if layer is None else [layer]
-        gone = np.zeros(has.shape, bool)
-        for lyr in layers:
-            gone |= has & ((drop < 0) | (drop >= lyr)) & ~kv[:, :, lyr] & (lyr <= last)
-        return gone
+        gone = _trimmed(st)
+        if layer is None:
+            return gone["any"][rows]
+        if not 0 <= layer < gone["per_layer"].shape[2]:
+            return np.zeros(has.shape, bool)
+        return gone["per_layer"][rows][:, :, layer]
     raise ValueError(f"unknown map kind {kind!r}; one of {', '.join(MAP_KINDS)}")
+
+
+def _trimmed(st: dict) -> dict:
+    """Per stack, once: (n, P, L) processed by layer l in prefill but not held in its KV cache, and its any."""
+    if "trimmed" not in st:
+        L = int(st["layers"].max()) if len(st["layers"]) else 0
+        kv = np.unpackbits(st["kv"], axis=2, count=L).astype(bool)                        # (n, P, L)
+        lyr = np.arange(L)
+        processed = st["has"][:, :, None] & ((st["drop"][:, :, None] < 0) | (st["drop"][:, :, None] >= lyr))
+        processed &= lyr[None, None, :] < st["layers"][:, None, None]
+        per_layer = processed & ~kv
+        st["trimmed"] = {"per_layer": per_layer, "any": per_layer.any(2)}
+    return st["trimmed"]
 
 
 def _rows(st: dict, ids) -> np.ndarray:
     if ids is None:
         return np.ones(len(st["ids"]), bool)
-    return np.isin(st["ids"], np.asarray(sorted(map(str, ids)), dtype=st["ids"].dtype if len(st["ids"]) else str))
+    key = frozenset(map(str, ids))
+    memo = st.setdefault("rows", {})
+    if key not in memo:
+        memo[key] = np.array([i in key for i in st["ids"].tolist()], bool)
+    return memo[key]
 
 
 def frequency_maps(ts: TraceSet, config: str, kind: str, layer: int | None = None, ids=None) -> dict:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import stat
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,6 +110,8 @@ class TraceSet:
         self.problems: list[str] = []
         self.index: Index | None = None
         self._traces: OrderedDict = OrderedDict()
+        self._root_s = str(root)
+        self._dirs: dict = {}
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -135,11 +139,27 @@ class TraceSet:
 
     # ------------------------------------------------------------------ traces and images
     def path_of(self, rel) -> Path | None:
-        """A path the table names, resolved inside the run folder; None if it leaves it or is empty."""
-        if not isinstance(rel, str) or not rel:
+        """A path the table names, inside the run folder; None if it leaves it (``..``, an absolute
+        path, a symlinked file or a folder that resolves elsewhere) or is empty. Folders are resolved
+        once each (a run has a few), files checked with lstat: 4000 paths in milliseconds."""
+        if not isinstance(rel, str) or not rel or "\0" in rel:
             return None
-        p = (self.root / rel).resolve()
-        return p if p.is_relative_to(self.root) else None
+        p = os.path.normpath(os.path.join(self._root_s, rel))
+        if not p.startswith(self._root_s + os.sep):
+            return None
+        parent = os.path.dirname(p)
+        ok = self._dirs.get(parent)
+        if ok is None:
+            real = os.path.realpath(parent)
+            ok = self._dirs[parent] = real == self._root_s or real.startswith(self._root_s + os.sep)
+        if not ok:
+            return None
+        try:
+            if stat.S_ISLNK(os.lstat(p).st_mode):
+                return None
+        except OSError:
+            pass            # not there (yet): callers check is_file
+        return Path(p)
 
     def trace_path(self, sample_id: str, config: str) -> Path | None:
         hit = self.rows[(self.rows["id"] == str(sample_id)) & (self.rows["config"] == str(config))]
@@ -214,8 +234,12 @@ class TraceSet:
         out = []
         for sid, cfg, rel in zip(ok["id"], ok["config"], ok["trace"]):
             p = self.path_of(rel)
-            if p is not None and p.is_file():
-                out.append((str(sid), str(cfg), p))
+            try:
+                st = os.stat(p) if p is not None else None
+            except OSError:
+                st = None
+            if st is not None and stat.S_ISREG(st.st_mode):
+                out.append((str(sid), str(cfg), p, st.st_size, st.st_mtime_ns))
         if len(out) > MAX_TRACES:
             raise RunError(f"{self.root.name} has {len(out)} traces; a run is limited to {MAX_TRACES}")
         return out
@@ -225,9 +249,8 @@ class TraceSet:
         for p in _table_files(self.root, self.settings.get("table", layout.TABLE)):
             st = p.stat()
             h.update(f"{p.name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-        for sid, cfg, p in entries:
-            st = p.stat()
-            h.update(f"{sid}|{cfg}|{p.relative_to(self.root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        for sid, cfg, p, size, mtime in entries:
+            h.update(f"{sid}|{cfg}|{p}|{size}|{mtime}\n".encode())
         return h.hexdigest()
 
 
@@ -446,7 +469,7 @@ def build_index(ts: TraceSet, entries, progress=None) -> Index:
     masks: dict = {}
     kv_width = 0
     ts.problems = []
-    for n, (sid, cfg, path) in enumerate(entries):
+    for n, (sid, cfg, path, _, _) in enumerate(entries):
         if progress is not None:
             progress(n, len(entries))
         try:
