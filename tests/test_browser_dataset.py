@@ -105,7 +105,7 @@ def screenshot(runs_dir, run: str, out: str) -> None:
             open_run(page, run)
             page.locator("#ds_verdict").get_by_text("lost", exact=True).click()
             page.wait_for_timeout(3000)
-            page.locator("#results").screenshot(path=out)
+            page.locator("#tab_dataset").screenshot(path=out)
             b.close()
     finally:
         demo.close()
