@@ -90,7 +90,7 @@ def test_maps_survival_recall_match_traces(run_dir):
             assert n == len(mine)
             np.testing.assert_allclose(got, np.mean(maps, axis=0), err_msg=f"{cfg} {kind} L{layer}")
         kept_rows = np.sum([t.alive_after(L - 1).sum(1) for t in mine], 0)
-        tok_rows = np.sum([t.has_token().sum(1) for t in mine], 0)
+        tok_rows = np.sum([traces[(sid, "off")].has_token().sum(1) for (sid, c) in traces if c == cfg], 0)
         bias = A.positional_bias(ts, cfg, bands=4)
         for b, lo in enumerate(range(0, 24, 6)):
             assert bias["kept_share"][b] == pytest.approx(kept_rows[lo:lo + 6].sum() / kept_rows.sum())

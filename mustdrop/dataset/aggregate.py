@@ -224,8 +224,8 @@ def answer_subsets(ts: TraceSet, config: str) -> dict:
 
 def positional_bias(ts: TraceSet, config: str, bands: int = 6, layer: int | None = None, ids=None):
     """Share of the kept patches (after ``layer``, the last by default) in each horizontal band of
-    the first crop's grid, top to bottom, against the share a uniform choice among patches with a
-    token would give; ratio > 1: the config keeps that band more than uniform (arXiv 2508.17807
+    the first crop's grid, top to bottom, against the share a uniform choice among the patches the
+    vanilla run gives a token would give (the config's own tokens without a vanilla run); ratio > 1: the config keeps that band more than uniform (arXiv 2508.17807
     reports attention-based pruning favouring the bottom rows)."""
     import pandas as pd
 
@@ -236,7 +236,15 @@ def positional_bias(ts: TraceSet, config: str, bands: int = 6, layer: int | None
     sel = _rows(st, ids)
     r, c = st["shape"]
     kept_rows = _property(st, "kept", layer, sel).reshape(-1, r, c).sum((0, 2)).astype(float)
-    tok_rows = st["has"][sel].reshape(-1, r, c).sum((0, 2)).astype(float)
+    # Uniform reference: the patches the vanilla run of the same samples gives a token (a selection
+    # before the LLM leaves its dropped patches without one, so its own tokens would hide its bias).
+    ref = st
+    if ts.vanilla is not None and ts.vanilla != config:
+        van = next(iter(_stacks(ts, ts.vanilla).values()), None)
+        if van is not None and van["shape"] == st["shape"]:
+            ref = van
+    ref_sel = _rows(ref, set(st["ids"][sel].tolist())) if ref is not st else sel
+    tok_rows = ref["has"][ref_sel].reshape(-1, r, c).sum((0, 2)).astype(float)
     edges = np.linspace(0, kept_rows.shape[0], bands + 1).round().astype(int)
     recs = []
     for b in range(bands):

@@ -13,6 +13,14 @@ SUBSETS = ("all", "right", "wrong", "lost", "kept")
 SUBSET_TITLES = {"all": "all samples", "right": "answered right", "wrong": "answered wrong",
                  "lost": "lost answers", "kept": "kept answers (vanilla and this right)"}
 MAX_MAP_LAYERS = 4
+# Configs are told apart by grey level, line style, marker and hatch, never by hue: every hue belongs
+# to one meaning of the palette (an orange line would read as 'dropped'), as in mustdrop.vis.plots.
+CONFIG_STYLES = [("0.05", "-", "o", ""), ("0.45", "-", "s", "//"), ("0.05", "--", "^", ".."),
+                 ("0.6", "-.", "D", "xx"), ("0.3", ":", "v", "\\\\"), ("0.75", "-", "P", "--")]
+
+
+def _style(k: int):
+    return CONFIG_STYLES[k % len(CONFIG_STYLES)]
 
 
 def _colours() -> dict:
@@ -85,15 +93,18 @@ def survival_figure(ts):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for k, cfg in enumerate(ts.configs):
+    pruned = [c for c in ts.configs if c != ts.vanilla]
+    for cfg in ts.configs:
         s = A.survival(ts, cfg)
         if not s["n"]:
             continue
         if cfg == ts.vanilla:
-            ax.plot(s["layers"], s["median"], "--", color="0.4", label=f"{_label(ts, cfg)}")
+            ax.plot(s["layers"], s["median"], ":", color="0.55", lw=2.5, label=f"{_label(ts, cfg)}")
             continue
-        line, = ax.plot(s["layers"], s["median"], marker="o", ms=3, label=f"{_label(ts, cfg)} (median, n = {s['n']})")
-        ax.fill_between(s["layers"], s["q25"], s["q75"], color=line.get_color(), alpha=0.2)
+        grey, ls, marker, _ = _style(pruned.index(cfg))
+        ax.plot(s["layers"], s["median"], ls, color=grey, marker=marker, ms=4,
+                label=f"{_label(ts, cfg)} (median, n = {s['n']})")
+        ax.fill_between(s["layers"], s["q25"], s["q75"], color=grey, alpha=0.12)
     ax.set_xlabel("LLM layer")
     ax.set_ylabel("vision tokens processed")
     ax.set_title("Survival: vision tokens per LLM layer (band: interquartile range)", fontsize=10)
@@ -113,7 +124,9 @@ def bias_figure(ts, bands: int = 6):
         df = A.positional_bias(ts, cfg, bands)
         if df.empty:
             continue
-        ax.bar(df["band"] + (k - (len(cfgs) - 1) / 2) * width, df["ratio"], width, label=_label(ts, cfg))
+        grey, _, _, hatch = _style(k)
+        ax.bar(df["band"] + (k - (len(cfgs) - 1) / 2) * width, df["ratio"], width, label=_label(ts, cfg),
+               color=grey, hatch=hatch, edgecolor="white" if float(grey) < 0.5 else "black", linewidth=0)
         labels = list(df["rows"])
     ax.axhline(1.0, color="0.3", lw=1, ls="--")
     if cfgs:
@@ -140,8 +153,10 @@ def attribution_figure(ts, config: str):
         return fig
     cats = [c for c in t.columns if c not in ("qtype", "lost") and not c.startswith("mean share")]
     bottom = np.zeros(len(t))
-    for c in cats:
-        ax.bar([mpl_text(q) for q in t["qtype"].astype(str)], t[c], bottom=bottom, label=mpl_text(c))
+    for k, c in enumerate(cats):
+        grey, _, _, hatch = _style(k)
+        ax.bar([mpl_text(q) for q in t["qtype"].astype(str)], t[c], bottom=bottom, label=mpl_text(c), color=grey,
+               hatch=hatch, edgecolor="white" if float(grey) < 0.5 else "black", linewidth=0)
         bottom += t[c].to_numpy()
     ax.set_ylabel("lost answers")
     ax.set_title(f"{config}: where the asked objects' patches went, per lost answer", fontsize=10, parse_math=False)
