@@ -184,13 +184,43 @@ def test_token_pieces_concatenate_to_the_text(trace, tiny):
 FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures"
 
 
-def test_status_codes_are_the_trace_schema():
-    """stages.py writes the codes the trace schema defines (one set of numbers, one set of names)."""
-    from mustdrop import trace as schema
+@pytest.fixture(scope="module")
+def mixed_trace(tiny, trace):
+    """A run whose thresholds are the median scores at the first prune layer (read off ``trace``: the
+    same image and question, so the same scores there), so that every reason occurs."""
+    first = trace.meta["stage2"][0]["layer"]
+    g = float(np.median(trace.arrays[f"stage2.L{first}.global_share"]))
+    i = float(np.median(trace.arrays[f"stage2.L{first}.individual_max"]))
+    from conftest import half_textured_image
+    cfg = tiny.config_for("64").replace(global_thr=g, individual_thr=i)
+    return tiny.run(half_textured_image(), "what colour is the square?", cfg, max_new_tokens=3).trace
 
-    for name in ("KEPT_BOTH", "KEPT_GLOBAL", "KEPT_INDIVIDUAL", "KEPT_KEY", "DROPPED", "KEPT_PROTECTED"):
-        assert getattr(stages, name) == getattr(schema, name), name
-    assert stages.STATUS_NAMES == schema.STATUS_NAMES
+
+def test_each_status_name_says_why_by_the_scores_beside_it(mixed_trace):
+    """What the inspector tells a user about a token (the name of its stage-2 status) agrees with the
+    two scores stored beside it, the run's thresholds and the key set; and a token named dropped is
+    gone at the next prune layer, a kept one is there."""
+    from mustdrop.trace import STATUS_NAMES
+
+    trace = mixed_trace
+    cfg, keys = trace.meta["config"], set(trace.meta["stage1b"]["key_tokens"])
+    layers = [s["layer"] for s in trace.meta["stage2"]]
+    seen = set()
+    for i, l in enumerate(layers):
+        a = trace.arrays
+        toks, status = a[f"stage2.L{l}.tokens"], a[f"stage2.L{l}.status"]
+        low_g = a[f"stage2.L{l}.global_share"] < np.float32(cfg["global_thr"])
+        low_i = a[f"stage2.L{l}.individual_max"] < np.float32(cfg["individual_thr"])
+        for t, code, g, ind in zip(toks.tolist(), status.tolist(), low_g, low_i):
+            name = STATUS_NAMES[code]
+            want = ("kept: both" if not g and not ind else "kept: global" if not g else
+                    "kept: individual" if not ind else "kept: key" if t in keys else "dropped")
+            assert name.startswith(want), (l, t, name, want)
+            seen.add(want)
+        if i + 1 < len(layers):
+            kept = toks[np.array([not STATUS_NAMES[c].startswith("dropped") for c in status.tolist()], bool)]
+            assert a[f"stage2.L{layers[i + 1]}.tokens"].tolist() == kept.tolist()
+    assert seen == {"dropped", "kept: both", "kept: global", "kept: individual", "kept: key"}, seen
 
 
 @pytest.mark.parametrize("name", ["v1-llava-64", "v1-llava-off", "v1-llava-next-64"])

@@ -6,7 +6,6 @@ token-level records, not with the patch maps the renderer used.
 """
 
 import io
-import time
 from pathlib import Path
 
 import numpy as np
@@ -289,24 +288,6 @@ def test_slides_png_and_pdf(traces, tmp_path):
     # replay without the image: still draws (grey background)
     png2, _ = vis.save_slides(md, tmp_path / "noimg", image=None, vanilla=None)
     assert png2.is_file()
-
-
-def test_redraw_is_fast(traces):
-    """The layer slider re-draws four overlays from the trace; well under 100 ms on an idle core."""
-    md, _, img = traces
-    geom = vis.geometry(md, 480)
-    base = vis.base_canvas(img, md, geom)
-    vis.filter_overlay(md, md.prune_layers[0], base=base)     # warm caches
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        layer = md.prune_layers[-1]
-        vis.filter_overlay(md, layer, base=base, selected=(1, 1))
-        vis.heatmap_overlay(md, "global_share", layer=layer, base=base)
-        vis.heatmap_overlay(md, "individual_max", layer=layer, base=base)
-        vis.kv_overlay(md, layer, base=base)
-        best = min(best, time.perf_counter() - t0)
-    assert best < 0.25, f"redraw took {best * 1000:.0f} ms"   # loose bound: the CPU is shared in CI
 
 
 @pytest.mark.parametrize("changes", [
