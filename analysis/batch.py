@@ -54,7 +54,8 @@ import time
 from pathlib import Path
 
 from analysis.common import (TIMING_COLUMNS, baseline_columns, build_config, folder_items, hf_items, iter_progress,
-                             load_runner, order_specs, safe_name, scene_items, shard)
+                             load_runner, order_specs, safe_name, scene_items, shard, add_method_file_arg,
+                             load_method_files)
 from analysis.evaluate import aggregate, trace_row
 
 SUMMARY = "summary"
@@ -329,7 +330,9 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None)
     ap.add_argument("--threads", type=int, default=None)
     add_input_args(ap)
+    add_method_file_arg(ap)
     a = ap.parse_args(argv)
+    load_method_files(a.method_file)
     shard_spec, device = resolve_shard(a.shard)
     items = items_from_args(a)
     runner = load_runner(a.model, a.device or device, threads=a.threads)
