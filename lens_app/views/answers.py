@@ -7,6 +7,8 @@ from __future__ import annotations
 import gradio as gr
 
 from mustdrop import vis
+from mustdrop.methods import words_of
+from mustdrop.vis.text import md_text
 
 from .base import View, view
 
@@ -37,6 +39,6 @@ class AnswersView(View):
         d = vis.answer_diff(va, tr)
         return {self.question: f"**Question:** {tr.meta['input']['question']}\n\n"
                                f"**Vanilla:** {va.answer if va is not None else '–'}  \n"
-                               f"**MustDrop ({tr.meta['config'].get('preset')}):** {tr.answer}",
+                               f"**{md_text(words_of(tr).label)} ({tr.meta['config'].get('preset')}):** {tr.answer}",
                 self.vanilla: d["vanilla"], self.mustdrop: d["mustdrop"], self.diff: d["text"],
                 self.probs: d["table"]}
