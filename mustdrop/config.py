@@ -113,7 +113,7 @@ class MustDropConfig:
     @property
     def enabled(self) -> bool:
         """False when no stage can change anything: the run is the vanilla model."""
-        return self.merge or self.key_set or self.filter or self.kv_trim or self.method != "mustdrop"
+        return self.merge or self.key_set or self.filter or self.kv_trim or self.method != methods.DEFAULT
 
     def validate_for(self, grid: int, num_llm_layers: int) -> None:
         """Check the knobs that depend on the model: the grid and the LLM depth."""
