@@ -18,16 +18,19 @@ from mustdrop.config import PRESET_NAMES
 from mustdrop.images import ImageInputError, load_image
 from mustdrop.trace import Trace, TraceError
 from mustdrop.vis import compare as vis_compare
+from mustdrop.vis.text import html_text, md_code, md_text
 
 from . import inputs
 from .engine import PRESETS, Lens, compare_method, compare_methods, user_errors
 from .examples import EXAMPLES_DIR, GroundTruthIndex, image_sha, load_examples, offer
 from .session import Frame, Session, save_comparison, split_comparison
+from .uploads import MAX_UPLOAD_BYTES, UploadGate
 from .views import View, all_views
 from .views.base import CROP, GT, LAYER, SELECTION
+from .views.layer import slider_range
 from .workdir import Workdir
 
-MAX_FILE_SIZE = "64mb"                     # uploads (images, traces); traces are limited to 64 MB anyway
+MAX_FILE_SIZE = MAX_UPLOAD_BYTES          # uploads (images, traces); traces are limited to 64 MB anyway
 GREY_NOTE = "drawn on grey: the trace holds no pixels; put the same image in the image box to see it under the overlays"
 
 log = logging.getLogger("mustdrop.app")
@@ -97,6 +100,7 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
     offered = offer(examples, getattr(getattr(lens.runner, "processor", None), "tokenizer", None), lens.model_label)
     depth = lens.runner.num_layers if lens.runner is not None else 32   # a trace sets it when no model is loaded
     workdir = Workdir()
+    gate = UploadGate([EXAMPLES_DIR, workdir.root], [e.image for e in examples])   # the files a request may name
     views: list[View] = [cls() for cls in all_views()]
 
     def of(name):
@@ -118,8 +122,8 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
         return {status: gr.skip()}
 
     def warn(msg):
-        gr.Warning(msg)
-        return {status: f"**Problem:** {msg}"}
+        gr.Warning(html_text(msg))  # Gradio renders toasts as (sanitised) HTML: show the message as text
+        return {status: f"**Problem:** {md_text(msg)}"}
 
     def guarded(fn):
         @functools.wraps(fn)
@@ -138,7 +142,7 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
         tr = session.trace
         out = draw(session, Frame.of(session, tr.start_layer, None, show_gt))
         out.update({state: session, sel_state: None, stale_md: "",
-                    layer_slider: gr.Slider(minimum=0, maximum=tr.num_layers - 1, value=tr.start_layer, step=1),
+                    layer_slider: gr.Slider(value=tr.start_layer, step=1, **slider_range(tr.num_layers)),
                     crop_in: gr.Dropdown(choices=session.crop_choices(), value=0, visible=tr.n_crops > 1),
                     status: message})
         return out
@@ -146,7 +150,7 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
     # ------------------------------------------------------------------ callbacks
     def on_run(image, question, preset, window, merge_thr, key_rate, prune, gthr, ithr, positions, m1a, m1b, m2, m3,
                max_new, mode, temperature, top_p, seed, show_gt, compare=None, progress=gr.Progress()):
-        src = inputs.payload_path(image)
+        src = gate.payload(image)
         if src is None:
             raise ImageInputError("no image given: upload, paste or choose an example image")
         inputs.require_question(question)
@@ -164,12 +168,12 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
         session = Session.of_run(trace, vanilla, img, gt, saved + save_comparison(other, saved[0]), compare=other)
         session.image_name = src if isinstance(src, str) else ""
         return show_session(session, bool(show_gt),
-                            f"**Done:** vanilla and MustDrop ({trace.meta['config'].get('preset')})"
-                            f"{'' if other is None else ' and ' + other.meta['config'].get('preset')} on "
-                            f"`{trace.meta['model']['id']}`" + ("" if gt is None else " · ground-truth outlines available"))
+                            f"**Done:** vanilla and MustDrop ({md_text(trace.meta['config'].get('preset'))})"
+                            f"{'' if other is None else ' and ' + md_text(other.meta['config'].get('preset'))} on "
+                            f"{md_code(trace.meta['model']['id'])}" + ("" if gt is None else " · ground-truth outlines available"))
 
     def on_upload(uploaded, image, show_gt=True):
-        paths = inputs.payload_path(uploaded)
+        paths = gate.payload(uploaded)
         if not paths:
             return unchanged()
         if not isinstance(paths, list):
@@ -179,14 +183,14 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
         runs, other = split_comparison([Trace.load(p) for p in paths])
         md, va = pair_traces(runs)
         img, note = None, GREY_NOTE
-        src = inputs.payload_path(image)
+        src = gate.payload(image)
         if src is not None and image_sha(src) == md.meta["input"]["image"]["sha256"]:
             img, note = load_image(src), "drawn on the matching image from the image box"
         session = Session.of_run(md, va, img, truth.for_trace(md), [str(p) for p in paths], note, compare=other)
         return show_session(session, bool(show_gt),
-                            f"**Replaying** the trace of `{md.meta['model']['id']}` (preset "
-                            f"{md.meta['config'].get('preset')}{', with vanilla' if va is not None else ', no vanilla trace'}"
-                            f"{'' if other is None else ', compared with ' + other.meta['config'].get('preset')})"
+                            f"**Replaying** the trace of {md_code(md.meta['model']['id'])} (preset "
+                            f"{md_text(md.meta['config'].get('preset'))}{', with vanilla' if va is not None else ', no vanilla trace'}"
+                            f"{'' if other is None else ', compared with ' + md_text(other.meta['config'].get('preset'))})"
                             f" without the model; {note}")
 
     def on_layer(session, layer, sel, show_gt):
@@ -262,7 +266,7 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
             return ""
         now = f"preset {shown}" + ("" if shown_cmp == "none" else f" compared with {shown_cmp}")
         then = f"{preset}" + ("" if wanted_cmp == "none" else f" compared with {wanted_cmp}")
-        return f"**Stale:** shown: {now}; press **Run** for {then}."
+        return f"**Stale:** shown: {md_text(now)}; press **Run** for {md_text(then)}."
 
     def on_preset(session, preset, *knob_values_and_compare):
         """Fill the advanced panel with a named preset's knobs (the model's own defaults); say whether
@@ -288,7 +292,7 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
         """/analyze: (image, question, preset[, method]) -> trace file, vanilla answer, MustDrop answer,
         and with a method: its trace file, its answer and the comparison (vis.compare.summary)."""
         try:
-            src = inputs.payload_path(image)
+            src = gate.payload(image)
             if src is None:
                 raise ImageInputError("no image given")
             if preset not in PRESET_NAMES:
@@ -306,7 +310,7 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
 
     # ------------------------------------------------------------------ layout
     model_note = ("" if lens.load_error is None else
-                  f"\n\n**The model could not be loaded:** {lens.load_error}\n\nTrace upload and replay still work.")
+                  f"\n\n**The model could not be loaded:** {md_text(lens.load_error)}\n\nTrace upload and replay still work.")
     slot = lambda name: [v for v in views if v.slot == name]  # noqa: E731
     with gr.Blocks(title="MustDrop Lens", delete_cache=(3600, 7200)) as demo:   # hourly: files older than 2 h
         state = gr.State(None, time_to_live=3 * 3600)      # the visitor's Session, freed after 3 h
@@ -314,7 +318,7 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
         gr.Markdown("# MustDrop Lens\nWhat multi-stage vision token dropping "
                     "([MustDrop](https://arxiv.org/abs/2411.10803)) does to every image patch of a LLaVA model: "
                     "**1a** spatial merge · **1b** key tokens · **2** dual-attention filter · "
-                    f"**3** KV trim. Model: `{lens.model_label}`." + model_note)
+                    f"**3** KV trim. Model: {md_code(lens.model_label)}." + model_note)
         status = gr.Markdown("Choose an example or upload an image, ask a question, press **Run**.", elem_id="status")
         with gr.Row():
             with gr.Column(scale=1, min_width=320):
@@ -364,8 +368,8 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
                 for v in slot("top"):
                     v.build()
                 with gr.Row():
-                    layer_slider = gr.Slider(0, depth - 1, value=0, step=1, label="LLM layer (0-based)", elem_id="layer_slider",
-                                             scale=3)
+                    layer_slider = gr.Slider(value=0, step=1, label="LLM layer (0-based)", elem_id="layer_slider",
+                                             scale=3, **slider_range(depth))
                     crop_in = gr.Dropdown(choices=[("image", 0)], value=0, label="crop (LLaVA-NeXT: base image, tiles)",
                                           visible=False, elem_id="crop_in", scale=1)
                     show_gt = gr.Checkbox(True, label="ground-truth objects (scene-world examples; thick white = the one asked about)",
@@ -412,7 +416,8 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
                       preprocess=False, concurrency_limit=1, concurrency_id="model") \
             .then(guarded(on_opacity), opacity_inputs, opacity_outputs, **quiet).then(None, js=REVEAL_RESULTS)
         files.upload.upload(guarded(on_upload), [files.upload, image_in, show_gt], session_outputs, api_name="replay",
-                            api_visibility="undocumented", preprocess=False, queue=False) \
+                            api_visibility="undocumented", preprocess=False, concurrency_limit=2,
+                            concurrency_id="replay") \
             .then(guarded(on_opacity), opacity_inputs, opacity_outputs, **quiet).then(None, js=REVEAL_RESULTS)
         opacity_in.change(guarded(on_opacity), opacity_inputs, opacity_outputs, trigger_mode="always_last", **quiet)
         layer_slider.change(guarded(on_layer), redraw_inputs, outputs_on(LAYER) + [status], api_name="layer",
@@ -445,6 +450,7 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
                       "counts after the first prune layer and after every layer, budgets in both conventions).",
                       preprocess=False,
                       concurrency_limit=1, concurrency_id="model")
+    gate.bind(demo)
     demo.lens = lens
     demo.workdir = workdir.root
     demo.views = views

@@ -8,24 +8,6 @@ from __future__ import annotations
 import numpy as np
 
 
-def payload_path(payload):
-    """The file path of an un-preprocessed gr.Image / gr.File payload (dict or str); bytes for a data URL."""
-    if payload is None:
-        return None
-    if isinstance(payload, str):
-        return payload
-    if isinstance(payload, dict):
-        if payload.get("path"):
-            return payload["path"]
-        url = payload.get("url") or ""
-        if url.startswith("data:"):
-            import base64
-            return base64.b64decode(url.split(",", 1)[1])
-    if isinstance(payload, (list, tuple)):
-        return [payload_path(p) for p in payload]
-    return getattr(payload, "path", payload)
-
-
 def number(v, name, kind=float):
     if v is None or (isinstance(v, str) and not v.strip()):
         raise ValueError(f"{name} is empty: enter a number")

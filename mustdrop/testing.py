@@ -304,3 +304,120 @@ def build_published_tiny(folder, published, *, text_layers: int | None = None, s
         with torch.no_grad():
             model.model.image_newline.normal_()
     return _sharpen_and_save(model, processor, folder)
+
+
+# ---------------------------------------------------------------- published Qwen2-VL / Qwen2.5-VL / OneVision layouts
+# Widths of the tiny copies of the newer families; everything else comes from the published files.
+TINY_QWEN_VISION = {"qwen2_5_vl": {"hidden_size": 32, "intermediate_size": 64, "num_heads": 4, "depth": 2},
+                    "qwen2_vl": {"embed_dim": 32, "num_heads": 4, "depth": 2}}
+NEW_FAMILY_SIZE_FIELDS = SIZE_FIELDS | {"depth", "num_heads", "embed_dim", "out_hidden_size", "mrope_section"}
+
+
+def _tiny_text_fields(text: dict, defaults: dict, text_layers: int | None) -> dict:
+    """The decoder widths of a tiny copy: TINY_TEXT, the published ratio of query to KV heads, and M-RoPE
+    sections scaled to the tiny head width (they must add up to half of it)."""
+    heads = text.get("num_attention_heads", defaults["num_attention_heads"])
+    kv = text.get("num_key_value_heads") or defaults.get("num_key_value_heads") or heads
+    tiny = dict(TINY_TEXT, num_key_value_heads=max(1, TINY_TEXT["num_attention_heads"] * kv // heads))
+    if text_layers is not None:
+        tiny["num_hidden_layers"] = int(text_layers)
+    if "head_dim" in text:
+        tiny["head_dim"] = TINY_TEXT["hidden_size"] // TINY_TEXT["num_attention_heads"]
+    rope = text.get("rope_scaling") or {}
+    if "mrope_section" in rope:
+        half = TINY_TEXT["hidden_size"] // TINY_TEXT["num_attention_heads"] // 2
+        sections = [s * half // sum(rope["mrope_section"]) for s in rope["mrope_section"]]
+        sections[0] += half - sum(sections)
+        tiny["rope_scaling"] = {**rope, "mrope_section": sections}
+    return tiny
+
+
+def build_published_tiny_qwen_vl(folder, published, *, text_layers: int | None = None, vision_layers: int = 2,
+                                 seed: int = 0):
+    """A tiny copy of a published Qwen2-VL / Qwen2.5-VL checkpoint: its (flat) config.json with only the widths,
+    the vision depth (and the decoder depth when ``text_layers`` is given) shrunk, its image processor settings
+    (min/max pixels, patch, merge and temporal patch sizes, mean/std), chat template and a tokenizer that gives
+    the published special tokens and prompt pieces their ids, saved like the real one. The processor is the
+    torchvision-free image-only one of ``mustdrop.adapters.processors``.
+
+    Qwen2.5-VL keeps its published ``fullatt_block_indexes`` and window size; with the tiny vision depth no block
+    index is reached, so every tiny block uses window attention."""
+    import json
+
+    import transformers
+    from transformers import AutoConfig, AutoImageProcessor
+
+    from mustdrop.adapters.processors import image_only_processor_class
+
+    published, folder = Path(published), Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = json.loads((published / "config.json").read_text())
+    model_type = cfg["model_type"]
+    defaults = AutoConfig.for_model(model_type).text_config.to_dict()
+    cfg.update(_tiny_text_fields(cfg, defaults, text_layers))
+    vision = {**cfg["vision_config"], **TINY_QWEN_VISION[model_type], "depth": int(vision_layers)}
+    vision["out_hidden_size" if model_type == "qwen2_5_vl" else "hidden_size"] = TINY_TEXT["hidden_size"]
+    cfg["vision_config"] = vision
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    (folder / "preprocessor_config.json").write_text((published / "preprocessor_config.json").read_text())
+
+    tokenizer = build_published_tokenizer(json.loads((published / "tokenizer_facts.json").read_text()))
+    image_processor = AutoImageProcessor.from_pretrained(folder)
+    template = json.loads((published / "chat_template.json").read_text())["chat_template"]
+    processor = image_only_processor_class(model_type)(image_processor=image_processor, tokenizer=tokenizer,
+                                                       chat_template=template)
+    config = AutoConfig.from_pretrained(folder)
+    torch.manual_seed(seed)
+    model = getattr(transformers, cfg["architectures"][0])(config)
+    return _sharpen_and_save(model, processor, folder)
+
+
+def build_published_tiny_onevision(folder, published, *, text_layers: int | None = None, seed: int = 0):
+    """A tiny copy of a published LLaVA-OneVision checkpoint (SigLIP 384/14 tiles, anyres_max_9 packing, Qwen2
+    decoder): its config.json with only the widths (and the vision depth; the decoder depth when ``text_layers``
+    is given) shrunk, its image processor (pinpoints, 384 x 384 tiles), processor settings, chat template and a
+    tokenizer with the published <image> / <video> ids, saved like the real one; the processor is the
+    torchvision-free image-only one of ``mustdrop.adapters.processors``."""
+    import json
+
+    from transformers import AutoConfig, AutoImageProcessor, LlavaOnevisionForConditionalGeneration
+
+    from mustdrop.adapters.processors import image_only_processor_class
+
+    published, folder = Path(published), Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = json.loads((published / "config.json").read_text())
+    text, vision = dict(cfg["text_config"]), dict(cfg["vision_config"])
+    defaults = AutoConfig.for_model(text["model_type"]).to_dict()
+    cfg["text_config"] = {**text, **_tiny_text_fields(text, defaults, text_layers)}
+    cfg["vision_config"] = {**vision, **{k: v for k, v in TINY_VISION.items() if k != "projection_dim"}}
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    (folder / "preprocessor_config.json").write_text((published / "preprocessor_config.json").read_text())
+
+    tokenizer = build_published_tokenizer(json.loads((published / "tokenizer_facts.json").read_text()))
+    image_processor = AutoImageProcessor.from_pretrained(folder)
+    pconf = json.loads((published / "processor_config.json").read_text())
+    processor = image_only_processor_class("llava_onevision")(
+        image_processor=image_processor, tokenizer=tokenizer, num_image_tokens=pconf["num_image_tokens"],
+        vision_feature_select_strategy=pconf["vision_feature_select_strategy"], image_token=pconf["image_token"],
+        video_token=pconf["video_token"],
+        chat_template=json.loads((published / "chat_template.json").read_text())["chat_template"])
+    config = AutoConfig.from_pretrained(folder)
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(config)
+    with torch.no_grad():
+        model.model.image_newline.normal_()
+    return _sharpen_and_save(model, processor, folder)
+
+
+def build_published_tiny_any(folder, published, **kw):
+    """``build_published_tiny`` and its newer-family siblings behind one call, chosen by the published
+    config's model_type."""
+    import json
+
+    model_type = json.loads((Path(published) / "config.json").read_text())["model_type"]
+    if model_type in ("qwen2_vl", "qwen2_5_vl"):
+        return build_published_tiny_qwen_vl(folder, published, **kw)
+    if model_type == "llava_onevision":
+        return build_published_tiny_onevision(folder, published, **kw)
+    return build_published_tiny(folder, published, **kw)

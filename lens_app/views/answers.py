@@ -37,8 +37,8 @@ class AnswersView(View):
     def draw(self, s, f):
         tr, va = s.trace, s.vanilla
         d = vis.answer_diff(va, tr)
-        return {self.question: f"**Question:** {tr.meta['input']['question']}\n\n"
-                               f"**Vanilla:** {va.answer if va is not None else '–'}  \n"
-                               f"**{md_text(words_of(tr).label)} ({tr.meta['config'].get('preset')}):** {tr.answer}",
+        return {self.question: f"**Question:** {md_text(tr.meta['input']['question'])}\n\n"
+                               f"**Vanilla:** {md_text(va.answer) if va is not None else '–'}  \n"
+                               f"**{md_text(words_of(tr).label)} ({md_text(tr.meta['config'].get('preset'))}):** {md_text(tr.answer)}",
                 self.vanilla: d["vanilla"], self.mustdrop: d["mustdrop"], self.diff: d["text"],
                 self.probs: d["table"]}

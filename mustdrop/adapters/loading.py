@@ -87,7 +87,9 @@ def load_llava(model: str, device: str | None = None, dtype: str | None = None):
 
 
 def _load(model, torch_dtype, device, local_files_only: bool, offline: bool, local: bool):
-    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+    from transformers import AutoConfig, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+
+    from mustdrop.adapters.processors import load_processor
 
     classes = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration}
     hub = {"local_files_only": True} if local_files_only else {}
@@ -101,14 +103,13 @@ def _load(model, torch_dtype, device, local_files_only: bool, offline: bool, loc
     if getattr(config, "model_type", None) == "llava_onevision":
         raise ModelLoadError(f"{model!r} is a LLaVA-OneVision checkpoint, which MustDrop Lens does not run yet: its "
                              "packing interpolates the tiles of large images, so a token covers a region of "
-                             "patches rather than one, and its processor needs torchvision (see README, Models "
-                             "and layouts); use llava-hf/llava-interleave-qwen-0.5b-hf for a small SigLIP + Qwen "
-                             "model")
+                             "patches rather than one (see README, Models and layouts); use "
+                             "llava-hf/llava-interleave-qwen-0.5b-hf for a small SigLIP + Qwen model")
     if getattr(config, "model_type", None) not in classes:
         raise ModelLoadError(f"{model!r} is a {getattr(config, 'model_type', 'unknown')!r} model; MustDrop Lens "
                              "runs LLaVA checkpoints (model_type 'llava' or 'llava_next')")
     try:
-        processor = AutoProcessor.from_pretrained(model, **hub)
+        processor = load_processor(model, config.model_type, **hub)
         llava = classes[config.model_type].from_pretrained(model, dtype=torch_dtype, **hub)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load the weights or processor of {model!r}: {str(e).splitlines()[0]}") from None
