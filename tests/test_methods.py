@@ -317,3 +317,24 @@ def test_the_app_keeps_serving_after_a_buggy_plugin(tiny):
         assert a.compare.meta["method"] == "fastv"
     finally:
         methods.unregister(m.name)
+
+
+def test_forged_method_words_in_a_trace_are_shown_as_text(plugin, tiny, image):
+    """A trace's method_info is written by whoever wrote the file: every view shows it escaped."""
+    from mustdrop import vis
+
+    t = tiny.run(image, QUESTION, MustDropConfig.baseline("lasttok_max", 150, layer=1), max_new_tokens=1).trace
+    evil = "<img src=x onerror=alert(1)>"
+    info = dict(t.meta["method_info"], label=evil, legend=evil, dropped=evil + " [x](javascript:1)",
+                statuses={"0": evil, "4": evil}, scores={"global_share": evil})
+    forged = Trace(dict(t.meta, method_info=info), t.arrays)
+    layer = forged.prune_layers[0]
+    html_out = vis.legend_html("filter", forged) + vis.legend_html("global_share", forged, layer)
+    assert "<img" not in html_out and "&lt;img" in html_out
+    dropped = np.argwhere(forged.patch("dropped_after_layer") == layer)[0]
+    md = vis.lifecycle_markdown(forged, int(dropped[0]), int(dropped[1]))
+    assert "<img" not in md and "&lt;img" in md and "\\[x\\](javascript" in md, "no markup, no link"
+    with pytest.raises(ValueError, match="unknown status code"):
+        methods.Words.from_dict(dict(info, statuses={"9": "x"}))
+    assert methods.words_of(Trace(dict(t.meta, method_info={"statuses": {"9": "x"}}), t.arrays)).label == \
+        "last token, max head", "malformed words fall back to the registered method's"
