@@ -205,8 +205,11 @@ class Trace:
         """A run of the unpruned model: the config enabled no stage and no baseline."""
         from .config import MustDropConfig
 
+        cfg = self.meta.get("config")
+        if isinstance(cfg, dict) and cfg.get("method", "mustdrop") != "mustdrop":
+            return False        # a method's run (maybe a plug-in not loaded here, whose config cannot be checked)
         try:
-            return not MustDropConfig.from_dict(self.meta["config"]).enabled
+            return not MustDropConfig.from_dict(cfg).enabled
         except (TypeError, ValueError) as e:
             raise TraceError(f"the trace's config cannot be read: {str(e)[:200]}") from None
 

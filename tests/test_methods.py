@@ -338,3 +338,30 @@ def test_forged_method_words_in_a_trace_are_shown_as_text(plugin, tiny, image):
         methods.Words.from_dict(dict(info, statuses={"9": "x"}))
     assert methods.words_of(Trace(dict(t.meta, method_info={"statuses": {"9": "x"}}), t.arrays)).label == \
         "last token, max head", "malformed words fall back to the registered method's"
+
+
+def test_a_plugin_trace_replays_in_the_app_where_the_plugin_is_not_loaded(plugin_file, plugin, tiny, image, tmp_path):
+    import gradio as gr
+
+    from lens_app.session import Frame, Session, split_comparison
+    from lens_app.views.filter import FilterView
+    from mustdrop import vis
+
+    path = tiny.run(image, QUESTION, MustDropConfig.baseline("lasttok_max", 150, layer=1),
+                    max_new_tokens=1).trace.save(tmp_path / "p.safetensors")
+    methods.unregister("lasttok_max")
+    try:
+        t = Trace.load(path)
+        assert not t.is_vanilla
+        runs, other = split_comparison([t])
+        s = Session.of_run(runs[0], None, None)
+        with gr.Blocks():
+            v = FilterView()
+            v.build()
+        out = v.draw(s, Frame.of(s, t.start_layer, None, False))
+        assert "no head of the last token attends to it much" in out[v.legend]
+        assert out[v.global_share]["label"] == "2: last token's attention, max over heads"
+        assert "method **last token, max head**" in vis.summary_markdown(t)
+        vis.slide_figure(t, layer=t.start_layer)
+    finally:
+        methods.load_file(plugin_file)

@@ -219,7 +219,8 @@ def summary_markdown(trace, vanilla=None) -> str:
     cfg = trace.meta["config"]
     b = format_bytes
     lines = [
-        f"**Model** {md_code(trace.meta['model']['id'])} · preset **{md_value(cfg.get('preset'))}** · "
+        f"**Model** {md_code(trace.meta['model']['id'])} · method **{md_text(words_of(trace).label)}** · "
+        f"preset **{md_value(cfg.get('preset'))}** · "
         f"positions {md_code(cfg['positions'])} · "
         f"stages: 1a {'on' if cfg['merge'] else 'off'}, 1b {'on' if cfg['key_set'] else 'off'}, "
         f"2 {'on' if cfg['filter'] else 'off'}, 3 {'on' if cfg['kv_trim'] else 'off'}",
@@ -232,7 +233,7 @@ def summary_markdown(trace, vanilla=None) -> str:
         f"| prefill FLOPs, image tokens only | {f['image_only']:.3g} ({100 * f['ratio_image_only']:.1f}% of vanilla {f['image_only_vanilla']:.3g}) | {accounting.FLOPS_FORMULA}, n = image tokens |",
         f"| prefill FLOPs, full sequence | {f['full_sequence']:.3g} ({100 * f['ratio_full_sequence']:.1f}% of vanilla) | same formula, n = {f['n_sys']} system + vision + {f['n_text']} text tokens |",
         f"| KV cache after prefill | {b(kv['total_bytes'])} (vanilla {b(kv['vanilla_total_bytes'])}); vision only {b(kv['vision_bytes'])} (vanilla {b(kv['vanilla_vision_bytes'])}) | K and V, all layers, {kv['bytes_per_entry']} bytes per entry per layer |",
-        f"| time (MustDrop run) | vision {t['vision_s']:.2f} s · prefill {t['prefill_s']:.2f} s · decode {t['decode_s']:.2f} s · total {t['total_s']:.2f} s | wall clock on {md_text(trace.meta['model']['device'])} |",
+        f"| time ({md_text(words_of(trace).label)} run) | vision {t['vision_s']:.2f} s · prefill {t['prefill_s']:.2f} s · decode {t['decode_s']:.2f} s · total {t['total_s']:.2f} s | wall clock on {md_text(trace.meta['model']['device'])} |",
     ]
     if vanilla is not None:
         tv = vanilla.meta["timings"]
