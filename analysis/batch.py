@@ -13,7 +13,8 @@ the table can be opened in the app or re-analysed later without the model.
 Inputs: the scene world (--split/--n/--seed; rows then carry the pruning-decision metrics of
 analysis.evaluate), a folder of images + a JSONL of {"image", "question", "answer"?, "id"?}, or a
 local HuggingFace ``datasets`` dataset saved with save_to_disk (needs the optional ``datasets``
-package). Configs are specs of analysis.common ("off", "64", "64-no-merge", "fastv@64", ...).
+package). Configs are specs of analysis.common ("off", "64", "64-no-merge", "fastv@64", ...);
+--method-file PATH adds a researcher's method, then named in specs like any built-in ("mine@64").
 The vanilla run ("off") of each sample is made once and shared: every row carries its answer
 (agrees_vanilla), and baselines "METHOD@SPEC" take, per sample, the layer-averaged vision tokens
 (compute convention) of that sample's SPEC run as their budget.

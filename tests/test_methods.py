@@ -365,3 +365,13 @@ def test_a_plugin_trace_replays_in_the_app_where_the_plugin_is_not_loaded(plugin
         vis.slide_figure(t, layer=t.start_layer)
     finally:
         methods.load_file(plugin_file)
+
+
+def test_viz_app_loads_method_files_and_refuses_a_broken_one(plugin_file, tmp_path):
+    from lens_app import cli as app_cli
+
+    assert app_cli.parser().parse_args(["--method-file", str(plugin_file)]).method_file == [str(plugin_file)]
+    broken = tmp_path / "broken_method.py"
+    broken.write_text("raise RuntimeError('not ready')\n")
+    with pytest.raises(SystemExit, match="method file broken_method.py: importing it failed: RuntimeError: not ready"):
+        app_cli.main(["--method-file", str(broken)])
