@@ -153,12 +153,13 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
         src = gate.payload(image)
         if src is None:
             raise ImageInputError("no image given: upload, paste or choose an example image")
-        inputs.require_question(question)
+        question = inputs.require_question(question)
+        preset = inputs.preset_name(preset, PRESETS)
         custom = inputs.custom_knobs(window, merge_thr, key_rate, prune, gthr, ithr, positions, m1a, m1b, m2, m3) \
             if preset == "custom" else None
         max_new = inputs.number(max_new, "max new tokens", int)
         sampling = inputs.sampling_from(mode, temperature, top_p, seed)
-        img = load_image(src)
+        img = load_image(src, getattr(lens.runner, "processor", None))   # shape limits before decoding
         config = lens.config(str(preset), custom)
         progress(0.0, desc="starting")
         vanilla, trace, img, other = lens.analyze(img, question, config, max_new, sampling,
@@ -295,10 +296,11 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
             src = gate.payload(image)
             if src is None:
                 raise ImageInputError("no image given")
-            if preset not in PRESET_NAMES:
-                raise ValueError(f"/analyze takes a preset in {', '.join(PRESET_NAMES)}, got {preset!r}; a custom "
+            question = inputs.require_question(question)
+            if preset == "custom":
+                raise ValueError(f"/analyze takes a preset in {', '.join(PRESET_NAMES)}, got 'custom'; a custom "
                                  "configuration runs in the app's advanced panel")
-            config = lens.config(str(preset))
+            config = lens.config(inputs.preset_name(preset, PRESET_NAMES))
             vanilla, trace, _, other = lens.analyze(src, question, config, 16, compare=compare_method(method))
         except user_errors() as e:
             raise gr.Error(str(e)) from None

@@ -17,7 +17,7 @@ from lens_app import app as lens_app_app, engine
 from lens_app.examples import EXAMPLES_DIR
 from lens_app.uploads import MAX_DATA_URL_CHARS, REFUSED, UploadGate, data_url_bytes
 from mustdrop.trace import Trace
-from test_app import RUN_DEFAULTS, free_port
+from test_app import RUN_DEFAULTS, free_port, status_of
 
 QUESTION = "what color is the square?"
 META = {"_type": "gradio.FileData"}
@@ -83,8 +83,8 @@ def problem(result) -> str:
     event, data = result
     if event == "error":
         return str((data or {}).get("error"))
-    status = next((x for x in data if isinstance(x, str) and x.startswith("**Problem:**")), None)
-    assert status is not None, f"not refused: {str(data)[:300]}"
+    status = status_of(data)
+    assert status is not None and status.startswith("**Problem:**"), f"not refused: {str(data)[:300]}"
     return status
 
 

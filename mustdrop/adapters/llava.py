@@ -31,9 +31,10 @@ import torch
 from transformers import DynamicCache
 
 from .. import methods, stages
-from ..config import MustDropConfig, ModelDefaults
+from ..config import SEED_MAX, MustDropConfig, ModelDefaults, check_int
 from ..hooks import HookSet, attached, hidden_states_of, with_hidden_states
 from ..images import load_image
+from ..question import MAX_QUESTION_CHARS, as_text, check_question  # noqa: F401 - MAX_QUESTION_CHARS: importers
 from ..trace import SCHEMA_VERSION, Trace
 from .loading import ModelLoadError
 
@@ -46,12 +47,21 @@ class Sampling:
     top_p: float = 1.0
     seed: int = 0
 
+    # Outside these, float32 sampling breaks: logits / 1e-300 overflow, a top p below float32's
+    # resolution keeps no token (NaN probabilities). 0.01 is already greedy in all but ties.
+    TEMPERATURE_RANGE = (0.01, 100.0)
+    TOP_P_RANGE = (0.01, 1.0)
+
     def __post_init__(self):
         import math
-        if not math.isfinite(float(self.temperature)) or self.temperature < 0:
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if not math.isfinite(float(self.top_p)) or not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        for name, v, (lo, hi) in (("temperature", self.temperature, self.TEMPERATURE_RANGE),
+                                  ("top p", self.top_p, self.TOP_P_RANGE)):
+            ok = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_)) \
+                and math.isfinite(v) and (lo <= v <= hi or (name == "temperature" and v == 0))
+            if not ok:
+                zero = "0 (greedy) or " if name == "temperature" else ""
+                raise ValueError(f"{name} must be {zero}a number in [{lo:g}, {hi:g}], got {v!r}")
+        self.seed = check_int(self.seed, "seed", 0, SEED_MAX)
 
     @property
     def greedy(self) -> bool:
@@ -63,7 +73,6 @@ MAX_NEW_TOKENS_LIMIT = 1024
 RUN_STAGES = {"inputs": "preparing inputs", "vision": "vision encoder (stage 1a merge, stage 1b key set)",
               "prefill": "prefill (stage 2 dual-attention filter)", "kv_trim": "KV trim (stage 3)",
               "decode": "decoding"}
-MAX_QUESTION_CHARS = 2000
 
 
 @dataclass
@@ -197,7 +206,7 @@ class LlavaMustDrop:
         question = _clean_question(question, self.processor)
         if isinstance(image, (list, tuple)):
             raise ValueError(f"MustDrop runs one image at a time (batch size 1); got {len(image)} images")
-        img = load_image(image)
+        img = load_image(image, self.processor)
         say = progress or (lambda stage: None)
 
         t0 = time.perf_counter()
@@ -255,7 +264,8 @@ class LlavaMustDrop:
         inputs = self.processor(images=img, text=prompt, return_tensors="pt")
         device = self.model.device
         dtype = self.model.dtype
-        out = {"input_ids": inputs["input_ids"],                          # stays on the host (_split_prompt)
+        ids = as_text(inputs["input_ids"], prompt, question, self.processor.tokenizer, self.image_token_id)
+        out = {"input_ids": ids,                                          # stays on the host (_split_prompt)
                "pixel_values": inputs["pixel_values"].to(device=device, dtype=dtype)}
         if "image_sizes" in inputs:
             out["image_sizes"] = inputs["image_sizes"].to(device)
@@ -933,11 +943,7 @@ def _eos_ids(model, processor) -> set[int]:
 
 
 def _clean_question(question, processor) -> str:
-    if not isinstance(question, str) or not question.strip():
-        raise ValueError("the question is empty: type a question about the image")
-    q = question.strip()
-    if len(q) > MAX_QUESTION_CHARS:
-        raise ValueError(f"the question is {len(q)} characters long; the limit is {MAX_QUESTION_CHARS}")
+    q = check_question(question)
     image_token = getattr(processor, "image_token", None) or "<image>"
     if image_token in q:
         raise ValueError(f"the question contains the image placeholder {image_token!r}; remove it")

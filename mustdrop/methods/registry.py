@@ -96,8 +96,8 @@ def register(method, _builtin_ok: bool = False) -> Method:
 def get(name: str) -> Method:
     """The method of that name, or a MethodError that lists the registered ones."""
     _ensure()
-    if name not in _methods:
-        raise MethodError(f"method must be one of {', '.join(_methods)}, got {name!r}")
+    if not isinstance(name, str) or name not in _methods:
+        raise MethodError(f"method must be one of {', '.join(_methods)}, got {name!r}"[:400])
     return _methods[name]
 
 
