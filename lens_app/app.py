@@ -21,7 +21,7 @@ from mustdrop.vis import compare as vis_compare
 from mustdrop.vis.text import html_text, md_code, md_text
 
 from . import inputs
-from .engine import COMPARE_METHODS, PRESETS, Lens, compare_method, user_errors
+from .engine import PRESETS, Lens, compare_method, compare_methods, user_errors
 from .examples import EXAMPLES_DIR, GroundTruthIndex, image_sha, load_examples, offer
 from .session import Frame, Session, save_comparison, split_comparison
 from .uploads import MAX_UPLOAD_BYTES, UploadGate
@@ -401,7 +401,7 @@ def build_app(lens: Lens, examples=None, runs_dir=None) -> gr.Blocks:
         api_trace = gr.File(visible="hidden", label="trace")
         api_vanilla = gr.Textbox(visible="hidden", label="vanilla answer")
         api_md = gr.Textbox(visible="hidden", label="MustDrop answer")
-        api_method = gr.Dropdown(list(COMPARE_METHODS), value="none", label="compare with (same budget)",
+        api_method = gr.Dropdown(list(compare_methods()), value="none", label="compare with (same budget)",
                                  visible="hidden")
         api_compare_trace = gr.File(visible="hidden", label="comparison trace")
         api_compare_answer = gr.Textbox(visible="hidden", label="comparison answer")
@@ -468,8 +468,8 @@ def build_app(lens: Lens, examples=None, runs_dir=None) -> gr.Blocks:
         api_btn.click(api_analyze, [image_in, question_in, api_preset, api_method],
                       [api_trace, api_vanilla, api_md, api_compare_trace, api_compare_answer, api_compare],
                       api_name="analyze", api_description="Run vanilla and MustDrop on (image, question, preset "
-                      "off|192|128|64); returns the MustDrop trace file and both answers. With method (fastv, "
-                      "visionzip, fastervlm, pdrop, random, pool; default none) it also runs that method at the "
+                      "off|192|128|64); returns the MustDrop trace file and both answers. With method ("
+                      + ", ".join(compare_methods()[1:]) + "; default none) it also runs that method at the "
                       "MustDrop run's budget and returns its trace file, its answer and the comparison (overlap "
                       "counts after the first prune layer and after every layer, budgets in both conventions).",
                       preprocess=False,

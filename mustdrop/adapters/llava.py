@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from .. import stages
+from .. import methods, stages
 from ..config import SEED_MAX, MustDropConfig, ModelDefaults, check_int
 from ..hooks import HookSet, attached, hidden_states_of, with_hidden_states
 from ..images import load_image
@@ -295,8 +295,9 @@ class LlavaMustDrop:
     # ------------------------------------------------------------------ stage 1
     def _encode(self, inputs, img, config) -> VisionResult:
         """Run the hooked vision tower: stage 1a merge after layer 0, stage 1b key set at the end."""
-        if config.method in stages.VISION_SIDE:
-            return self._encode_vision_side(inputs, img, config)
+        method = methods.get(config.method)
+        if method.selects_before_llm:
+            return self._encode_vision_side(inputs, img, config, method)
         pixel_values = inputs["pixel_values"]
         hooks = HookSet()
         merge_box, qk = {}, {}
@@ -322,12 +323,6 @@ class LlavaMustDrop:
         else:
             groups = torch.arange(features.shape[0], device=features.device).unsqueeze(1)
             similarity, merged = None, []
-        if config.method == "pool":
-            side = max(1, min(self.grid, round(float(config.budget) ** 0.5)))
-            grid_features = features.view(self.grid, self.grid, -1).permute(2, 0, 1).unsqueeze(0)
-            pooled = torch.nn.functional.adaptive_avg_pool2d(grid_features.float(), side)
-            features = pooled[0].permute(1, 2, 0).reshape(side * side, -1).to(features.dtype)
-            groups = stages.pool_groups(self.grid, side).to(features.device)
         if config.key_set:
             scores = self._key_scores(qk)[0]                             # (H, N0)
             key_score = scores.mean(0)
@@ -349,43 +344,40 @@ class LlavaMustDrop:
         return stages.cls_key_score(qk["q"], qk["k"], attn.num_heads, attn.scale, self.has_cls)
 
     # ------------------------------------------------------------------ same-budget baselines
-    def _encode_vision_side(self, inputs, img, config) -> VisionResult:
-        """FasterVLM / VisionZip: round(budget) tokens chosen inside the vision tower, scored on the
-        feature layer (the one whose output the projector reads) as both methods do."""
+    def _encode_vision_side(self, inputs, img, config, method) -> VisionResult:
+        """A method that selects before the LLM (FasterVLM, VisionZip, pooling, a plug-in): round(budget)
+        tokens chosen from the vision tower's output, scored where the method asks for a score on the
+        feature layer (the one whose output the projector reads), as FasterVLM and VisionZip do."""
         fl = self.model.config.vision_feature_layer
         layer_index = fl % len(self.vision_layers) if fl < 0 else fl - 1
-        if layer_index < 0:
-            raise ValueError("vision-side baselines need a vision feature layer after the embeddings")
-        layer = self.vision_layers[layer_index]
         hooks, qk = HookSet(), {}
-        self._hook_last_qk(hooks, qk, layer, name=f"vision.layer{layer_index}")
+        if method.needs_vision_score:
+            if layer_index < 0:
+                raise ValueError("vision-side baselines need a vision feature layer after the embeddings")
+            self._hook_last_qk(hooks, qk, self.vision_layers[layer_index], name=f"vision.layer{layer_index}")
         with attached(hooks):
             out = self.model.model.get_image_features(pixel_values=inputs["pixel_values"])
         features = out.pooler_output[0]
-        attn = layer.self_attn
-        score = stages.cls_key_score(qk["q"], qk["k"], attn.num_heads, attn.scale, self.has_cls)[0].mean(0)
-        plan = stages.plan_vision_side(config.method, config.budget, features.shape[0])
-        params = {"vision_layer": layer_index}
-        if config.method == "fastervlm":
-            kept = stages.top_score_tokens(score, plan.pre_keep).to(features.device)
-            features, groups = features[kept], kept.unsqueeze(1)
-        else:
-            prefix = 1 if self.has_cls else 0
-            hidden = out.hidden_states[fl][0]
-            h = attn.num_heads
-            metric = qk["k"][0].float().view(hidden.shape[0], h, -1).mean(1)       # head-mean keys
-            dominant, contextual = stages.visionzip_split(plan.pre_keep, prefix)
-            res = stages.visionzip_merge(hidden, score, metric, dominant, contextual, prefix)
-            features = self.model.model.multi_modal_projector(res.tokens.unsqueeze(0))[0]
-            groups = res.groups
-            params.update(dominant=dominant, contextual=contextual, cls_kept=bool(prefix),
-                          contextual_targets=res.targets.cpu().tolist())
+        builtin = methods.is_builtin(method.name)
+        plan = methods.checked_plan(method, config.budget, features.shape[0], config, self.num_layers, builtin)
+        x = methods.VisionInputs(features, self.grid, plan.pre_keep, config, num_prefix=1 if self.has_cls else 0,
+                                 project=lambda t: self.model.model.multi_modal_projector(t))
+        if method.needs_vision_score:
+            attn = self.vision_layers[layer_index].self_attn
+            x.score = stages.cls_key_score(qk["q"], qk["k"], attn.num_heads, attn.scale, self.has_cls)[0].mean(0)
+            x.hidden = out.hidden_states[fl][0]
+            x.keys = qk["k"][0].float().view(x.hidden.shape[0], attn.num_heads, -1).mean(1)   # head-mean keys
+            x.vision_layer = layer_index
+        sel = methods.checked_select_vision(method, x, builtin)
+        features = sel.features
+        params = ({"vision_layer": layer_index} if method.needs_vision_score else {}) | dict(sel.params)
+        baseline = {"plan": plan.to_dict(), "params": params}
+        if sel.score is not None:
+            baseline.update(vision_score=sel.score, score=self._key_score_name())
         mapping = image_mapping(self.processor, img.width, img.height, self.vision_config.image_size)
         empty = torch.zeros(0, dtype=torch.long, device=features.device)
-        return VisionResult(features, groups, empty, None, empty.cpu(),
-                            [{"name": "image", "mapping": mapping, "merged_windows": []}], [None],
-                            baseline={"plan": plan.to_dict(), "params": params, "vision_score": score,
-                                      "score": self._key_score_name()})
+        return VisionResult(features, sel.groups, empty, None, empty.cpu(),
+                            [{"name": "image", "mapping": mapping, "merged_windows": []}], [None], baseline=baseline)
 
     def _key_score_name(self) -> str:
         return ("CLS attention of the last vision layer (head mean)" if self.has_cls else
@@ -393,42 +385,32 @@ class LlavaMustDrop:
                 "(no CLS token: documented substitute)")
 
     def _plan_baseline(self, vision: VisionResult, config):
-        """Solve how a same-budget baseline meets its budget on this sample (stages.plan_*), drop
-        before the LLM what the plan drops there, and return the config with the plan's drop layers
-        and counts, so that the prefill hooks, the trace and its replay all use the same plan."""
-        m = config.method
-        if m == "mustdrop" or m in stages.VISION_SIDE:
+        """Solve how a method given a budget meets it on this sample (its ``plan``), drop before the
+        LLM what the plan drops there (its ``pre_llm`` choice), and return the config with the plan's
+        drop layers and counts, so that the prefill hooks, the trace and its replay all use the same
+        plan. MustDrop (no budget) and the methods that selected before the LLM pass through."""
+        method = methods.get(config.method)
+        if config.method == methods.DEFAULT or method.selects_before_llm:
             return vision, config
         n0 = int(vision.features.shape[0])
-        if m == "pool":
-            vision.baseline = {"plan": stages.BudgetPlan(m, float(config.budget), self.grid * self.grid, n0, (), (),
-                                                         None, "round(sqrt(budget))^2 pooled cells").to_dict(),
-                               "params": {"side": int(round(n0 ** 0.5))}}
-            return vision, config
+        builtin = methods.is_builtin(method.name)
         if config.keep_counts:
-            plan = stages.BudgetPlan(m, float(config.budget), n0, int(config.pre_keep or n0), config.prune_layers,
-                                     config.keep_counts, None, "counts given in the config")
-        elif m == "pdrop":
-            plan = stages.plan_pyramid(config.budget, n0, config.prune_layers or stages.pyramid_layers(self.num_layers),
-                                       self.num_layers)
+            plan = stages.BudgetPlan(method.name, float(config.budget), n0, int(config.pre_keep or n0),
+                                     config.prune_layers, config.keep_counts, None, "counts given in the config")
         else:
-            plan = stages.plan_single_drop(m, config.budget, n0, config.prune_layers[0], self.num_layers)
+            plan = methods.checked_plan(method, config.budget, n0, config, self.num_layers, builtin)
         pre_llm = None
         if plan.pre_keep < n0:
-            if m == "random":
-                gen = torch.Generator(device="cpu").manual_seed(int(config.seed))
-                sel = torch.sort(torch.randperm(n0, generator=gen)[: plan.pre_keep]).values
-                pre_llm = "seeded random"
-            else:
-                sel = stages.evenly_spaced(n0, plan.pre_keep)
-                pre_llm = "evenly spaced in raster order (no LLM score exists before the LLM)"
+            sel, pre_llm = methods.checked_pre_llm(method, n0, plan.pre_keep, config, builtin)
             vision = _select_tokens(vision, sel.to(vision.features.device))
         vision.baseline = {"plan": plan.to_dict(), "params": {"pre_llm_selection": pre_llm}}
         return vision, config.replace(prune_layers=plan.layers, keep_counts=plan.keep, pre_keep=plan.pre_keep)
 
     def _record_baseline(self, vision: VisionResult, meta: dict, arrays: dict) -> None:
-        """A baseline's plan and parameters into meta["baseline"]; its vision-side score (one per
-        original patch) into the array baseline.vision_score."""
+        """How the method's decisions are explained into meta["method_info"] (so that a trace of a
+        plug-in replays without it); a baseline's plan and parameters into meta["baseline"]; its
+        vision-side score (one per original patch) into the array baseline.vision_score."""
+        meta["method_info"] = methods.get(meta["method"]).words.to_dict()
         if not vision.baseline:
             return
         b = dict(vision.baseline)
@@ -531,25 +513,14 @@ class LlavaMustDrop:
                 hooks.post(f"llm.layer{i}.stage2_filter", layer, drop)
 
     def _decide(self, attn, state, layer, config):
-        """Stage 2's decision at one prune layer: MustDrop's filter, or a same-budget baseline's.
-        Protected positions (LLaVA-NeXT newline rows) are kept whatever the scores say."""
-        prot = state.protected_pos
-        if config.method == "mustdrop":
-            if prot.numel():
-                keys = torch.cat([state.key_pos, prot])
-            else:     # a mask, carried from drop to drop with one gather (key_after) instead of a search
-                if state.key_pos.dtype != torch.bool:
-                    state.key_pos = torch.zeros(state.V, dtype=torch.bool, device=attn.device).index_fill_(
-                        0, state.key_pos.to(attn.device), True)
-                keys = state.key_pos
-            res = stages.dual_attention_filter(attn, config.global_thr, config.individual_thr, keys)
-            return stages.with_protected(res, prot, recount=False)
-        keep = config.keep_counts[config.prune_layers.index(layer)]      # the plan of _plan_baseline
-        if config.method == "random":
-            res = stages.random_keep(attn, keep, config.seed)
-        else:                          # fastv, pdrop: ranked by the last (instruction) token's attention
-            res = stages.fastv_keep(attn, keep)
-        return stages.with_protected(res, prot)
+        """Stage 2's decision at one drop layer: the method's (MustDrop's filter, a baseline's or a
+        plug-in's ranking), with the count its budget plan keeps here. Protected positions (LLaVA-NeXT
+        newline rows) are kept whatever the method says."""
+        method = methods.get(config.method)
+        keep = None if config.method == methods.DEFAULT else config.keep_counts[config.prune_layers.index(layer)]
+        x = methods.LayerInputs(attn, layer, len(state.records), keep, config, state)
+        res = methods.checked_decide(method, x, methods.is_builtin(method.name))
+        return stages.with_protected(res, state.protected_pos, recount=method.recount_protected)
 
     # ------------------------------------------------------------------ stage 3
     def _trim(self, cache, state, config):
