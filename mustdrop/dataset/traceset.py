@@ -418,7 +418,7 @@ def trace_facts(trace: Trace, target: np.ndarray | None = None) -> tuple[dict, d
     crops, cols = [], {k: [] for k in ("has_token", "merged", "key", "drop_layer", "drop_score", "fate", "kv",
                                        "target")}
     gt, it = float(cfg.get("global_thr", 1.0)), float(cfg.get("individual_thr", 0.0))
-    rule = cfg.get("method", "mustdrop") == "mustdrop"
+    rule = _threshold_rule(trace)
     for c in range(trace.n_crops):
         has = trace.has_token(c)
         r, k = has.shape
@@ -461,6 +461,17 @@ def trace_facts(trace: Trace, target: np.ndarray | None = None) -> tuple[dict, d
            "global_thr": gt, "individual_thr": it, "method": str(cfg.get("method", "mustdrop")),
            "has_mask": bool(target is not None and target.shape == tuple(crops[0][1:]))}
     return rec, {k: np.concatenate(v) for k, v in cols.items()}
+
+
+def _threshold_rule(trace: Trace) -> bool:
+    """Whether the trace's drops compare its two scores with the config's global / individual
+    thresholds (MustDrop's filter), as its method's words say (mustdrop.methods); else its drops are
+    the method's own ranking."""
+    try:
+        from ..methods import words_of
+    except ImportError:                    # a package without the method registry
+        return trace.meta["config"].get("method", "mustdrop") == "mustdrop"
+    return bool(words_of(trace).thresholds)
 
 
 def build_index(ts: TraceSet, entries, progress=None) -> Index:
