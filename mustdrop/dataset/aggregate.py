@@ -45,7 +45,7 @@ def config_summary(ts: TraceSet) -> dict:
     for cfg in ts.configs:
         g = rows[(rows["config"] == cfg) & (rows["status"] == "ok")]
         acc = g["correct"].dropna()
-        out[cfg] = {"method": _first(g["method"]), "n_samples": int(len(g)),
+        out[cfg] = {"method": "vanilla" if cfg == ts.vanilla else _first(g["method"]), "n_samples": int(len(g)),
                     "n_failed": int(((rows["config"] == cfg) & (rows["status"] != "ok")).sum()),
                     "accuracy": float(acc.mean()) if len(acc) else None,
                     "lost": int(g["lost"].sum()), "gained": int(g["gained"].sum()),
