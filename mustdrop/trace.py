@@ -26,6 +26,12 @@ converted on load: see GEOMETRY below):
   kv          entries_per_layer and vision_entries_per_layer after the trim, bytes_per_entry (K+V)
   generation  mode, temperature, top_p, seed, max_new_tokens, token_ids, tokens, probs, answer, stop
   timings     vision_s, prefill_s, decode_s, total_s
+  method      the method's name (mustdrop.methods); method_info (optional; older traces: the
+              registered method's) how its decisions are explained: name, label, statuses {code:
+              name}, scores {global_share / individual_max: what that array holds for this method},
+              dropped (the inspector's sentence), legend, thresholds (scores compared with the
+              config's thresholds: MustDrop's filter). Stored so that a plug-in's trace replays
+              where the plug-in is not installed (mustdrop.methods.words_of reads it)
   baseline    (same-budget baselines only, optional) plan {method, budget, n0, pre_keep (tokens
               kept before the LLM), layers, keep (kept after each), ratio, rule}, params (method
               parameters, e.g. VisionZip's dominant / contextual counts), score (what ranked them)
@@ -230,8 +236,11 @@ class Trace:
         """A run of the unpruned model: the config enabled no stage and no baseline."""
         from .config import MustDropConfig
 
+        cfg = self.meta.get("config")
+        if isinstance(cfg, dict) and cfg.get("method", "mustdrop") != "mustdrop":
+            return False        # a method's run (maybe a plug-in not loaded here, whose config cannot be checked)
         try:
-            return not MustDropConfig.from_dict(self.meta["config"]).enabled
+            return not MustDropConfig.from_dict(cfg).enabled
         except (TypeError, ValueError) as e:
             raise TraceError(f"the trace's config cannot be read: {str(e)[:200]}") from None
 

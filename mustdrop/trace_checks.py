@@ -213,7 +213,9 @@ def check_meta(m: dict) -> dict:
         raise TraceError(f"sequence.N = {N} does not match the {total} patches of the crops' grids")
     if N * L > MAX_PATCH_LAYERS:
         raise TraceError(f"{N} patches x {L} LLM layers exceed what supported models produce ({MAX_PATCH_LAYERS:,})")
-    N0 = integer(field(seq, "N0", "sequence.N0"), "sequence.N0", 0, N)
+    # LLaVA-NeXT's stock packing adds an image_newline token after each row of a crop's grid, so the
+    # vision block may hold up to one more token per grid row than there are patches.
+    N0 = integer(field(seq, "N0", "sequence.N0"), "sequence.N0", 0, N + G * len(crops))
     S = integer(field(seq, "S", "sequence.S"), "sequence.S", 0, MAX_TEXT_TOKENS)
     T = integer(field(seq, "T", "sequence.T"), "sequence.T", 0, MAX_TEXT_TOKENS)
     for c, crop in enumerate(crops):
@@ -350,6 +352,11 @@ def _check_config(c: dict) -> None:
         integer(c["pre_keep"], "config.pre_keep", 0, MAX_PATCHES)
     if "seed" in c:
         integer(c["seed"], "config.seed")
+    from . import methods
+
+    if isinstance(c.get("method"), str) and c["method"] not in methods.names():
+        # a plug-in not loaded here (its trace replays without it): its own checks cannot run, the knobs' do
+        c = dict(c, method=methods.DEFAULT)
     try:
         MustDropConfig.from_dict(c)
     except (TypeError, ValueError) as e:

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import corpus
+from test_app import md_plain
 from mustdrop.trace import STATUS_NAMES, Trace, TraceError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,6 +34,7 @@ def hostile(good, tmp_path_factory):
 
 
 def assert_names(msg, words):
+    msg = md_plain(msg)                       # the status line is escaped Markdown
     assert any(w in msg for w in words), f"message {msg!r} names none of {words}"
 
 
