@@ -200,15 +200,17 @@ def check_meta(m: dict) -> dict:
     string(field(image, "sha256", "input.image.sha256"), "input.image.sha256")
     processed = [_mapping(field(inp, "mapping", "input.mapping"), "input.mapping")]
 
-    crops = m.get("crops", [{}])
+    crops = field(m, "crops", "crops")
     if not isinstance(crops, list) or not crops:
         raise TraceError(f"crops must be a non-empty list, got {_got(crops)}")
     if len(crops) > MAX_CROPS:
         raise TraceError(f"crops lists {len(crops)} crops; supported models encode at most {MAX_CROPS}")
+    grids = [_grid(obj(crop, f"crops[{c}]"), f"crops[{c}].grid") for c, crop in enumerate(crops)]
     seq = obj(field(m, "sequence", "sequence"), "sequence")
     N = integer(field(seq, "N", "sequence.N"), "sequence.N", 1, MAX_PATCHES)
-    if N != G * G * len(crops):
-        raise TraceError(f"sequence.N = {N} does not match {len(crops)} crop(s) of a {G} x {G} grid")
+    total = sum(r * c for r, c in grids)
+    if N != total:
+        raise TraceError(f"sequence.N = {N} does not match the {total} patches of the crops' grids")
     if N * L > MAX_PATCH_LAYERS:
         raise TraceError(f"{N} patches x {L} LLM layers exceed what supported models produce ({MAX_PATCH_LAYERS:,})")
     # LLaVA-NeXT's stock packing adds an image_newline token after each row of a crop's grid, so the
@@ -217,26 +219,26 @@ def check_meta(m: dict) -> dict:
     S = integer(field(seq, "S", "sequence.S"), "sequence.S", 0, MAX_TEXT_TOKENS)
     T = integer(field(seq, "T", "sequence.T"), "sequence.T", 0, MAX_TEXT_TOKENS)
     for c, crop in enumerate(crops):
-        if crop == {} and "crops" not in m:
-            continue
-        obj(crop, f"crops[{c}]")
         if crop.get("name") is not None:
             string(crop["name"], f"crops[{c}].name")
         if crop.get("mapping") is not None:
             processed.append(_mapping(crop["mapping"], f"crops[{c}].mapping"))
-        items(crop.get("merged_windows", []), f"crops[{c}].merged_windows", integer, max_len=G * G, lo=0, hi=G * G - 1)
+        n = grids[c][0] * grids[c][1]
+        items(crop.get("merged_windows", []), f"crops[{c}].merged_windows", integer, max_len=n, lo=0, hi=n - 1)
         if crop.get("tile") is not None:
             items(crop["tile"], f"crops[{c}].tile", integer, n=2, lo=0, hi=MAX_CROPS)
-    if sum(p * p for p in processed) > MAX_VIEW_PIXELS:
+    if sum(processed) > MAX_VIEW_PIXELS:
         raise TraceError(f"the crops' processed views total more than {MAX_VIEW_PIXELS:,} pixels")
 
     s1a = obj(field(m, "stage1a", "stage1a"), "stage1a")
     boolean(field(s1a, "enabled", "stage1a.enabled"), "stage1a.enabled")
-    window = integer(field(s1a, "window", "stage1a.window"), "stage1a.window", 1, G)
+    window = integer(field(s1a, "window", "stage1a.window"), "stage1a.window", 1,
+                     max(G, *(max(g) for g in grids)))
     if s1a.get("threshold") is not None:
         number(s1a["threshold"], "stage1a.threshold")
+    n = grids[0][0] * grids[0][1]
     items(field(s1a, "merged_windows", "stage1a.merged_windows"), "stage1a.merged_windows", integer,
-          max_len=G * G, lo=0, hi=G * G - 1)
+          max_len=n, lo=0, hi=n - 1)
     s1b = obj(field(m, "stage1b", "stage1b"), "stage1b")
     boolean(field(s1b, "enabled", "stage1b.enabled"), "stage1b.enabled")
     if s1b.get("keep_rate") is not None:
@@ -297,11 +299,19 @@ def check_meta(m: dict) -> dict:
         if tok.get("special_tokens") is not None:
             items(tok["special_tokens"], "tokenizer.special_tokens", string, max_len=MAX_VOCAB)
     return {"G": G, "L": L, "N": N, "N0": N0, "S": S, "T": T, "window": window, "crops": len(crops),
-            "stage2": stage2, "entries": entries}
+            "grids": grids, "stage2": stage2, "entries": entries}
+
+
+def _grid(crop: dict, name: str) -> tuple[int, int]:
+    """A crop's patch grid [rows, cols] (version 2: not assumed square)."""
+    g = field(crop, "grid", name)
+    items(g, name, integer, n=2, lo=1, hi=MAX_GRID)
+    return g[0], g[1]
 
 
 def _mapping(v, name: str) -> int:
-    """A crop's mapping record (processed = original * scale + offset); returns its processed side."""
+    """A crop's mapping record (processed = original * scale + offset); returns the pixels of its
+    processed view (``processed``: one side of a square, or [width, height])."""
     m = obj(v, name)
     if m.get("kind") is not None:
         string(m["kind"], f"{name}.kind")
@@ -312,7 +322,11 @@ def _mapping(v, name: str) -> int:
     for k in ("resized", "canvas"):
         if m.get(k) is not None:
             items(m[k], f"{name}.{k}", integer, n=2, lo=0, hi=1 << 24)
-    return integer(m.get("processed", 1), f"{name}.processed", 1, MAX_PROCESSED_SIDE)
+    p = m.get("processed", 1)
+    if isinstance(p, list):
+        w, h = items(p, f"{name}.processed", integer, n=2, lo=1, hi=MAX_PROCESSED_SIDE)
+        return w * h
+    return integer(p, f"{name}.processed", 1, MAX_PROCESSED_SIDE) ** 2
 
 
 def _check_config(c: dict) -> None:
@@ -396,20 +410,25 @@ def check_arrays(a: dict, c: dict) -> None:
     groups = array(a, "tokens.groups", np.int64, (N0, None), " (N0 rows)")
     if groups.size and (groups.max() >= N or groups.min() < -1):
         raise TraceError(f"tokens.groups holds patch ids outside the grid 0..{N - 1}")
+    weights = array(a, "tokens.weights", np.float32, groups.shape, " (the shape of tokens.groups)")
+    if not np.isfinite(weights).all() or (weights < 0).any() or (weights > 1).any():
+        raise TraceError("tokens.weights must be finite shares in [0, 1]")
+    if (weights[groups < 0] != 0).any():
+        raise TraceError("tokens.weights gives weight to a padding entry of tokens.groups")
     if "tokens.newline" in a:
         nl = array(a, "tokens.newline", np.uint8, (N0,), " (N0)")
         if nl.size and nl.max() > 1:
             raise TraceError("tokens.newline must hold 0 or 1")
-    side = -(-G // w)
-    for cr in range(c["crops"]):
+    for cr, (rows, cols) in enumerate(c["grids"]):
         name = "stage1a.similarity" if cr == 0 else f"stage1a.c{cr}.similarity"
         if name in a:
-            array(a, name, np.float32, (side, side), f" (grid {G} / window {w})")
+            grid = f"grid {rows}" if rows == cols else f"grid {rows} x {cols}"
+            array(a, name, np.float32, (-(-rows // w), -(-cols // w)), f" ({grid} / window {w})")
     if "stage1b.key_score" in a:
         array(a, "stage1b.key_score", np.float32, (N0,), " (N0)")
     if "baseline.vision_score" in a:
         array(a, "baseline.vision_score", np.float32, (N,), " (N)")
-    from .trace import STATUS_NAMES
+    from .statuses import STATUS_NAMES
 
     codes = np.array(sorted(STATUS_NAMES), np.int8)
     for i, s in enumerate(c["stage2"]):
