@@ -6,19 +6,21 @@ the JSON document under the key "mustdrop_trace". Read it without our code:
     from safetensors.numpy import load_file; from safetensors import safe_open; import json
     meta = json.loads(safe_open(path, "np").metadata()["mustdrop_trace"]); arrays = load_file(path)
 
-JSON document (``meta``), schema "mustdrop-trace/1":
+JSON document (``meta``), schema "mustdrop-trace/2" (files of "mustdrop-trace/1" are read too,
+converted on load: see GEOMETRY below):
   model       id, dtype, device, vision {image_size, patch_size, grid, num_layers, has_cls},
               llm {num_layers, hidden_size, intermediate_size, num_heads, num_kv_heads, head_dim, vocab_size}
   config      the MustDropConfig of the run (see mustdrop.config)
   input       question, prompt, image {width, height, sha256}, input_hash,
               mapping {kind, scale, resized [w, h], offset [x, y], processed}: processed pixel
               (u, v) = original pixel (x, y) * scale + offset (resize then centre crop, or pad)
-  sequence    S (tokens before the image), T (tokens after it), N (patches, G*G), N0 (vision
-              tokens entering the LLM after stage 1a)
+  sequence    S (tokens before the image), T (tokens after it), N (patches of every crop, the sum
+              of rows * cols), N0 (vision tokens entering the LLM after stage 1a)
   stage1a     enabled, window, threshold, merged_windows (most similar first)
   stage1b     enabled, keep_rate, score (which score ranks the key set), key_tokens (ids in the
               merged numbering 0..N0-1)
-  crops       per crop: name, mapping (as input.mapping, for that crop), merged_windows
+  crops       per crop: name, grid [rows, cols] (its patch grid, not assumed square), mapping (as
+              input.mapping, for that crop), merged_windows
   stage2      one entry per prune layer: layer, entering, kept, dropped
   vision_tokens_per_layer   vision tokens each LLM layer processed in prefill
   kv          entries_per_layer and vision_entries_per_layer after the trim, bytes_per_entry (K+V)
@@ -30,6 +32,10 @@ JSON document (``meta``), schema "mustdrop-trace/1":
 
 Arrays. "Token ids" are the merged numbering 0..N0-1 (the order the LLM sees the vision block).
   tokens.groups              (N0, k) int64: original patches each vision token covers, -1 padded
+  tokens.weights             (N0, k) float32: each covered patch's share of the token (0 on padding;
+                             a row sums to 1): 1 for one patch, 1/k each for a merged window of k,
+                             1/4 each under a 2 x 2 patch merger, interpolation weights for an
+                             interpolated grid
   stage1a.similarity         (G/w, G/w) float32 window similarity (when stage 1a ran)
   stage1b.key_score          (N0,) float32 the score that ranked the key set (when stage 1b ran):
                              head-mean CLS attention, or the substitute meta["stage1b"]["score"]
@@ -48,9 +54,15 @@ Arrays. "Token ids" are the merged numbering 0..N0-1 (the order the LLM sees the
   patch.vision_score (float32, when baseline.vision_score is present).
   A patch with patch.token -1 reaches the LLM in no token (a LLaVA-NeXT tile's unpadded border).
 Several crops (LLaVA-NeXT: base image + any-res tiles): meta "crops" lists each crop's name,
-mapping and merged windows; tokens.groups then holds global ids crop * G*G + patch; crop 0's maps
-are patch.*, crop c's are patch.c{c}.*; stage1a.c{c}.similarity per crop; tokens.newline (N0,)
-uint8 marks the newline-row tokens (never dropped, cover no patch).
+grid, mapping and merged windows; tokens.groups then holds global ids offset(crop) + row * cols + col
+(offset: the patches of the crops before it); crop 0's maps are patch.*, crop c's are patch.c{c}.*,
+each (rows, cols) of its crop (kv_cached: (num_layers, rows, cols)); stage1a.c{c}.similarity per
+crop; tokens.newline (N0,) uint8 marks the newline-row tokens (never dropped, cover no patch).
+
+GEOMETRY. Version 2 makes the geometry explicit: crops[c].grid and tokens.weights. A version-1 file
+(every crop a G x G grid, model.vision.grid; one patch per token, merged tokens their window) is
+converted on load: each crop gets grid [G, G], tokens.weights 1/k over each token's k patches, and
+meta["upgraded_from"] names the version read. Every reader draws from the explicit geometry.
 """
 
 from __future__ import annotations
@@ -63,27 +75,17 @@ from pathlib import Path
 
 import numpy as np
 
-SCHEMA_VERSION = "mustdrop-trace/1"
+SCHEMA_VERSION = "mustdrop-trace/2"
+V1 = "mustdrop-trace/1"
+READABLE_VERSIONS = (V1, SCHEMA_VERSION)
+MAX_PATCHES = 1 << 20       # every crop's patches together: far above any tower (NeXT 5 x 576)
 METADATA_KEY = "mustdrop_trace"
 MAX_TRACE_BYTES = 64 * 1024 * 1024
 
-# Stage-2 status codes: why a token entering a prune layer was kept or dropped (stage2.L{l}.status).
-KEPT_BOTH = 0          # global share and individual max both at/above their thresholds
-KEPT_GLOBAL = 1        # only the global share is at/above its threshold
-KEPT_INDIVIDUAL = 2    # only the individual max is at/above its threshold
-KEPT_KEY = 3           # both conditions said drop, but it is in the key token set
-DROPPED = 4            # both conditions held: dropped
-KEPT_PROTECTED = 5     # a layout marker that is never dropped (LLaVA-NeXT newline row)
-NOT_ENTERING = -1      # patch maps only: the patch's token was dropped at an earlier prune layer
-STATUS_NAMES = {
-    KEPT_BOTH: "kept: both scores above threshold",
-    KEPT_GLOBAL: "kept: global share above threshold",
-    KEPT_INDIVIDUAL: "kept: individual max above threshold",
-    KEPT_KEY: "kept: key token (both scores below threshold)",
-    DROPPED: "dropped: global share AND individual max below threshold",
-    KEPT_PROTECTED: "kept: newline row marker (never dropped)",
-}
-KEPT_CODES = (KEPT_BOTH, KEPT_GLOBAL, KEPT_INDIVIDUAL, KEPT_KEY, KEPT_PROTECTED)
+# Status codes live in a leaf module (the stages set them, so they cannot live here without a
+# circle config -> stages -> trace -> config); re-exported for readers of traces.
+from .statuses import (DROPPED, KEPT_BOTH, KEPT_CODES, KEPT_GLOBAL, KEPT_INDIVIDUAL, KEPT_KEY,  # noqa: F401
+                       KEPT_PROTECTED, NOT_ENTERING, STATUS_NAMES)
 
 # Array names of older files, read under today's names.
 RENAMED_ARRAYS = {"stage1b.cls_attention": "stage1b.key_score"}
@@ -103,6 +105,8 @@ class Trace:
     def build(cls, meta: dict, arrays: dict) -> "Trace":
         """Add the original-patch maps to a run's decisions and validate the whole."""
         t = cls(meta, dict(arrays))
+        if "tokens.weights" not in t.arrays and "tokens.groups" in t.arrays:
+            t.arrays["tokens.weights"] = equal_weights(t.arrays["tokens.groups"])
         t.arrays.update(patch_maps(t))
         t.validate()
         return t
@@ -110,7 +114,18 @@ class Trace:
     # ---------------------------------------------------------------- accessors
     @property
     def grid(self) -> int:
-        return int(self.meta["model"]["vision"]["grid"])
+        """The side of crop 0's grid, for the views that draw square grids (LLaVA-1.5 and NeXT
+        crops are square); ``crop_grid`` gives any crop's (rows, cols)."""
+        return self.crop_grid(0)[0]
+
+    def crop_grid(self, crop: int = 0) -> tuple[int, int]:
+        """(rows, cols) of one crop's patch grid."""
+        r, c = self.meta["crops"][crop]["grid"]
+        return int(r), int(c)
+
+    def crop_offset(self, crop: int = 0) -> int:
+        """Global id of a crop's first patch: the patches of the crops before it."""
+        return sum(r * c for r, c in (self.crop_grid(i) for i in range(crop)))
 
     @property
     def num_layers(self) -> int:
@@ -251,6 +266,8 @@ class Trace:
             if old in arrays and new not in arrays:
                 arrays[new] = arrays.pop(old)
         t = cls(meta, arrays)
+        if isinstance(meta, dict) and meta.get("schema") == V1:
+            t.meta, t.arrays = from_v1(meta, arrays)
         t.validate()
         # The patch maps are rebuilt from the validated token-level records: forged maps cannot mislead.
         try:
@@ -268,9 +285,11 @@ class Trace:
         if not isinstance(m, dict):
             raise TraceError("trace metadata must be a JSON object")
         if m.get("schema") != SCHEMA_VERSION:
-            raise TraceError(f"unknown trace schema {m.get('schema')!r}; this version reads {SCHEMA_VERSION!r}")
+            if m.get("schema") in READABLE_VERSIONS:
+                raise TraceError(f"a {m.get('schema')!r} trace must be converted first (Trace.load does)")
+            raise TraceError(f"unknown trace schema {m.get('schema')!r}; this version reads "
+                             f"{' and '.join(repr(v) for v in READABLE_VERSIONS)}")
         try:
-            G = _int(m["model"]["vision"]["grid"], "grid", 1, 1024)
             L = _int(m["model"]["llm"]["num_layers"], "num_layers", 1, 1024)
             seq = m["sequence"]
             S, T = _int(seq["S"], "S", 0), _int(seq["T"], "T", 0)
@@ -285,11 +304,7 @@ class Trace:
             m["input"]["question"], m["config"]
         except (KeyError, TypeError) as e:
             raise TraceError(f"trace metadata lacks a required field: {e}") from None
-        crops = m.get("crops", [{}])
-        if not isinstance(crops, list) or not crops:
-            raise TraceError("crops must be a non-empty list")
-        if N != G * G * len(crops):
-            raise TraceError(f"sequence N = {N} does not match {len(crops)} crop(s) of a {G} x {G} grid")
+        grids = self._validate_geometry(N)
         if N0 > N:
             raise TraceError(f"N0 = {N0} vision tokens exceed the {N} patches")
         if not isinstance(per_layer, list) or len(per_layer) != L:
@@ -303,6 +318,13 @@ class Trace:
             raise TraceError(f"tokens.groups has {groups.shape[0]} rows, expected N0 = {N0}")
         if groups.size and (groups.max() >= N or groups.min() < -1):
             raise TraceError("tokens.groups holds patch ids outside the grid")
+        weights = self._array("tokens.weights", np.float32, ndim=2)
+        if weights.shape != groups.shape:
+            raise TraceError(f"tokens.weights has shape {weights.shape}, expected that of tokens.groups {groups.shape}")
+        if not np.isfinite(weights).all() or (weights < 0).any() or (weights > 1).any():
+            raise TraceError("tokens.weights must be finite shares in [0, 1]")
+        if (weights[groups < 0] != 0).any():
+            raise TraceError("tokens.weights gives weight to a padding entry of tokens.groups")
         prev = -1
         for s in stage2:
             layer = _int(s.get("layer"), "stage2 layer", 0, L - 1)
@@ -334,9 +356,30 @@ class Trace:
         for k, v in a.items():
             if not k.startswith("patch."):
                 continue
-            want = (L, G, G) if k.endswith("kv_cached") else (G, G)
+            c = int(k.split(".")[1][1:]) if k.startswith("patch.c") and k.split(".")[1][1:].isdigit() else 0
+            if c >= len(grids):
+                raise TraceError(f"{k} names crop {c}; the trace has {len(grids)}")
+            want = (L, *grids[c]) if k.endswith("kv_cached") else tuple(grids[c])
             if v.shape != want:
                 raise TraceError(f"{k} has shape {v.shape}, expected {want}")
+
+    def _validate_geometry(self, N: int) -> list:
+        """Each crop's (rows, cols), checked: bounded, and adding up to the N patches."""
+        crops = self.meta.get("crops")
+        if not isinstance(crops, list) or not crops or len(crops) > 64:
+            raise TraceError("crops must be a list of 1 to 64 crops")
+        grids = []
+        for c, crop in enumerate(crops):
+            g = crop.get("grid") if isinstance(crop, dict) else None
+            if not isinstance(g, list) or len(g) != 2:
+                raise TraceError(f"crops[{c}].grid must be [rows, cols]")
+            grids.append((_int(g[0], f"crops[{c}] rows", 1, 4096), _int(g[1], f"crops[{c}] cols", 1, 4096)))
+        total = sum(r * c for r, c in grids)
+        if total > MAX_PATCHES:
+            raise TraceError(f"the crops hold {total} patches; traces are limited to {MAX_PATCHES}")
+        if N != total:
+            raise TraceError(f"sequence N = {N} does not match the {total} patches of the crops' grids")
+        return grids
 
     def _array(self, name, dtype, ndim):
         if name not in self.arrays:
@@ -370,9 +413,8 @@ def crop_prefix(c: int) -> str:
 def patch_maps(t: Trace) -> dict:
     """Every decision in original-patch coordinates (G x G per crop), from the token-level records."""
     m, a = t.meta, t.arrays
-    G, L = t.grid, t.num_layers
+    L = t.num_layers
     S, N0, N = m["sequence"]["S"], m["sequence"]["N0"], m["sequence"]["N"]
-    n_crops = N // (G * G)
     groups = a["tokens.groups"]
     token_of_patch = np.full(N, -1, dtype=np.int64)
     for tok, row in enumerate(groups):
@@ -419,13 +461,42 @@ def patch_maps(t: Trace) -> dict:
         in_cache[tok] = 1
         cached[layer] = spread(in_cache, 0, np.uint8)
     w = m["stage1a"]["window"]
-    rows, cols = np.divmod(np.arange(G * G), G)
-    for c in range(n_crops):
-        pre, sl = crop_prefix(c), slice(c * G * G, (c + 1) * G * G)
+    for c in range(t.n_crops):
+        R, C = t.crop_grid(c)
+        start = t.crop_offset(c)
+        pre, sl = crop_prefix(c), slice(start, start + R * C)
         for name, v in maps.items():
-            out[f"{pre}{name}"] = v[sl].reshape(G, G)
-        out[f"{pre}kv_cached"] = cached[:, sl].reshape(L, G, G)
+            out[f"{pre}{name}"] = v[sl].reshape(R, C)
+        out[f"{pre}kv_cached"] = cached[:, sl].reshape(L, R, C)
         sim = a.get("stage1a.similarity" if c == 0 else f"stage1a.c{c}.similarity")
         if sim is not None:
-            out[f"{pre}similarity"] = sim[rows // w, cols // w].astype(np.float32).reshape(G, G)
+            rows, cols = np.divmod(np.arange(R * C), C)
+            out[f"{pre}similarity"] = sim[rows // w, cols // w].astype(np.float32).reshape(R, C)
     return out
+
+
+def equal_weights(groups: np.ndarray) -> np.ndarray:
+    """(N0, k) float32: each token's k covered patches share it equally (1/k), 0 on padding: the
+    weights of every LLaVA token (one patch, or a merged window averaged)."""
+    real = groups >= 0
+    k = np.maximum(real.sum(1, keepdims=True), 1).astype(np.float32)
+    return np.where(real, np.float32(1) / k, np.float32(0)).astype(np.float32)
+
+
+def from_v1(meta: dict, arrays: dict) -> tuple[dict, dict]:
+    """A version-1 trace in version 2's form: every crop a G x G grid (model.vision.grid), tokens'
+    weights equal over their patches. Malformed files are left for validate() to name the fault."""
+    try:
+        G = meta["model"]["vision"]["grid"]
+    except (KeyError, TypeError):
+        return meta, arrays
+    crops = meta.get("crops")
+    crops = crops if isinstance(crops, list) and crops else [{"name": "image", "mapping": meta.get("input", {}).get("mapping"),
+                                                              "merged_windows": meta.get("stage1a", {}).get("merged_windows", [])}]
+    meta = dict(meta, schema=SCHEMA_VERSION, upgraded_from=V1,
+                crops=[dict(c, grid=[G, G]) if isinstance(c, dict) else c for c in crops])
+    arrays = dict(arrays)
+    groups = arrays.get("tokens.groups")
+    if isinstance(groups, np.ndarray) and groups.ndim == 2 and groups.dtype == np.int64:
+        arrays["tokens.weights"] = equal_weights(groups)
+    return meta, arrays

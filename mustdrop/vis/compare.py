@@ -17,7 +17,7 @@ import numpy as np
 
 from .. import accounting
 from ..trace import TraceError
-from .geometry import Geometry, geometry, outline, paint
+from .geometry import geometry, geometry_of_canvas, outline, paint
 from .palette import (COMPARE_BOTH, COMPARE_BOTH_LABEL, COMPARE_NEITHER, COMPARE_NEITHER_LABEL,
                       COMPARE_ONLY_MUSTDROP, COMPARE_ONLY_MUSTDROP_LABEL, COMPARE_ONLY_OTHER,
                       COMPARE_ONLY_OTHER_LABEL, DEFAULT_OPACITY, WEIGHT_KEPT, WEIGHT_REMOVED, WHITE,
@@ -57,7 +57,8 @@ def check_pair(md, other) -> None:
     if not is_baseline(other):
         raise TraceError("the comparison trace is not a same-budget baseline (its config method is 'mustdrop')")
     same_input = md.meta["input"].get("input_hash") == other.meta["input"].get("input_hash")
-    if not same_input or md.grid != other.grid or md.n_crops != other.n_crops or md.num_layers != other.num_layers:
+    if not same_input or md.n_crops != other.n_crops \
+            or any(md.crop_grid(c) != other.crop_grid(c) for c in range(md.n_crops)) or md.num_layers != other.num_layers:
         raise TraceError("the comparison trace is of another image, question or model than the MustDrop trace")
 
 
@@ -91,8 +92,7 @@ def _draw(trace, codes, colours, base, selected, gt_masks, crop, opacity=DEFAULT
 
     o = check_opacity(opacity)
     geom, base = _prepare(trace, None, base, crop)
-    G = trace.grid
-    rgb = np.zeros((G, G, 3), np.uint8)
+    rgb = np.zeros(geom.shape + (3,), np.uint8)
     for code, c in colours.items():
         rgb[codes == code] = c
     alpha = (np.where(codes == NEITHER, WEIGHT_REMOVED, WEIGHT_KEPT) * o).astype(np.float32)
@@ -106,7 +106,7 @@ def kept_overlay(trace, layer: int, side: str = "other", *, base=None, selected=
     img = _draw(trace, np.where(kept, KEPT, NOT_KEPT), kept_colours(side), base, None, None, crop, opacity)
     from .overlays import _finish
 
-    geom = Geometry(trace.grid, max(1, img.shape[0] // trace.grid))
+    geom = geometry_of_canvas(trace, img, crop)
     img = outline(img, geom, kept & shared_token(trace, crop), SHARED_OUTLINE, width=1)
     return _finish(img, geom, selected, gt_masks)
 
