@@ -469,9 +469,14 @@ def patch_maps(t: Trace) -> dict:
             out[f"{pre}{name}"] = v[sl].reshape(R, C)
         out[f"{pre}kv_cached"] = cached[:, sl].reshape(L, R, C)
         sim = a.get("stage1a.similarity" if c == 0 else f"stage1a.c{c}.similarity")
-        if sim is not None:
+        if sim is not None:       # windows of window_patches patches a side (2w under a 2 x 2 merger);
+            wp = _int(m["crops"][c].get("window_patches", w), "window_patches", 1, 4096)  # none: w
             rows, cols = np.divmod(np.arange(R * C), C)
-            out[f"{pre}similarity"] = sim[rows // w, cols // w].astype(np.float32).reshape(R, C)
+            wr, wc = rows // wp, cols // wp
+            inside = (wr < sim.shape[0]) & (wc < sim.shape[1])   # border patches of no window: NaN
+            vals = np.full(R * C, np.nan, np.float32)
+            vals[inside] = sim[wr[inside], wc[inside]]
+            out[f"{pre}similarity"] = vals.reshape(R, C)
     return out
 
 

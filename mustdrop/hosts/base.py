@@ -66,6 +66,7 @@ class Host(ABC):
 
     family = ""
     layout = "single"
+    position_modes = ("reference", "original")   # the config.positions this host can run, default first
 
     def __init__(self, model, processor):
         self.model = model.eval()
@@ -101,6 +102,15 @@ class Host(ABC):
     @abstractmethod
     def key_score_name(self) -> str:
         """The score that ranks the key set (and vision-side baselines) on this tower, in words."""
+
+    def num_images(self, inputs) -> int:
+        """How many images ``inputs`` holds (the runner takes one)."""
+        return int(inputs["pixel_values"].shape[0])
+
+    def prefill_kwargs(self, vision: VisionResult, S: int, T: int) -> dict:
+        """Extra keyword arguments of the prefill forward (e.g. position ids the model cannot lay out
+        from embeddings alone); none for 1-D positions."""
+        return {}
 
     # ------------------------------------------------------------------ decoder: queries and positions
     def query_proj(self, layer: int):
