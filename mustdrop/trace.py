@@ -20,7 +20,9 @@ converted on load: see GEOMETRY below):
   stage1b     enabled, keep_rate, score (which score ranks the key set), key_tokens (ids in the
               merged numbering 0..N0-1)
   crops       per crop: name, grid [rows, cols] (its patch grid, not assumed square), mapping (as
-              input.mapping, for that crop), merged_windows
+              input.mapping, for that crop), merged_windows; optional window_patches (a stage 1a window's
+              side in patches when it is not stage1a.window, e.g. 2w under Qwen-VL's 2 x 2 merger;
+              patches of no whole window get similarity NaN)
   stage2      one entry per prune layer: layer, entering, kept, dropped
   vision_tokens_per_layer   vision tokens each LLM layer processed in prefill
   kv          entries_per_layer and vision_entries_per_layer after the trim, bytes_per_entry (K+V)

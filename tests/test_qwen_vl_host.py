@@ -312,3 +312,18 @@ def test_key_score_is_the_attention_received_in_the_last_block_in_the_models_tok
     want = out.pooler_output[0][:, 0].float().numpy()
     assert len(chunks) > (1 if qwen.host.windowed else 0)
     np.testing.assert_allclose(t.arrays["stage1b.key_score"], want, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", QWEN)
+def test_shipped_defaults_scale_the_prune_layers_to_the_published_depth(name):
+    import json
+
+    from mustdrop.config import ModelDefaults, scaled_prune_layers
+    depth = json.loads((PUBLISHED / name / "config.json").read_text())
+    depth = depth.get("text_config", {}).get("num_hidden_layers") or depth["num_hidden_layers"]
+    d = ModelDefaults.load(f"Qwen/{name}", depth)
+    assert d.prune_layers == scaled_prune_layers(depth) and max(d.prune_layers) < depth
+    assert d.positions == "original" and "not yet calibrated" in d.source
+    cfg = MustDropConfig.preset_for("64", d)
+    assert cfg.positions == "original" and cfg.prune_layers == d.prune_layers
+    assert ModelDefaults.from_file(PUBLISHED.parent.parent / "mustdrop" / "defaults" / f"Qwen--{name}.json").to_json()["positions"] == "original"
