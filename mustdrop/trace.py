@@ -22,7 +22,8 @@ converted on load: see GEOMETRY below):
   crops       per crop: name, grid [rows, cols] (its patch grid, not assumed square), mapping (as
               input.mapping, for that crop), merged_windows; optional window_patches (a stage 1a window's
               side in patches when it is not stage1a.window, e.g. 2w under Qwen-VL's 2 x 2 merger;
-              patches of no whole window get similarity NaN)
+              patches of no whole window get similarity NaN); optional token_patches (patches one unmerged
+              token covers, 4 under a 2 x 2 merger; default 1): patch.merged marks tokens covering more
   stage2      one entry per prune layer: layer, entering, kept, dropped
   vision_tokens_per_layer   vision tokens each LLM layer processed in prefill
   kv          entries_per_layer and vision_entries_per_layer after the trim, bytes_per_entry (K+V)
@@ -430,8 +431,12 @@ def patch_maps(t: Trace) -> dict:
         res[have] = np.asarray(values)[token_of_patch[have]]
         return res
 
+    unit = np.ones(N, dtype=np.int64)      # patches one unmerged token covers (4 under a 2 x 2 merger)
+    for c in range(t.n_crops):
+        R, C = t.crop_grid(c)
+        unit[t.crop_offset(c):t.crop_offset(c) + R * C] = _int(m["crops"][c].get("token_patches", 1), "token_patches", 1, 64)
     maps = {"token": token_of_patch,
-            "merged": (have & (sizes[np.maximum(token_of_patch, 0)] > 1)).astype(np.uint8)}
+            "merged": (have & (sizes[np.maximum(token_of_patch, 0)] > unit)).astype(np.uint8)}
     is_key = np.zeros(N0, dtype=np.uint8)
     is_key[m["stage1b"]["key_tokens"]] = 1
     maps["key"] = spread(is_key, 0, np.uint8)

@@ -72,6 +72,7 @@ def test_placeholders_equal_feature_rows_and_the_trace_records_the_grid(qwen):
     assert groups[1].tolist() == [2, 3, 36 + 2, 36 + 3]            # token (0, 1): patches of rows 0-1, cols 2-3
     assert t.meta["input"]["mapping"]["processed"] == [504, 308]
     assert "substitute" in t.meta["stage1b"]["score"]
+    assert t.patch("merged").sum() == 0                      # a 2 x 2 block is one token, not a merged window
 
 
 def processed_image(pixel_values, rows, cols, patch=14, merge=2):
@@ -218,6 +219,7 @@ def test_merging_and_dropping_run_equals_the_masking_reference(qwen, window):
     merged = t.meta["stage1a"]["merged_windows"]
     assert 0 < len(merged) and t.meta["sequence"]["N0"] == 198 - (window * window - 1) * len(merged)
     assert t.meta["stage2"][0]["dropped"] > 0
+    assert t.patch("merged").sum() == len(merged) * (2 * window) ** 2    # exactly the merged windows' patches
     tr, tc = 11, 18
     # the merged tokens' positions: the centre of their window on the token grid, from the trace's records
     first = t.arrays["tokens.groups"][:, ::4]                  # the first patch of each covered token
@@ -327,3 +329,16 @@ def test_shipped_defaults_scale_the_prune_layers_to_the_published_depth(name):
     cfg = MustDropConfig.preset_for("64", d)
     assert cfg.positions == "original" and cfg.prune_layers == d.prune_layers
     assert ModelDefaults.from_file(PUBLISHED.parent.parent / "mustdrop" / "defaults" / f"Qwen--{name}.json").to_json()["positions"] == "original"
+
+
+def test_same_budget_comparison_of_a_mustdrop_run(qwen):
+    """The app's Compare choice: a baseline at the budget of a MustDrop run (mustdrop.matched), with the
+    run's positions; the drop layer is chosen from this image's token count (the grid is per image)."""
+    from mustdrop.matched import matched_config, run_budget
+    image = textured()
+    run = qwen.run(image, QUESTION, dropping(qwen, image), max_new_tokens=1).trace
+    for method in ("fastv", "random", "pdrop", "fastervlm"):
+        cfg = matched_config(qwen, method, run)
+        assert cfg.positions == "original"
+        t = qwen.run(image, QUESTION, cfg, max_new_tokens=1).trace
+        assert abs(run_budget(t) - run_budget(run)) <= 0.5 + 1e-9, method

@@ -115,7 +115,8 @@ class QwenVLHost(Host):
             patch_score, token_score = self._received_scores(seen, thw, rows, cols)
         mapping = geo.image_mapping(img.width, img.height, cols * self.patch, rows * self.patch)
         crop = {"name": "image", "grid": [rows, cols], "token_grid": [tr, tc], "mapping": mapping,
-                "merged_windows": [], "window_patches": config.window * self.merge}
+                "merged_windows": [], "window_patches": config.window * self.merge,
+                "token_patches": self.merge * self.merge}
         empty = torch.zeros(0, dtype=torch.long, device=device)
         if config.method == "fastervlm":
             plan = stages.plan_vision_side(config.method, config.budget, features.shape[0])
