@@ -18,6 +18,7 @@ from mustdrop.config import PRESET_NAMES
 from mustdrop.images import ImageInputError, load_image
 from mustdrop.trace import Trace, TraceError
 from mustdrop.vis import compare as vis_compare
+from mustdrop.vis.text import html_text, md_code, md_text
 
 from . import inputs
 from .engine import COMPARE_METHODS, PRESETS, Lens, compare_method, user_errors
@@ -25,6 +26,7 @@ from .examples import EXAMPLES_DIR, GroundTruthIndex, image_sha, load_examples, 
 from .session import Frame, Session, save_comparison, split_comparison
 from .views import View, all_views
 from .views.base import CROP, GT, LAYER, SELECTION
+from .views.layer import slider_range
 from .workdir import Workdir
 
 MAX_FILE_SIZE = "64mb"                     # uploads (images, traces); traces are limited to 64 MB anyway
@@ -118,8 +120,8 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
         return {status: gr.skip()}
 
     def warn(msg):
-        gr.Warning(msg)
-        return {status: f"**Problem:** {msg}"}
+        gr.Warning(html_text(msg))  # Gradio renders toasts as (sanitised) HTML: show the message as text
+        return {status: f"**Problem:** {md_text(msg)}"}
 
     def guarded(fn):
         @functools.wraps(fn)
@@ -138,7 +140,7 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
         tr = session.trace
         out = draw(session, Frame.of(session, tr.start_layer, None, show_gt))
         out.update({state: session, sel_state: None, stale_md: "",
-                    layer_slider: gr.Slider(minimum=0, maximum=tr.num_layers - 1, value=tr.start_layer, step=1),
+                    layer_slider: gr.Slider(value=tr.start_layer, step=1, **slider_range(tr.num_layers)),
                     crop_in: gr.Dropdown(choices=session.crop_choices(), value=0, visible=tr.n_crops > 1),
                     status: message})
         return out
@@ -164,9 +166,9 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
         session = Session.of_run(trace, vanilla, img, gt, saved + save_comparison(other, saved[0]), compare=other)
         session.image_name = src if isinstance(src, str) else ""
         return show_session(session, bool(show_gt),
-                            f"**Done:** vanilla and MustDrop ({trace.meta['config'].get('preset')})"
-                            f"{'' if other is None else ' and ' + other.meta['config'].get('preset')} on "
-                            f"`{trace.meta['model']['id']}`" + ("" if gt is None else " · ground-truth outlines available"))
+                            f"**Done:** vanilla and MustDrop ({md_text(trace.meta['config'].get('preset'))})"
+                            f"{'' if other is None else ' and ' + md_text(other.meta['config'].get('preset'))} on "
+                            f"{md_code(trace.meta['model']['id'])}" + ("" if gt is None else " · ground-truth outlines available"))
 
     def on_upload(uploaded, image, show_gt=True):
         paths = inputs.payload_path(uploaded)
@@ -184,9 +186,9 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
             img, note = load_image(src), "drawn on the matching image from the image box"
         session = Session.of_run(md, va, img, truth.for_trace(md), [str(p) for p in paths], note, compare=other)
         return show_session(session, bool(show_gt),
-                            f"**Replaying** the trace of `{md.meta['model']['id']}` (preset "
-                            f"{md.meta['config'].get('preset')}{', with vanilla' if va is not None else ', no vanilla trace'}"
-                            f"{'' if other is None else ', compared with ' + other.meta['config'].get('preset')})"
+                            f"**Replaying** the trace of {md_code(md.meta['model']['id'])} (preset "
+                            f"{md_text(md.meta['config'].get('preset'))}{', with vanilla' if va is not None else ', no vanilla trace'}"
+                            f"{'' if other is None else ', compared with ' + md_text(other.meta['config'].get('preset'))})"
                             f" without the model; {note}")
 
     def on_layer(session, layer, sel, show_gt):
@@ -262,7 +264,7 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
             return ""
         now = f"preset {shown}" + ("" if shown_cmp == "none" else f" compared with {shown_cmp}")
         then = f"{preset}" + ("" if wanted_cmp == "none" else f" compared with {wanted_cmp}")
-        return f"**Stale:** shown: {now}; press **Run** for {then}."
+        return f"**Stale:** shown: {md_text(now)}; press **Run** for {md_text(then)}."
 
     def on_preset(session, preset, *knob_values_and_compare):
         """Fill the advanced panel with a named preset's knobs (the model's own defaults); say whether
@@ -306,7 +308,7 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
 
     # ------------------------------------------------------------------ layout
     model_note = ("" if lens.load_error is None else
-                  f"\n\n**The model could not be loaded:** {lens.load_error}\n\nTrace upload and replay still work.")
+                  f"\n\n**The model could not be loaded:** {md_text(lens.load_error)}\n\nTrace upload and replay still work.")
     slot = lambda name: [v for v in views if v.slot == name]  # noqa: E731
     with gr.Blocks(title="MustDrop Lens", delete_cache=(3600, 7200)) as demo:   # hourly: files older than 2 h
         state = gr.State(None, time_to_live=3 * 3600)      # the visitor's Session, freed after 3 h
@@ -314,7 +316,7 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
         gr.Markdown("# MustDrop Lens\nWhat multi-stage vision token dropping "
                     "([MustDrop](https://arxiv.org/abs/2411.10803)) does to every image patch of a LLaVA model: "
                     "**1a** spatial merge · **1b** key tokens · **2** dual-attention filter · "
-                    f"**3** KV trim. Model: `{lens.model_label}`." + model_note)
+                    f"**3** KV trim. Model: {md_code(lens.model_label)}." + model_note)
         status = gr.Markdown("Choose an example or upload an image, ask a question, press **Run**.", elem_id="status")
         with gr.Row():
             with gr.Column(scale=1, min_width=320):
@@ -364,8 +366,8 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
                 for v in slot("top"):
                     v.build()
                 with gr.Row():
-                    layer_slider = gr.Slider(0, depth - 1, value=0, step=1, label="LLM layer (0-based)", elem_id="layer_slider",
-                                             scale=3)
+                    layer_slider = gr.Slider(value=0, step=1, label="LLM layer (0-based)", elem_id="layer_slider",
+                                             scale=3, **slider_range(depth))
                     crop_in = gr.Dropdown(choices=[("image", 0)], value=0, label="crop (LLaVA-NeXT: base image, tiles)",
                                           visible=False, elem_id="crop_in", scale=1)
                     show_gt = gr.Checkbox(True, label="ground-truth objects (scene-world examples; thick white = the one asked about)",

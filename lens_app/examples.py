@@ -33,6 +33,7 @@ import numpy as np
 
 from mustdrop.images import load_image
 from mustdrop.vis import GroundTruth
+from mustdrop.vis.text import md_code
 
 from .engine import DEFAULT_MODEL, HERE
 
@@ -187,8 +188,8 @@ def offer(examples: list[Example], tokenizer=None, model_label: str = "the model
     note = ""
     if photos:
         (first, where), *more = PHOTO_CHECKPOINTS
-        flags = "".join(f", or `--model {c}` ({w})" for c, w in more)
-        who = f"The shipped model `{model_label}`" if model_label == DEFAULT_MODEL else f"`{model_label}`"
+        flags = "".join(f", or `--model {c}` ({w})" for c, w in more)       # PHOTO_CHECKPOINTS: ours
+        who = f"The shipped model {md_code(model_label)}" if model_label == DEFAULT_MODEL else md_code(model_label)
         note = (f"**Photos need a real checkpoint.** {who} knows the scene world only ({len(tokenizer)} "
                 f"words): it cannot say what a photo shows, so the photos below come without a question. "
                 f"For photos start the app with `python viz_app.py --model {first}` ({where}){flags}.")

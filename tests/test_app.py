@@ -2,6 +2,7 @@
 bad inputs (never a traceback, the server keeps serving), replay of uploaded traces, the vanilla
 cache, two users at once, the example listing, and the pieces of lens_app on their own."""
 
+import html
 import json
 import re
 import shlex
@@ -121,7 +122,9 @@ def run_ui(client, path, question="what color is the square?", preset="custom", 
 
 
 def status_of(result):
-    return next((x for x in result if isinstance(x, str) and x.startswith(("**Problem", "**Done", "**Replaying"))), None)
+    """The status line's Markdown, its escaped values read back (``\\[`` -> ``[``, ``&lt;`` -> ``<``)."""
+    md = next((x for x in result if isinstance(x, str) and x.startswith(("**Problem", "**Done", "**Replaying"))), None)
+    return None if md is None else html.unescape(re.sub(r"\\([!-/:-@\[-`{-~])", r"\1", md))
 
 
 @pytest.mark.parametrize("kw,message", [

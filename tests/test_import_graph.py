@@ -66,3 +66,20 @@ def test_no_module_of_the_package_is_on_a_circle():
 
 def test_status_codes_live_in_a_leaf_module():
     assert import_graph()["mustdrop.statuses"] == set()
+
+
+def test_the_shared_run_machinery_knows_no_model_family():
+    """mustdrop/run/ reaches a family only through the Host interface: none of its modules imports a
+    host module other than hosts.base (a new family is one host module, no edit here)."""
+    graph = import_graph()
+    for name, deps in graph.items():
+        if name.startswith("mustdrop.run"):
+            families = {d for d in deps if d.startswith("mustdrop.hosts.") and d != "mustdrop.hosts.base"}
+            assert not families, (name, families)
+            assert not any(d.startswith("mustdrop.adapters") for d in deps), name
+
+
+def test_a_host_module_needs_only_the_interface_and_the_pure_stages():
+    graph = import_graph()
+    for name in ("mustdrop.hosts.llava", "mustdrop.hosts.llava_next"):
+        assert not any(d.startswith(("mustdrop.run", "mustdrop.adapters")) for d in graph[name]), graph[name]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gradio as gr
 
 from mustdrop import vis
+from mustdrop.vis.text import md_text
 
 from .base import View, view
 
@@ -35,8 +36,8 @@ class AnswersView(View):
     def draw(self, s, f):
         tr, va = s.trace, s.vanilla
         d = vis.answer_diff(va, tr)
-        return {self.question: f"**Question:** {tr.meta['input']['question']}\n\n"
-                               f"**Vanilla:** {va.answer if va is not None else '–'}  \n"
-                               f"**MustDrop ({tr.meta['config'].get('preset')}):** {tr.answer}",
+        return {self.question: f"**Question:** {md_text(tr.meta['input']['question'])}\n\n"
+                               f"**Vanilla:** {md_text(va.answer) if va is not None else '–'}  \n"
+                               f"**MustDrop ({md_text(tr.meta['config'].get('preset'))}):** {md_text(tr.answer)}",
                 self.vanilla: d["vanilla"], self.mustdrop: d["mustdrop"], self.diff: d["text"],
                 self.probs: d["table"]}

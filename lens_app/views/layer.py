@@ -11,6 +11,12 @@ from mustdrop import vis
 from .base import CROP, GT, LAYER, View, view
 
 
+def slider_range(num_layers: int) -> dict:
+    """The layer slider's range for a model of ``num_layers`` LLM layers. Gradio refuses a slider whose
+    minimum equals its maximum, so a one-layer model gets 0..1, fixed (every redraw clamps to layer 0)."""
+    return dict(minimum=0, maximum=max(1, num_layers - 1), interactive=num_layers > 1)
+
+
 @view
 class LayerCaption(View):
     slot, order = "caption", 0

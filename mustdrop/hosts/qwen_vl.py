@@ -179,7 +179,7 @@ class QwenVLHost(Host):
         return patch_score, token_score
 
     # ------------------------------------------------------------------ decoder positions
-    def prefill_kwargs(self, vision: VisionResult, S: int, T: int) -> dict:
+    def prefill_kwargs(self, inputs, S: int, N0: int, T: int, vision: VisionResult | None = None) -> dict:
         """The M-RoPE position ids of the prompt as the LLM gets it (the model cannot lay them out from
         embeddings), and the bookkeeping decode needs: its first position and the model's rope_deltas."""
         rows, cols = vision.crops[0]["grid"]

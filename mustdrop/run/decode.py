@@ -60,8 +60,9 @@ def decode(host, cache, logits, state, config, sampling, max_new_tokens: int, ke
             if ("all", b) not in tables:      # every step's rotary table of this base, computed once
                 pos = host.decode_position_ids(b, max_new_tokens, device)
                 tables[("all", b)] = (host.rotary(hidden, pos), pos)
-            (cos, sin), pos = tables[("all", b)]
-            tables[(b, k)] = ((cos[:, k:k + 1], sin[:, k:k + 1]), pos[:, k:k + 1])
+            pe, pos = tables[("all", b)]
+            at = slice(k, k + 1)
+            tables[(b, k)] = (host.embeddings_at(pe, at), host.position_ids_at(pos, at))
         return tables[(b, k)]
 
     def per_layer_position(module, args, kwargs):
@@ -89,7 +90,8 @@ def decode(host, cache, logits, state, config, sampling, max_new_tokens: int, ke
                 break
             current["step"] = step
             out = host.model(input_ids=torch.tensor([[tok]], device=device), past_key_values=cache,
-                             position_ids=positions[:, step:step + 1], use_cache=True)
+                             position_ids=host.position_ids_at(positions, slice(step, step + 1)),
+                                 use_cache=True)
             logits = out.logits[0, -1].float()
     return {"token_ids": tokens, "probs": torch.stack(probs), "stop": stop}, step_logits
 

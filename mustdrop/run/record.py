@@ -19,26 +19,26 @@ from .prompt import input_hash
 def build_trace(runner, img, question, prompt, config, sampling, max_new_tokens, state, vision: VisionResult,
                 kv_stages, gen, timings) -> Trace:
     """The trace of one run of ``runner`` (its host, model id and defaults)."""
-    host_model = runner.host
+    host = runner.host
     S, T, N0 = state.S, state.T, state.N0
-    host = _fetch(vision, state, gen)
-    alive = _alive_per_stage(state, host)
-    arrays, crops = _vision_arrays(vision, host, N0)
-    stage2, vision_per_layer = _stage2_arrays(state, host, alive, arrays, host_model.num_layers)
+    fetched = _fetch(vision, state, gen)
+    alive = _alive_per_stage(state, fetched)
+    arrays, crops = _vision_arrays(vision, fetched, N0)
+    stage2, vision_per_layer = _stage2_arrays(state, fetched, alive, arrays, host.num_layers)
     entries, vision_entries = [], []
     for layer, stage in enumerate(kv_stages):
         idx = alive[stage].astype(np.int64)
         arrays[f"kv.L{layer}"] = idx
         entries.append(int(idx.size))
         vision_entries.append(int(((idx >= S) & (idx < S + N0)).sum()))
-    llm, bytes_per_entry = _llm_meta(host_model)
+    llm, bytes_per_entry = _llm_meta(host)
     pixels = np.asarray(img)
     n_patches = sum(int(c["grid"][0]) * int(c["grid"][1]) for c in crops)
     meta = {
         "schema": SCHEMA_VERSION,
-        "model": {"id": runner.model_id, "family": host_model.family, "layout": host_model.layout,
-                  "dtype": str(host_model.model.dtype).replace("torch.", ""),
-                  "device": str(host_model.model.device), "vision": host_model.vision_meta(), "llm": llm},
+        "model": {"id": runner.model_id, "family": host.family, "layout": host.layout,
+                  "dtype": str(host.model.dtype).replace("torch.", ""),
+                  "device": str(host.model.device), "vision": host.vision_meta(), "llm": llm},
         "config": config.to_dict(),
         "method": config.method,
         "defaults_source": runner.defaults.source,
@@ -51,12 +51,12 @@ def build_trace(runner, img, question, prompt, config, sampling, max_new_tokens,
         "stage1a": {"enabled": config.merge, "window": config.window, "threshold": config.merge_threshold,
                     "merged_windows": crops[0]["merged_windows"]},
         "stage1b": {"enabled": config.key_set, "keep_rate": config.key_keep_rate,
-                    "score": host_model.key_score_name(), "key_tokens": host["key_tokens"].tolist()},
+                    "score": host.key_score_name(), "key_tokens": fetched["key_tokens"].tolist()},
         "stage2": stage2,
         "vision_tokens_per_layer": vision_per_layer,
         "kv": {"entries_per_layer": entries, "vision_entries_per_layer": vision_entries,
                "bytes_per_entry": int(bytes_per_entry)},
-        "generation": _generation_meta(host_model.processor.tokenizer, gen, sampling, max_new_tokens, host["probs"]),
+        "generation": _generation_meta(host.processor.tokenizer, gen, sampling, max_new_tokens, fetched["probs"]),
         "timings": timings,
     }
     meta["input"]["input_hash"] = input_hash(meta["input"]["image"]["sha256"], question)
@@ -85,29 +85,29 @@ def _fetch(vision: VisionResult, state, gen) -> dict:
     return _to_host(want)
 
 
-def _vision_arrays(vision: VisionResult, host: dict, N0: int):
+def _vision_arrays(vision: VisionResult, fetched: dict, N0: int):
     """The vision block's arrays (tokens' patches and weights, similarity, newline rows, key score)
     and the crops' records with their merged windows on the host."""
-    crops = [{**crop, "merged_windows": host[f"merged{c}"].tolist() if f"merged{c}" in host
+    crops = [{**crop, "merged_windows": fetched[f"merged{c}"].tolist() if f"merged{c}" in fetched
               else crop["merged_windows"]} for c, crop in enumerate(vision.crops)]
-    groups = host["groups"].astype(np.int64)
+    groups = fetched["groups"].astype(np.int64)
     arrays: dict[str, np.ndarray] = {"tokens.groups": groups}
-    if "weights" in host:
-        arrays["tokens.weights"] = host["weights"].astype(np.float32)
+    if "weights" in fetched:
+        arrays["tokens.weights"] = fetched["weights"].astype(np.float32)
     for c, sim in enumerate(vision.similarity):
         if sim is not None:
             arrays["stage1a.similarity" if c == 0 else f"stage1a.c{c}.similarity"] = \
-                host[f"sim{c}"].astype(np.float32)
-    if host["protected"].size:
+                fetched[f"sim{c}"].astype(np.float32)
+    if fetched["protected"].size:
         newline = np.zeros(N0, np.uint8)
-        newline[host["protected"]] = 1
+        newline[fetched["protected"]] = 1
         arrays["tokens.newline"] = newline
     if vision.key_score is not None:
-        arrays["stage1b.key_score"] = host["key_score"].astype(np.float32)
+        arrays["stage1b.key_score"] = fetched["key_score"].astype(np.float32)
     return arrays, crops
 
 
-def _stage2_arrays(state, host: dict, alive: list, arrays: dict, num_layers: int):
+def _stage2_arrays(state, fetched: dict, alive: list, arrays: dict, num_layers: int):
     """Each prune layer's tokens, scores and statuses into ``arrays``; its meta record; the vision
     tokens each LLM layer processed."""
     S = state.S
@@ -117,9 +117,9 @@ def _stage2_arrays(state, host: dict, alive: list, arrays: dict, num_layers: int
         p = f"stage2.L{layer}"
         arrays[f"{p}.tokens"] = (alive[i][S:S + V] - S).astype(np.int64)   # merged-token ids
         if res is not None:
-            arrays[f"{p}.global_share"] = host[f"gs{i}"].astype(np.float32)
-            arrays[f"{p}.individual_max"] = host[f"im{i}"].astype(np.float32)
-            arrays[f"{p}.status"] = host[f"st{i}"].astype(np.int8)
+            arrays[f"{p}.global_share"] = fetched[f"gs{i}"].astype(np.float32)
+            arrays[f"{p}.individual_max"] = fetched[f"im{i}"].astype(np.float32)
+            arrays[f"{p}.status"] = fetched[f"st{i}"].astype(np.int8)
             kept_n, dropped_n = int(res.kept.numel()), int((arrays[f"{p}.status"] == stages.DROPPED).sum())
         else:
             arrays[f"{p}.global_share"] = np.zeros(0, np.float32)
@@ -190,7 +190,7 @@ def _to_host(tensors: dict, pack: bool | None = None) -> dict:
     return {name: host[id(t)] for name, t in tensors.items()}
 
 
-def _alive_per_stage(state, host: dict) -> list:
+def _alive_per_stage(state, fetched: dict) -> list:
     """The original-sequence indices of the tokens each stage of layers processed (stage i: the
     sequence entering prune layer i; the last: the survivors of every drop), rebuilt on the host from
     the recorded statuses (a token is kept where its status is not DROPPED), so that the trace needs
@@ -200,7 +200,7 @@ def _alive_per_stage(state, host: dict) -> list:
     for i, rec in enumerate(state.records):
         a, V = alive[-1], rec["V"]
         if rec["result"] is not None:
-            kept = np.flatnonzero(host[f"st{i}"] != stages.DROPPED)
+            kept = np.flatnonzero(fetched[f"st{i}"] != stages.DROPPED)
             if kept.size != rec["result"].kept.numel():
                 raise RuntimeError(f"prune layer {rec['layer']}: {kept.size} statuses say kept, but "
                                    f"{rec['result'].kept.numel()} tokens were kept")

@@ -112,7 +112,7 @@ class MustDropRunner:
             if config.filter:
                 attach_prefill(hooks, host, state, config, decisions._decide)
             out = self.model(inputs_embeds=embeds, past_key_values=cache, use_cache=True, logits_to_keep=1,
-                             **host.prefill_kwargs(vision, S, T))
+                             **host.prefill_kwargs(inputs, S, features.shape[0], T, vision=vision))
         logits = out.logits[0, -1].float()
         say("kv_trim")
         kv_stages = trim(cache, state, config, self.num_layers)

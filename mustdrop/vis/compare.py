@@ -11,8 +11,6 @@ nothing MustDrop's does not have. The overlap is drawn with exact colours
 
 from __future__ import annotations
 
-import html
-
 import numpy as np
 
 from .. import accounting
@@ -22,6 +20,7 @@ from .palette import (COMPARE_BOTH, COMPARE_BOTH_LABEL, COMPARE_NEITHER, COMPARE
                       COMPARE_ONLY_MUSTDROP, COMPARE_ONLY_MUSTDROP_LABEL, COMPARE_ONLY_OTHER,
                       COMPARE_ONLY_OTHER_LABEL, DEFAULT_OPACITY, WEIGHT_KEPT, WEIGHT_REMOVED, WHITE,
                       check_opacity)
+from .text import md_text, mpl_text
 
 SHARED_OUTLINE = WHITE               # thin border on the single-method maps: the patch shares its token
 
@@ -57,8 +56,8 @@ def check_pair(md, other) -> None:
     if not is_baseline(other):
         raise TraceError("the comparison trace is not a same-budget baseline (its config method is 'mustdrop')")
     same_input = md.meta["input"].get("input_hash") == other.meta["input"].get("input_hash")
-    if not same_input or md.n_crops != other.n_crops \
-            or any(md.crop_grid(c) != other.crop_grid(c) for c in range(md.n_crops)) or md.num_layers != other.num_layers:
+    same_grids = md.n_crops == other.n_crops and all(md.crop_grid(c) == other.crop_grid(c) for c in range(md.n_crops))
+    if not same_input or not same_grids or md.num_layers != other.num_layers:
         raise TraceError("the comparison trace is of another image, question or model than the MustDrop trace")
 
 
@@ -155,7 +154,7 @@ def compare_markdown(md, other, layer: int, vanilla=None, crop: int = 0) -> str:
     s = summary(md, other, layer, crop)
     name, o, e = s["method_name"], s["overlap"], s["equivalent_tokens"]
     n = sum(o.values())
-    esc = lambda x: html.escape(" ".join(str(x).split())).replace("|", "\\|")  # noqa: E731 - inside a table
+    esc = md_text
     lines = [f"**MustDrop {esc(md.meta['config'].get('preset'))} against {esc(name)} at the same budget**, "
              f"after LLM layer {layer} (patches of {n}):", "",
              "| kept by both | only by MustDrop | only by " + esc(name) + " | by neither |", "|---|---|---|---|",
@@ -189,7 +188,7 @@ def legend_html(other=None, inspected: bool = True) -> str:
     parts = [_swatch(OVERLAP_COLOURS[k], labels[k]) for k in (BOTH, ONLY_MUSTDROP, ONLY_OTHER, NEITHER)]
     parts.append(_dot(DOTS["compare"]))
     parts.append("single-method maps: MustDrop's kept patches in purple, "
-                 f"{html.escape(name)}'s in rose, the rest dark grey; a thin white border: the patch shares its "
+                 f"{name}'s in rose, the rest dark grey; a thin white border: the patch shares its "
                  "token with others (a merged window, a VisionZip contextual token, a pooled cell)")
     if inspected:
         parts.append(_ring(SELECT_OUTLINE, "white square with a black line: inspected patch", inner=(0, 0, 0)))
@@ -215,10 +214,10 @@ def draw_slide_panel(ax_image, ax_text, md, other, layer: int | None = None, *, 
     s = summary(md, other, layer, crop)
     name, o, e = s["method_name"], s["overlap"], s["equivalent_tokens"]
     ax_image.imshow(overlap_overlay(md, other, layer, base=base, gt_masks=gt_masks, crop=crop, opacity=opacity))
-    ax_image.set_title(f"vs {name}, after layer {layer} (0-based)")
+    ax_image.set_title(f"vs {name}, after layer {layer} (0-based)", parse_math=False)
     ax_image.set_axis_off()
     short = {BOTH: f"both: {o['both']}", ONLY_MUSTDROP: f"only MustDrop: {o['only_mustdrop']}",
-             ONLY_OTHER: f"only {name}: {o['only_other']}", NEITHER: f"neither: {o['neither']}"}
+             ONLY_OTHER: f"only {mpl_text(name)}: {o['only_other']}", NEITHER: f"neither: {o['neither']}"}
     dots = Line2D([], [], ls="none", marker="s", ms=5, mfc="white", mec="0.2", label="centre dot: exact colour")
     ax_image.legend(handles=[Patch(facecolor=np.array(OVERLAP_COLOURS[k]) / 255, edgecolor="0.2", label=short[k])
                              for k in (BOTH, ONLY_MUSTDROP, ONLY_OTHER, NEITHER)] + [dots],
@@ -236,4 +235,4 @@ def draw_slide_panel(ax_image, ax_text, md, other, layer: int | None = None, *, 
     lines += ["", "eq. tokens  MustDrop / other", f"  authors' {e['mustdrop']['authors']:6.1f} / {e['other']['authors']:.1f}",
               f"  compute  {e['mustdrop']['compute']:6.1f} / {e['other']['compute']:.1f}"]
     ax_text.text(0.0, 1.0, "\n".join(lines), va="top", ha="left", family="monospace", fontsize=11,
-                 transform=ax_text.transAxes)
+                 transform=ax_text.transAxes, parse_math=False)

@@ -7,12 +7,11 @@ tint, and so the pixels decode back to the trace's decisions.
 
 from __future__ import annotations
 
-import html
-
 import numpy as np
 
 from ..trace import DROPPED, KEPT_BOTH, KEPT_GLOBAL, KEPT_INDIVIDUAL, KEPT_KEY, NOT_ENTERING
 from .overlays import has_untokened, heatmap_values
+from .text import html_text
 from .palette import (COMPARE_LABELS, GT_OUTLINE, GT_TARGET, HEATMAPS, KEY_OUTLINE, KV_ABSENT, KV_CACHED,
                       KV_COLOURS, KV_LABELS, KV_TRIMMED, NAN_COLOUR, NO_TOKEN, NO_TOKEN_LABEL, SELECT_OUTLINE,
                       STATUS_COLOURS, STATUS_LABELS, UNMERGED_DOT, group_colour, heat_colours, lut)
@@ -26,35 +25,39 @@ DOTS = {  # what the centre dots of each kind of view are
 }
 
 
+class Html(str):
+    """A legend part that is markup already (a swatch, a ring); any other part is text and escaped."""
+
+
 def _swatch(rgb, label):
-    return (f'<span style="display:inline-flex;align-items:center;margin:2px 10px 2px 0">'
+    return Html(f'<span style="display:inline-flex;align-items:center;margin:2px 10px 2px 0">'
             f'<span style="display:inline-block;width:14px;height:14px;border:1px solid #333;'
-            f'background:rgb{tuple(rgb)};margin-right:5px"></span>{html.escape(label)}</span>')
+            f'background:rgb{tuple(rgb)};margin-right:5px"></span>{html_text(label)}</span>')
 
 
 def _ring(rgb, label, inner=None, radius="0"):
     """An outline mark: a hollow square (or circle) in ``rgb``, optionally with an inner line."""
     inner_css = f"box-shadow:inset 0 0 0 1px rgb{tuple(inner)};" if inner is not None else ""
-    return (f'<span style="display:inline-flex;align-items:center;margin:2px 10px 2px 0">'
+    return Html(f'<span style="display:inline-flex;align-items:center;margin:2px 10px 2px 0">'
             f'<span style="display:inline-block;width:12px;height:12px;border:3px solid rgb{tuple(rgb)};'
             f'outline:1px solid #333;border-radius:{radius};{inner_css}background:#777;margin-right:5px"></span>'
-            f'{html.escape(label)}</span>')
+            f'{html_text(label)}</span>')
 
 
 def _dot(text):
     """The centre-dot line: a grey cell with a white dot in it, and what the dots are."""
-    return (f'<span style="display:inline-flex;align-items:center;margin:2px 10px 2px 0">'
+    return Html(f'<span style="display:inline-flex;align-items:center;margin:2px 10px 2px 0">'
             f'<span style="display:inline-flex;align-items:center;justify-content:center;width:14px;height:14px;'
             f'border:1px solid #333;background:#999;margin-right:5px"><span style="width:5px;height:5px;'
-            f'background:#fff"></span></span>{html.escape(text)}</span>')
+            f'background:#fff"></span></span>{html_text(text)}</span>')
 
 
 def _gradient(cmap, lo_label, hi_label):
     stops = ", ".join(f"rgb{tuple(int(x) for x in lut(cmap)[i])}" for i in range(0, 256, 32)) \
         + f", rgb{tuple(int(x) for x in lut(cmap)[255])}"
-    return (f'<span style="display:inline-flex;align-items:center;margin:2px 10px 2px 0">{html.escape(lo_label)}'
+    return Html(f'<span style="display:inline-flex;align-items:center;margin:2px 10px 2px 0">{html_text(lo_label)}'
             f'<span style="display:inline-block;width:140px;height:12px;margin:0 6px;'
-            f'background:linear-gradient(to right, {stops})"></span>{html.escape(hi_label)}</span>')
+            f'background:linear-gradient(to right, {stops})"></span>{html_text(hi_label)}</span>')
 
 
 def legend_html(kind: str, trace=None, layer: int | None = None, inspected: bool = True, crop: int = 0,
@@ -82,12 +85,12 @@ def legend_html(kind: str, trace=None, layer: int | None = None, inspected: bool
             if v is not None and np.isfinite(v).any():
                 _, (a, b), _ = heat_colours(v, cmap, log)
                 lo, hi = (f"{10 ** a:.2g}", f"{10 ** b:.2g}") if log else (f"{a:.3g}", f"{b:.3g}")
-        parts = [html.escape(title) + ": ", _gradient(cmap, lo, hi),
+        parts = [title + ": ", _gradient(cmap, lo, hi),
                  _swatch(NAN_COLOUR, "no value (stage off or not entering)"), _dot(DOTS["heatmap"])]
         if kind == "key_score":
             parts.append(_ring(KEY_OUTLINE, "yellow outline: key token set (never dropped)"))
             if trace is not None and trace.meta["stage1b"].get("score"):
-                parts.append(f"key score: {html.escape(str(trace.meta['stage1b']['score']))}")
+                parts.append(f"key score: {trace.meta['stage1b']['score']}")
         if trace is not None and kind in ("global_share", "individual_max"):
             c = trace.meta["config"]
             thr = c["global_thr"] if kind == "global_share" else c["individual_thr"]
@@ -115,8 +118,8 @@ def legend_html(kind: str, trace=None, layer: int | None = None, inspected: bool
 
 
 def legend_block(parts) -> str:
-    """The legend's parts in one block; a plain-text part (a threshold, a count) gets the spacing of
-    a swatch, so it never runs into the next entry when the line wraps."""
-    items = [p if p.startswith("<") else f'<span style="display:inline-block;margin:2px 10px 2px 0">{p}</span>'
-             for p in parts]
+    """The legend's parts in one block; a plain-text part (a threshold, a count: trace values) is
+    escaped and gets the spacing of a swatch, so it never runs into the next entry when the line wraps."""
+    items = [p if isinstance(p, Html) else
+             f'<span style="display:inline-block;margin:2px 10px 2px 0">{html_text(p)}</span>' for p in parts]
     return '<div style="font-size:0.9em;line-height:1.6">' + "".join(items) + "</div>"

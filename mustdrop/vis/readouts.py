@@ -11,6 +11,7 @@ from .. import accounting
 from .geometry import original_box
 from .overlays import GroundTruth
 from .palette import NO_TOKEN_LABEL, STATUS_LABELS
+from .text import md_code, md_text, md_value
 
 
 # Special tokens of the tokenizers LLaVA checkpoints use (Llama / Vicuna / Mistral SentencePiece,
@@ -105,14 +106,14 @@ def lifecycle_markdown(trace, row: int, col: int, crop: int = 0) -> str:
     d = patch_lifecycle(trace, row, col, crop)
     m = trace.meta
     L = trace.num_layers
-    where = f" of {d['crop_name']}" if trace.n_crops > 1 else ""
+    where = f" of {md_text(d['crop_name'])}" if trace.n_crops > 1 else ""
     lines = [f"### Patch ({d['row']}, {d['col']}){where} — patch id {d['patch']}",
              "LLM layers are counted from 0."]
     box = original_box(trace, row, col, crop)
     if box is not None:
         x0, y0, x1, y1 = box
         lines.append(f"Covers original-image pixels x {x0:.0f}–{x1:.0f}, y {y0:.0f}–{y1:.0f} "
-                     f"({m['input']['image']['width']} x {m['input']['image']['height']} image).")
+                     f"({md_value(m['input']['image']['width'])} x {md_value(m['input']['image']['height'])} image).")
     if d["token"] < 0:
         lines.append(f"- **No token:** {NO_TOKEN_LABEL}; the language model never sees this patch.")
         return "\n".join(lines)
@@ -122,16 +123,16 @@ def lifecycle_markdown(trace, row: int, col: int, crop: int = 0) -> str:
     elif d["merged"]:
         lines.append(f"- **Stage 1a:** merged with {len(d['group']) - 1} neighbours into vision token "
                      f"{d['token']} (window similarity {_fmt(d.get('window_similarity'))} "
-                     f">= threshold {s1a['threshold']}); group patches {d['group']}")
+                     f">= threshold {md_value(s1a['threshold'])}); group patches {d['group']}")
     else:
         sim = d.get("window_similarity")
         lines.append(f"- **Stage 1a:** not merged (window similarity {_fmt(sim)} < threshold "
-                     f"{s1a['threshold']}); its own vision token {d['token']}")
+                     f"{md_value(s1a['threshold'])}); its own vision token {d['token']}")
     if not m["stage1b"]["enabled"]:
         lines.append("- **Stage 1b (key token set):** off")
     else:
         score = m["stage1b"].get("score", "CLS attention")
-        lines.append(f"- **Stage 1b:** key score {_fmt(d.get('key_score'))} ({score}); "
+        lines.append(f"- **Stage 1b:** key score {_fmt(d.get('key_score'))} ({md_text(score)}); "
                      + ("**key token** — protected from every later drop" if d["key"] else "not a key token"))
     if not d["stage2"]:
         lines.append("- **Stage 2 (dual-attention filter):** off / no prune layers")
@@ -139,7 +140,7 @@ def lifecycle_markdown(trace, row: int, col: int, crop: int = 0) -> str:
         lines.append("- **Stage 2:**\n\n| prune layer | global share (thr) | individual max (thr) | decision |\n|---|---|---|---|")
         for s in d["stage2"]:
             lines.append(f"| {s['layer']} | {_fmt(s['global_share'])} ({s['global_thr']:g}) | "
-                         f"{_fmt(s['individual_max'])} ({s['individual_thr']:g}) | {s['status_name']} |")
+                         f"{_fmt(s['individual_max'])} ({s['individual_thr']:g}) | {md_text(s['status_name'])} |")
         lines.append("")
     if d["dropped_after_layer"] >= 0:
         lines.append(f"- **Dropped** after LLM layer {d['dropped_after_layer']}: both its global share and "
@@ -176,13 +177,13 @@ def layer_markdown(trace, layer: int, gt=None, crop: int = 0) -> str:
     bpe = m["kv"]["bytes_per_entry"]
     entries = m["kv"]["entries_per_layer"][layer]
     vis_entries = m["kv"]["vision_entries_per_layer"][layer]
-    lines = [f"**LLM layer {layer}** of {trace.num_layers} (0-based: layers 0–{trace.num_layers - 1}): processes {m['vision_tokens_per_layer'][layer]} vision "
-             f"tokens in prefill; after the stage-3 trim its KV cache holds {entries} entries ({vis_entries} vision) "
+    lines = [f"**LLM layer {layer}** of {trace.num_layers} (0-based: layers 0–{trace.num_layers - 1}): processes {md_value(m['vision_tokens_per_layer'][layer])} vision "
+             f"tokens in prefill; after the stage-3 trim its KV cache holds {md_value(entries)} entries ({md_value(vis_entries)} vision) "
              f"= {format_bytes(entries * bpe)}."]
     s2 = trace.stage2(layer)
     if s2:
-        lines.append(f"Prune layer: {s2['entering']} vision tokens entered, {s2['kept']} kept, "
-                     f"{s2['dropped']} dropped after this layer.")
+        lines.append(f"Prune layer: {md_value(s2['entering'])} vision tokens entered, {md_value(s2['kept'])} kept, "
+                     f"{md_value(s2['dropped'])} dropped after this layer.")
     cov = object_coverage(trace, gt, layer, crop) if gt is not None else None
     if cov and cov["patches"]:
         lines.append(f"The object the question asks about covers {cov['patches']} patches: layer {layer} still "
@@ -204,7 +205,8 @@ def summary_markdown(trace, vanilla=None) -> str:
     cfg = trace.meta["config"]
     b = format_bytes
     lines = [
-        f"**Model** `{trace.meta['model']['id']}` · preset **{cfg.get('preset')}** · positions `{cfg['positions']}` · "
+        f"**Model** {md_code(trace.meta['model']['id'])} · preset **{md_value(cfg.get('preset'))}** · "
+        f"positions {md_code(cfg['positions'])} · "
         f"stages: 1a {'on' if cfg['merge'] else 'off'}, 1b {'on' if cfg['key_set'] else 'off'}, "
         f"2 {'on' if cfg['filter'] else 'off'}, 3 {'on' if cfg['kv_trim'] else 'off'}",
         "",
@@ -216,7 +218,7 @@ def summary_markdown(trace, vanilla=None) -> str:
         f"| prefill FLOPs, image tokens only | {f['image_only']:.3g} ({100 * f['ratio_image_only']:.1f}% of vanilla {f['image_only_vanilla']:.3g}) | {accounting.FLOPS_FORMULA}, n = image tokens |",
         f"| prefill FLOPs, full sequence | {f['full_sequence']:.3g} ({100 * f['ratio_full_sequence']:.1f}% of vanilla) | same formula, n = {f['n_sys']} system + vision + {f['n_text']} text tokens |",
         f"| KV cache after prefill | {b(kv['total_bytes'])} (vanilla {b(kv['vanilla_total_bytes'])}); vision only {b(kv['vision_bytes'])} (vanilla {b(kv['vanilla_vision_bytes'])}) | K and V, all layers, {kv['bytes_per_entry']} bytes per entry per layer |",
-        f"| time (MustDrop run) | vision {t['vision_s']:.2f} s · prefill {t['prefill_s']:.2f} s · decode {t['decode_s']:.2f} s · total {t['total_s']:.2f} s | wall clock on {trace.meta['model']['device']} |",
+        f"| time (MustDrop run) | vision {t['vision_s']:.2f} s · prefill {t['prefill_s']:.2f} s · decode {t['decode_s']:.2f} s · total {t['total_s']:.2f} s | wall clock on {md_text(trace.meta['model']['device'])} |",
     ]
     if vanilla is not None:
         tv = vanilla.meta["timings"]
@@ -272,7 +274,7 @@ def answer_diff(vanilla, trace) -> dict:
         def cell(g):
             if i >= len(g["tokens"]):
                 return "–", "–"
-            return f"`{g['tokens'][i]!r}`", f"{g['probs'][i]:.3f}"
+            return md_code(repr(g['tokens'][i]), spaces=True), f"{g['probs'][i]:.3f}"
         a, pa = cell(va)
         b, pb = cell(md)
         mark = " ⟵ first divergence" if i == first else ""

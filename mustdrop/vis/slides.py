@@ -89,7 +89,7 @@ def _fit_text(fig, ax, trace, vanilla, right: float = 1.0):
         if len(lines) * 1.2 * pt <= height_px:
             break
     ax.text(0.0, 1.0, "\n".join(lines), va="top", ha="left", family="monospace", fontsize=size,
-            transform=ax.transAxes)
+            transform=ax.transAxes, parse_math=False)
 
 
 def _slide_figure(trace, image, vanilla, layer, gt_masks, view, crop=0, opacity=DEFAULT_OPACITY, compare=None):
@@ -152,7 +152,7 @@ def _slide_figure(trace, image, vanilla, layer, gt_masks, view, crop=0, opacity=
         if img is None:
             img = base
         ax.imshow(img)
-        ax.set_title(title)
+        ax.set_title(title, parse_math=False)        # a crop's name comes from the trace
         ax.set_axis_off()
         if hs:
             ax.legend(handles=hs, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=2, fontsize=10.5 if compare is None else 8.2,
@@ -190,7 +190,7 @@ def _slide_figure(trace, image, vanilla, layer, gt_masks, view, crop=0, opacity=
     fig.suptitle(f"MustDrop on {trace.meta['model']['id'] or 'model'} — preset {cfg.get('preset')}, "
                  f"positions '{cfg['positions']}', prune layers {prune_text} (layers counted from 0)\n"
                  "equivalent tokens: authors' = printed convention, compute = mean vision tokens per layer; "
-                 "FLOPs: 4nd²+2n²d+3ndm per layer", fontsize=16)
+                 "FLOPs: 4nd²+2n²d+3ndm per layer", fontsize=16, parse_math=False)
     return fig
 
 
