@@ -342,3 +342,14 @@ def test_same_budget_comparison_of_a_mustdrop_run(qwen):
         assert cfg.positions == "original"
         t = qwen.run(image, QUESTION, cfg, max_new_tokens=1).trace
         assert abs(run_budget(t) - run_budget(run)) <= 0.5 + 1e-9, method
+
+
+def test_a_window_larger_than_the_images_token_grid_is_refused_with_a_message(qwen):
+    small = textured(60, 60)                                   # smart_resize: 56 x 56 px, a 2 x 2 token grid
+    with pytest.raises(ValueError, match="larger than the 2 x 2 token grid"):
+        qwen.run(small, QUESTION, qwen.config_for("64"), max_new_tokens=1)
+    with pytest.raises(ValueError, match=">= 2"):
+        qwen.run(small, QUESTION, qwen.config_for("64").replace(window=1), max_new_tokens=1)
+    t = qwen.run(small, QUESTION, qwen.config_for("64").replace(window=2), max_new_tokens=1).trace
+    assert t.crop_grid(0) == (4, 4) and t.meta["sequence"]["N0"] in (1, 4)
+    assert count_hooks(qwen.model) == 0

@@ -64,7 +64,7 @@ class QwenVLHost(Host):
             raise ValueError(f"the {config.method} baseline is not defined on Qwen2-VL / Qwen2.5-VL: "
                              f"{REFUSED_METHODS[config.method]}")
         if config.merge:
-            geo.check_window(10 ** 9, 10 ** 9, config.window)      # the grid is checked per image in encode
+            geo.check_window_size(config.window)        # the grid is per image: checked in encode
         if config.filter and not (config.method == "pdrop" and not config.prune_layers):
             if not config.prune_layers:
                 raise ValueError("stage 2 is on but no prune layer is given: name at least one, or switch stage 2 off")

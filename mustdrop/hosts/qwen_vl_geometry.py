@@ -140,10 +140,15 @@ def window_token_ids(rows: int, cols: int, window: int, device=None) -> torch.Te
     return (r * cols + c).reshape(wr * wc, window * window)
 
 
-def check_window(rows: int, cols: int, window: int) -> None:
-    """Refuse windows the token grid cannot hold one of, naming the bad value."""
+def check_window_size(window: int) -> None:
+    """Refuse a window that is no window, naming the bad value (the grid is checked per image)."""
     if not isinstance(window, int) or isinstance(window, bool) or window < 2:
         raise ValueError(f"window must be an integer >= 2 (a window of one token has no pairs), got {window!r}")
+
+
+def check_window(rows: int, cols: int, window: int) -> None:
+    """Refuse windows the token grid cannot hold one of, naming the bad value."""
+    check_window_size(window)
     if window > min(rows, cols):
         raise ValueError(f"window {window} is larger than the {rows} x {cols} token grid of this image")
 
