@@ -24,12 +24,13 @@ from . import inputs
 from .engine import COMPARE_METHODS, PRESETS, Lens, compare_method, user_errors
 from .examples import EXAMPLES_DIR, GroundTruthIndex, image_sha, load_examples, offer
 from .session import Frame, Session, save_comparison, split_comparison
+from .uploads import MAX_UPLOAD_BYTES, UploadGate
 from .views import View, all_views
 from .views.base import CROP, GT, LAYER, SELECTION
 from .views.layer import slider_range
 from .workdir import Workdir
 
-MAX_FILE_SIZE = "64mb"                     # uploads (images, traces); traces are limited to 64 MB anyway
+MAX_FILE_SIZE = MAX_UPLOAD_BYTES          # uploads (images, traces); traces are limited to 64 MB anyway
 GREY_NOTE = "drawn on grey: the trace holds no pixels; put the same image in the image box to see it under the overlays"
 
 log = logging.getLogger("mustdrop.app")
@@ -99,6 +100,7 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
     offered = offer(examples, getattr(getattr(lens.runner, "processor", None), "tokenizer", None), lens.model_label)
     depth = lens.runner.num_layers if lens.runner is not None else 32   # a trace sets it when no model is loaded
     workdir = Workdir()
+    gate = UploadGate([EXAMPLES_DIR, workdir.root], [e.image for e in examples])   # the files a request may name
     views: list[View] = [cls() for cls in all_views()]
 
     def of(name):
@@ -148,15 +150,16 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
     # ------------------------------------------------------------------ callbacks
     def on_run(image, question, preset, window, merge_thr, key_rate, prune, gthr, ithr, positions, m1a, m1b, m2, m3,
                max_new, mode, temperature, top_p, seed, show_gt, compare=None, progress=gr.Progress()):
-        src = inputs.payload_path(image)
+        src = gate.payload(image)
         if src is None:
             raise ImageInputError("no image given: upload, paste or choose an example image")
-        inputs.require_question(question)
+        question = inputs.require_question(question)
+        preset = inputs.preset_name(preset, PRESETS)
         custom = inputs.custom_knobs(window, merge_thr, key_rate, prune, gthr, ithr, positions, m1a, m1b, m2, m3) \
             if preset == "custom" else None
         max_new = inputs.number(max_new, "max new tokens", int)
         sampling = inputs.sampling_from(mode, temperature, top_p, seed)
-        img = load_image(src)
+        img = load_image(src, getattr(lens.runner, "processor", None))   # shape limits before decoding
         config = lens.config(str(preset), custom)
         progress(0.0, desc="starting")
         vanilla, trace, img, other = lens.analyze(img, question, config, max_new, sampling,
@@ -171,7 +174,7 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
                             f"{md_code(trace.meta['model']['id'])}" + ("" if gt is None else " · ground-truth outlines available"))
 
     def on_upload(uploaded, image, show_gt=True):
-        paths = inputs.payload_path(uploaded)
+        paths = gate.payload(uploaded)
         if not paths:
             return unchanged()
         if not isinstance(paths, list):
@@ -181,7 +184,7 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
         runs, other = split_comparison([Trace.load(p) for p in paths])
         md, va = pair_traces(runs)
         img, note = None, GREY_NOTE
-        src = inputs.payload_path(image)
+        src = gate.payload(image)
         if src is not None and image_sha(src) == md.meta["input"]["image"]["sha256"]:
             img, note = load_image(src), "drawn on the matching image from the image box"
         session = Session.of_run(md, va, img, truth.for_trace(md), [str(p) for p in paths], note, compare=other)
@@ -290,13 +293,14 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
         """/analyze: (image, question, preset[, method]) -> trace file, vanilla answer, MustDrop answer,
         and with a method: its trace file, its answer and the comparison (vis.compare.summary)."""
         try:
-            src = inputs.payload_path(image)
+            src = gate.payload(image)
             if src is None:
                 raise ImageInputError("no image given")
-            if preset not in PRESET_NAMES:
-                raise ValueError(f"/analyze takes a preset in {', '.join(PRESET_NAMES)}, got {preset!r}; a custom "
+            question = inputs.require_question(question)
+            if preset == "custom":
+                raise ValueError(f"/analyze takes a preset in {', '.join(PRESET_NAMES)}, got 'custom'; a custom "
                                  "configuration runs in the app's advanced panel")
-            config = lens.config(str(preset))
+            config = lens.config(inputs.preset_name(preset, PRESET_NAMES))
             vanilla, trace, _, other = lens.analyze(src, question, config, 16, compare=compare_method(method))
         except user_errors() as e:
             raise gr.Error(str(e)) from None
@@ -414,7 +418,8 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
                       preprocess=False, concurrency_limit=1, concurrency_id="model") \
             .then(guarded(on_opacity), opacity_inputs, opacity_outputs, **quiet).then(None, js=REVEAL_RESULTS)
         files.upload.upload(guarded(on_upload), [files.upload, image_in, show_gt], session_outputs, api_name="replay",
-                            api_visibility="undocumented", preprocess=False, queue=False) \
+                            api_visibility="undocumented", preprocess=False, concurrency_limit=2,
+                            concurrency_id="replay") \
             .then(guarded(on_opacity), opacity_inputs, opacity_outputs, **quiet).then(None, js=REVEAL_RESULTS)
         opacity_in.change(guarded(on_opacity), opacity_inputs, opacity_outputs, trigger_mode="always_last", **quiet)
         layer_slider.change(guarded(on_layer), redraw_inputs, outputs_on(LAYER) + [status], api_name="layer",
@@ -447,6 +452,7 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
                       "counts after the first prune layer and after every layer, budgets in both conventions).",
                       preprocess=False,
                       concurrency_limit=1, concurrency_id="model")
+    gate.bind(demo)
     demo.lens = lens
     demo.workdir = workdir.root
     demo.views = views

@@ -31,8 +31,10 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None):
     from .app import build_app, launch
     from .engine import Lens, user_errors
+    from .workdir import remove_on_sigterm
 
     args = parser().parse_args(argv)
+    remove_on_sigterm()              # a stopped app (SIGTERM, Ctrl-C) removes its work folder on the way out
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     lens = Lens(args.model, args.device, args.dtype)
     try:

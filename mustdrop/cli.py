@@ -48,7 +48,8 @@ def summary_lines(trace) -> list[str]:
              f"question  {m['input']['question']}",
              f"answer    {m['generation']['answer']!r}",
              f"stage 1a  {seq['N']} patches -> {seq['N0']} vision tokens ("
-             + ", ".join(f"{c['name']}: {len(c['merged_windows'])} windows merged" for c in m["crops"]) + ")",
+             + ", ".join(f"{trace.crop_name(c)}: {len(crop_windows(trace, c))} windows merged"
+                         for c in range(trace.n_crops)) + ")",
              f"stage 1b  {len(m['stage1b']['key_tokens'])} key tokens"]
     for s in m["stage2"]:
         lines.append(f"stage 2   layer {s['layer']:>2}: {s['entering']} -> {s['kept']} ({s['dropped']} dropped)")
@@ -66,29 +67,72 @@ def summary_lines(trace) -> list[str]:
     return lines
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    from .adapters import ModelLoadError, Sampling, load_llava, make_runner
-    from .images import ImageInputError
+def crop_windows(trace, crop: int) -> list:
+    """The stage-1a windows merged in one crop (the run's list for a trace without crop records)."""
+    crops = trace.meta.get("crops")
+    rec = crops[crop] if isinstance(crops, list) and crop < len(crops) else trace.meta["stage1a"]
+    return rec.get("merged_windows", [])
+
+
+def show(path) -> int:
+    """``show TRACE``: the summary, or one message on stderr and exit code 2 (never a traceback)."""
     from .trace import Trace, TraceError
 
     try:
-        if args.command == "show":
-            print("\n".join(summary_lines(Trace.load(args.trace))))
-            return 0
+        lines = summary_lines(Trace.load(path))
+    except (TraceError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (KeyError, TypeError, ValueError, IndexError) as e:   # a field the checks let through
+        print(f"error: {path}: the trace cannot be summarised ({type(e).__name__}: {str(e)[:200]})", file=sys.stderr)
+        return 2
+    print("\n".join(lines))
+    return 0
+
+
+def _save(trace, out):
+    """trace.save with a message instead of a traceback when the disk is full or not writable (the
+    write is atomic: a file already at ``out`` stays as it was)."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    from .trace import TraceError
+
+    try:
+        return trace.save(out)
+    except (OSError, SafetensorError) as e:
+        text = str(e)
+        full = getattr(e, "errno", None) == errno.ENOSPC or "os error 28" in text or "code: 28" in text \
+            or "No space left" in text
+        reason = "no space left on device" if full else (e.strerror if getattr(e, "strerror", None) else text)
+        raise TraceError(f"cannot write the trace to {out}: {reason}; a file already there is left unchanged") from None
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "show":
+        return show(args.trace)
+    from .adapters import ModelLoadError, Sampling, load_llava, make_runner
+    from .images import ImageInputError
+    from .question import check_question
+    from .trace import TraceError
+
+    try:
+        check_question(args.question)           # before the model loads: invalid UTF-8 in argv, length
+        sampling = Sampling(args.temperature, args.top_p, args.seed)
         model, processor = load_llava(args.model, args.device, args.dtype)
         runner = make_runner(model, processor, args.model, layout=args.layout)
         config = runner.config_for(args.preset)
         if args.positions:
             config = config.replace(positions=args.positions)
-        sampling = Sampling(args.temperature, args.top_p, args.seed)
         result = runner.run(args.image, args.question, config, args.max_new_tokens, sampling)
         print("\n".join(summary_lines(result.trace)))
         if not args.no_vanilla and args.preset != "off":
             vanilla = runner.run(args.image, args.question, runner.config_for("off"), args.max_new_tokens, sampling)
             print(f"vanilla   {vanilla.trace.answer!r}  (prefill {vanilla.trace.meta['timings']['prefill_s']:.3f} s)")
         if args.out:
-            print(f"trace     written to {result.trace.save(args.out)}")
+            print(f"trace     written to {_save(result.trace, args.out)}")
         return 0
     except (ValueError, ImageInputError, TraceError, ModelLoadError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

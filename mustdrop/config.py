@@ -30,6 +30,9 @@ REFERENCE_PRUNE_LAYERS = (2, 6, 10, 14)
 REFERENCE_DEPTH = 32
 POSITION_MODES = ("reference", "original")
 METHODS = ("mustdrop", "fastv", "random", "pool", "fastervlm", "visionzip", "pdrop")
+# Seeds (decoding, the random baseline): torch.Generator takes 0..2**64-1, but a trace records the seed in
+# JSON, which readers without big integers (JavaScript: the browser) hold exactly only up to 2**53 - 1.
+SEED_MAX = 2 ** 53 - 1
 BASELINE_NAMES = {"fastv": "FastV", "random": "random drop", "pool": "spatial pooling",
                   "fastervlm": "FasterVLM-style", "visionzip": "VisionZip-style", "pdrop": "PyramidDrop-style"}
 
@@ -67,6 +70,11 @@ class MustDropConfig:
                                         # (stages.plan_*) by the adapter, which records the result
 
     def __post_init__(self):
+        for name in ("merge", "key_set", "filter", "kv_trim"):
+            object.__setattr__(self, name, check_flag(getattr(self, name), name))
+        object.__setattr__(self, "seed", check_int(self.seed, "seed", 0, SEED_MAX))
+        if not isinstance(self.preset, str):
+            raise ValueError(f"preset must be a string, got {self.preset!r}")
         object.__setattr__(self, "prune_layers", tuple(int(x) for x in self.prune_layers))
         object.__setattr__(self, "keep_counts", tuple(int(x) for x in self.keep_counts))
         for name in ("merge_threshold",):
@@ -236,6 +244,33 @@ def _positions(value, path) -> str:
     if value not in POSITION_MODES:
         raise ValueError(f"{path}: positions must be one of {POSITION_MODES}, got {value!r}")
     return value
+
+
+def check_flag(v, name: str) -> bool:
+    """A stage switch: True or False (numpy's too), never a truthy string ("false" is truthy)."""
+    import numpy as np
+
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
+    raise ValueError(f"{name} must be true or false, got {v!r}")
+
+
+def check_int(v, name: str, lo: int, hi: int) -> int:
+    """A whole number in lo..hi, exactly: ints (numpy's too) as they are, floats only when integral and
+    within 2**53 (beyond, a float is already rounded); never a bool."""
+    import numpy as np
+
+    if isinstance(v, (bool, np.bool_)):
+        raise ValueError(f"{name} must be a whole number in {lo}..{hi}, got {v!r}")
+    if isinstance(v, (int, np.integer)):
+        x = int(v)
+    elif isinstance(v, (float, np.floating)) and math.isfinite(v) and float(v).is_integer() and abs(v) <= 2 ** 53:
+        x = int(v)
+    else:
+        raise ValueError(f"{name} must be a whole number in {lo}..{hi}, got {v!r}")
+    if not lo <= x <= hi:
+        raise ValueError(f"{name} must be a whole number in {lo}..{hi}, got {x}")
+    return x
 
 
 def hub_id_of(model_path_or_id: str | None) -> str | None:

@@ -20,10 +20,11 @@ converted on load: see GEOMETRY below):
   stage1b     enabled, keep_rate, score (which score ranks the key set), key_tokens (ids in the
               merged numbering 0..N0-1)
   crops       per crop: name, grid [rows, cols] (its patch grid, not assumed square), mapping (as
-              input.mapping, for that crop), merged_windows; optional window_patches (a stage 1a window's
-              side in patches when it is not stage1a.window, e.g. 2w under Qwen-VL's 2 x 2 merger;
-              patches of no whole window get similarity NaN); optional token_patches (patches one unmerged
-              token covers, 4 under a 2 x 2 merger; default 1): patch.merged marks tokens covering more
+              input.mapping, for that crop; processed is one side, or [width, height]), merged_windows;
+              optional window_patches (a stage 1a window's side in patches when it is not stage1a.window,
+              e.g. 2w under Qwen-VL's 2 x 2 merger; patches of no whole window get similarity NaN);
+              optional token_patches (patches one unmerged token covers, 4 under a 2 x 2 merger; default
+              1): patch.merged marks the tokens that cover more patches than that
   stage2      one entry per prune layer: layer, entering, kept, dropped
   vision_tokens_per_layer   vision tokens each LLM layer processed in prefill
   kv          entries_per_layer and vision_entries_per_layer after the trim, bytes_per_entry (K+V)
@@ -66,36 +67,52 @@ GEOMETRY. Version 2 makes the geometry explicit: crops[c].grid and tokens.weight
 (every crop a G x G grid, model.vision.grid; one patch per token, merged tokens their window) is
 converted on load: each crop gets grid [G, G], tokens.weights 1/k over each token's k patches, and
 meta["upgraded_from"] names the version read. Every reader draws from the explicit geometry.
+
+Loading treats the file as untrusted (traces are shared): mustdrop.trace_checks bounds every size
+the header claims by what a supported model produces and types every field above, before any
+array is read or map built; each problem is one TraceError naming the field.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from . import trace_checks as checks
+from .trace_checks import TraceError
+
 SCHEMA_VERSION = "mustdrop-trace/2"
 V1 = "mustdrop-trace/1"
 READABLE_VERSIONS = (V1, SCHEMA_VERSION)
-MAX_PATCHES = 1 << 20       # every crop's patches together: far above any tower (NeXT 5 x 576)
 METADATA_KEY = "mustdrop_trace"
 MAX_TRACE_BYTES = 64 * 1024 * 1024
 
-# Status codes live in a leaf module (the stages set them, so they cannot live here without a
-# circle config -> stages -> trace -> config); re-exported for readers of traces.
-from .statuses import (DROPPED, KEPT_BOTH, KEPT_CODES, KEPT_GLOBAL, KEPT_INDIVIDUAL, KEPT_KEY,  # noqa: F401
-                       KEPT_PROTECTED, NOT_ENTERING, STATUS_NAMES)
+# Stage-2 status codes: why a token entering a prune layer was kept or dropped (stage2.L{l}.status).
+KEPT_BOTH = 0          # global share and individual max both at/above their thresholds
+KEPT_GLOBAL = 1        # only the global share is at/above its threshold
+KEPT_INDIVIDUAL = 2    # only the individual max is at/above its threshold
+KEPT_KEY = 3           # both conditions said drop, but it is in the key token set
+DROPPED = 4            # both conditions held: dropped
+KEPT_PROTECTED = 5     # a layout marker that is never dropped (LLaVA-NeXT newline row)
+NOT_ENTERING = -1      # patch maps only: the patch's token was dropped at an earlier prune layer
+STATUS_NAMES = {
+    KEPT_BOTH: "kept: both scores above threshold",
+    KEPT_GLOBAL: "kept: global share above threshold",
+    KEPT_INDIVIDUAL: "kept: individual max above threshold",
+    KEPT_KEY: "kept: key token (both scores below threshold)",
+    DROPPED: "dropped: global share AND individual max below threshold",
+    KEPT_PROTECTED: "kept: newline row marker (never dropped)",
+}
+KEPT_CODES = (KEPT_BOTH, KEPT_GLOBAL, KEPT_INDIVIDUAL, KEPT_KEY, KEPT_PROTECTED)
 
 # Array names of older files, read under today's names.
 RENAMED_ARRAYS = {"stage1b.cls_attention": "stage1b.key_score"}
-
-
-class TraceError(ValueError):
-    """A trace file that cannot be used, with a message that names the problem."""
 
 
 @dataclass
@@ -243,7 +260,7 @@ class Trace:
     @classmethod
     def load(cls, path) -> "Trace":
         """Read and validate; refuse anything else with a clear TraceError (never evaluates code)."""
-        from safetensors import SafetensorError, safe_open
+        from safetensors import safe_open
 
         path = Path(path)
         if not path.is_file():
@@ -255,157 +272,74 @@ class Trace:
         try:
             with safe_open(str(path), "np") as f:
                 header = f.metadata() or {}
-                arrays = {k: f.get_tensor(k) for k in f.keys()}
-        except (SafetensorError, OSError, ValueError, Exception) as e:  # noqa: BLE001 - any decode failure
+                if METADATA_KEY not in header:
+                    raise TraceError(f"no '{METADATA_KEY}' metadata: not a MustDrop trace")
+                meta = checks.parse_meta(header[METADATA_KEY])
+                upgraded = meta.get("schema") == V1
+                if upgraded:
+                    meta = meta_from_v1(meta)
+                # Every claimed size is checked before an array is read or a map is built from it.
+                claims = cls(meta, {})._check_meta()
+                for k in f.keys():                # stored maps are rebuilt below, not read; shapes still checked
+                    if k.startswith("patch."):
+                        _check_patch_shape(k, tuple(f.get_slice(k).get_shape()), claims)
+                arrays = {k: f.get_tensor(k) for k in f.keys() if not k.startswith("patch.")}
+        except TraceError as e:
+            raise TraceError(f"{path.name}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - any decode failure (SafetensorError, OSError, ...)
             raise TraceError(f"{path.name} is not a MustDrop trace (a safetensors file with a "
                              f"'{METADATA_KEY}' header): {str(e)[:200]}") from None
-        if METADATA_KEY not in header:
-            raise TraceError(f"{path.name} has no '{METADATA_KEY}' metadata: not a MustDrop trace")
-        try:
-            meta = json.loads(header[METADATA_KEY])
-        except json.JSONDecodeError as e:
-            raise TraceError(f"{path.name}: the trace metadata is malformed JSON ({e})") from None
         for old, new in RENAMED_ARRAYS.items():
             if old in arrays and new not in arrays:
                 arrays[new] = arrays.pop(old)
+        groups = arrays.get("tokens.groups")
+        if upgraded and isinstance(groups, np.ndarray) and groups.ndim == 2 and groups.dtype == np.int64:
+            arrays["tokens.weights"] = equal_weights(groups)
         t = cls(meta, arrays)
-        if isinstance(meta, dict) and meta.get("schema") == V1:
-            t.meta, t.arrays = from_v1(meta, arrays)
-        t.validate()
+        try:
+            checks.check_arrays(arrays, claims)
+        except TraceError as e:
+            raise TraceError(f"{path.name}: {e}") from None
         # The patch maps are rebuilt from the validated token-level records: forged maps cannot mislead.
         try:
-            maps = patch_maps(t)
-        except (KeyError, IndexError, ValueError, TypeError) as e:
-            raise TraceError(f"{path.name}: the trace's records are inconsistent ({type(e).__name__}: "
-                             f"{str(e)[:200]})") from None
-        t.arrays = {k: v for k, v in t.arrays.items() if not k.startswith("patch.")} | maps
+            t.arrays = arrays | patch_maps(t)
+        except (KeyError, IndexError, ValueError, TypeError) as e:     # a gap in the checks: still a message
+            raise TraceError(f"{path.name}: the trace's records are inconsistent ({type(e).__name__})") from None
         return t
 
     # ---------------------------------------------------------------- validation
     def validate(self) -> None:
-        """Check version, required fields, shapes and index ranges; raise TraceError naming the first problem."""
+        """Check version, every field the readers use (type, length, range, the bounds of
+        mustdrop.trace_checks), the arrays' dtypes and shapes; raise TraceError naming the first problem."""
+        claims = self._check_meta()
+        checks.check_arrays(self.arrays, claims)
+        for k, v in self.arrays.items():
+            if k.startswith("patch."):
+                _check_patch_shape(k, v.shape, claims)
+
+    def _check_meta(self) -> dict:
         m = self.meta
         if not isinstance(m, dict):
             raise TraceError("trace metadata must be a JSON object")
         if m.get("schema") != SCHEMA_VERSION:
-            if m.get("schema") in READABLE_VERSIONS:
-                raise TraceError(f"a {m.get('schema')!r} trace must be converted first (Trace.load does)")
-            raise TraceError(f"unknown trace schema {m.get('schema')!r}; this version reads "
-                             f"{' and '.join(repr(v) for v in READABLE_VERSIONS)}")
-        try:
-            L = _int(m["model"]["llm"]["num_layers"], "num_layers", 1, 1024)
-            seq = m["sequence"]
-            S, T = _int(seq["S"], "S", 0), _int(seq["T"], "T", 0)
-            N, N0 = _int(seq["N"], "N", 1), _int(seq["N0"], "N0", 0)
-            stage2 = m["stage2"]
-            per_layer = m["vision_tokens_per_layer"]
-            key_tokens = m["stage1b"]["key_tokens"]
-            entries = m["kv"]["entries_per_layer"]
-            gen = m["generation"]
-            for k in ("token_ids", "tokens", "probs", "answer"):
-                gen[k]
-            m["input"]["question"], m["config"]
-        except (KeyError, TypeError) as e:
-            raise TraceError(f"trace metadata lacks a required field: {e}") from None
-        grids = self._validate_geometry(N)
-        if N0 > N:
-            raise TraceError(f"N0 = {N0} vision tokens exceed the {N} patches")
-        if not isinstance(per_layer, list) or len(per_layer) != L:
-            raise TraceError(f"vision_tokens_per_layer must list {L} layers")
-        if not isinstance(entries, list) or len(entries) != L:
-            raise TraceError(f"kv.entries_per_layer must list {L} layers")
-        _index_list(key_tokens, N0, "stage1b.key_tokens")
-        a = self.arrays
-        groups = self._array("tokens.groups", np.int64, ndim=2)
-        if groups.shape[0] != N0:
-            raise TraceError(f"tokens.groups has {groups.shape[0]} rows, expected N0 = {N0}")
-        if groups.size and (groups.max() >= N or groups.min() < -1):
-            raise TraceError("tokens.groups holds patch ids outside the grid")
-        weights = self._array("tokens.weights", np.float32, ndim=2)
-        if weights.shape != groups.shape:
-            raise TraceError(f"tokens.weights has shape {weights.shape}, expected that of tokens.groups {groups.shape}")
-        if not np.isfinite(weights).all() or (weights < 0).any() or (weights > 1).any():
-            raise TraceError("tokens.weights must be finite shares in [0, 1]")
-        if (weights[groups < 0] != 0).any():
-            raise TraceError("tokens.weights gives weight to a padding entry of tokens.groups")
-        prev = -1
-        for s in stage2:
-            layer = _int(s.get("layer"), "stage2 layer", 0, L - 1)
-            if layer <= prev:
-                raise TraceError("stage2 layers must be ascending")
-            prev = layer
-            p = f"stage2.L{layer}"
-            toks = self._array(f"{p}.tokens", np.int64, ndim=1)
-            V = toks.shape[0]
-            if V and (toks.min() < 0 or toks.max() >= N0):
-                raise TraceError(f"{p}.tokens holds token ids outside 0..{N0 - 1}")
-            for name, dt in (("global_share", np.float32), ("individual_max", np.float32), ("status", np.int8)):
-                arr = self._array(f"{p}.{name}", dt, ndim=1)
-                if arr.shape[0] not in (V, 0):
-                    raise TraceError(f"{p}.{name} has {arr.shape[0]} entries, expected {V}")
-        for layer in range(L):
-            kv = self._array(f"kv.L{layer}", np.int64, ndim=1)
-            if kv.shape[0] != entries[layer]:
-                raise TraceError(f"kv.L{layer} has {kv.shape[0]} entries, metadata says {entries[layer]}")
-            if kv.size and (kv.min() < 0 or kv.max() >= S + N0 + T):
-                raise TraceError(f"kv.L{layer} holds indices outside the prefill sequence 0..{S + N0 + T - 1}")
-        for name in ("stage1a.similarity", "stage1b.key_score"):
-            if name in a and not isinstance(a[name], np.ndarray):
-                raise TraceError(f"{name} is not an array")
-        if "baseline.vision_score" in a and a["baseline.vision_score"].shape != (N,):
-            raise TraceError(f"baseline.vision_score must have N = {N} entries")
-        if "stage1b.key_score" in a and a["stage1b.key_score"].shape != (N0,):
-            raise TraceError(f"stage1b.key_score must have N0 = {N0} entries")
-        for k, v in a.items():
-            if not k.startswith("patch."):
-                continue
-            c = int(k.split(".")[1][1:]) if k.startswith("patch.c") and k.split(".")[1][1:].isdigit() else 0
-            if c >= len(grids):
-                raise TraceError(f"{k} names crop {c}; the trace has {len(grids)}")
-            want = (L, *grids[c]) if k.endswith("kv_cached") else tuple(grids[c])
-            if v.shape != want:
-                raise TraceError(f"{k} has shape {v.shape}, expected {want}")
-
-    def _validate_geometry(self, N: int) -> list:
-        """Each crop's (rows, cols), checked: bounded, and adding up to the N patches."""
-        crops = self.meta.get("crops")
-        if not isinstance(crops, list) or not crops or len(crops) > 64:
-            raise TraceError("crops must be a list of 1 to 64 crops")
-        grids = []
-        for c, crop in enumerate(crops):
-            g = crop.get("grid") if isinstance(crop, dict) else None
-            if not isinstance(g, list) or len(g) != 2:
-                raise TraceError(f"crops[{c}].grid must be [rows, cols]")
-            grids.append((_int(g[0], f"crops[{c}] rows", 1, 4096), _int(g[1], f"crops[{c}] cols", 1, 4096)))
-        total = sum(r * c for r, c in grids)
-        if total > MAX_PATCHES:
-            raise TraceError(f"the crops hold {total} patches; traces are limited to {MAX_PATCHES}")
-        if N != total:
-            raise TraceError(f"sequence N = {N} does not match the {total} patches of the crops' grids")
-        return grids
-
-    def _array(self, name, dtype, ndim):
-        if name not in self.arrays:
-            raise TraceError(f"trace lacks the array {name!r}")
-        arr = self.arrays[name]
-        if arr.dtype != dtype or arr.ndim != ndim:
-            raise TraceError(f"{name} must be a {ndim}-D {np.dtype(dtype).name} array, got {arr.ndim}-D {arr.dtype}")
-        return arr
+            v = m.get("schema")
+            if v in READABLE_VERSIONS:
+                raise TraceError(f"a {v!r} trace must be converted first (Trace.load does)")
+            shown = repr(v) if isinstance(v, str) and re.fullmatch(r"[\w./-]{1,40}", v) else checks._got(v)
+            raise TraceError(f"unknown trace schema {shown}; this version reads "
+                             f"{' and '.join(repr(x) for x in READABLE_VERSIONS)}")
+        return checks.check_meta(m)
 
 
-def _int(v, name, lo=None, hi=None) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise TraceError(f"{name} must be an integer, got {v!r}")
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise TraceError(f"{name} = {v} is out of range")
-    return v
-
-
-def _index_list(v, n, name):
-    if not isinstance(v, list) or any(isinstance(x, bool) or not isinstance(x, int) for x in v):
-        raise TraceError(f"{name} must be a list of integers")
-    if any(x < 0 or x >= n for x in v):
-        raise TraceError(f"{name} holds indices outside 0..{n - 1}")
+def _check_patch_shape(name: str, shape: tuple, claims: dict) -> None:
+    grids, L = claims["grids"], claims["L"]
+    part = name.split(".")[1] if name.count(".") else ""
+    c = int(part[1:]) if name.startswith("patch.c") and part[1:].isdigit() else 0
+    if c >= len(grids):
+        raise TraceError(f"{name} names crop {c}; the trace has {len(grids)}")
+    want = (L, *grids[c]) if name.endswith("kv_cached") else tuple(grids[c])
+    if tuple(shape) != want:
+        raise TraceError(f"{name} has shape {tuple(shape)}, expected {want}")
 
 
 def crop_prefix(c: int) -> str:
@@ -434,7 +368,7 @@ def patch_maps(t: Trace) -> dict:
     unit = np.ones(N, dtype=np.int64)      # patches one unmerged token covers (4 under a 2 x 2 merger)
     for c in range(t.n_crops):
         R, C = t.crop_grid(c)
-        unit[t.crop_offset(c):t.crop_offset(c) + R * C] = _int(m["crops"][c].get("token_patches", 1), "token_patches", 1, 64)
+        unit[t.crop_offset(c):t.crop_offset(c) + R * C] = int(m["crops"][c].get("token_patches") or 1)
     maps = {"token": token_of_patch,
             "merged": (have & (sizes[np.maximum(token_of_patch, 0)] > unit)).astype(np.uint8)}
     is_key = np.zeros(N0, dtype=np.uint8)
@@ -477,7 +411,7 @@ def patch_maps(t: Trace) -> dict:
         out[f"{pre}kv_cached"] = cached[:, sl].reshape(L, R, C)
         sim = a.get("stage1a.similarity" if c == 0 else f"stage1a.c{c}.similarity")
         if sim is not None:       # windows of window_patches patches a side (2w under a 2 x 2 merger);
-            wp = _int(m["crops"][c].get("window_patches", w), "window_patches", 1, 4096)  # none: w
+            wp = int(m["crops"][c].get("window_patches") or w)                # validated by trace_checks
             rows, cols = np.divmod(np.arange(R * C), C)
             wr, wc = rows // wp, cols // wp
             inside = (wr < sim.shape[0]) & (wc < sim.shape[1])   # border patches of no window: NaN
@@ -495,20 +429,20 @@ def equal_weights(groups: np.ndarray) -> np.ndarray:
     return np.where(real, np.float32(1) / k, np.float32(0)).astype(np.float32)
 
 
-def from_v1(meta: dict, arrays: dict) -> tuple[dict, dict]:
-    """A version-1 trace in version 2's form: every crop a G x G grid (model.vision.grid), tokens'
-    weights equal over their patches. Malformed files are left for validate() to name the fault."""
+def meta_from_v1(meta: dict) -> dict:
+    """A version-1 header in version 2's form: every crop a G x G grid (model.vision.grid); the
+    tokens' equal weights are added with the arrays. G is checked here (it sizes the crops' grids);
+    everything else is left for the checks of version 2 to name."""
     try:
         G = meta["model"]["vision"]["grid"]
     except (KeyError, TypeError):
-        return meta, arrays
+        return meta                     # the checks name the missing field
+    checks.integer(G, "model.vision.grid", 1, checks.MAX_GRID)
     crops = meta.get("crops")
-    crops = crops if isinstance(crops, list) and crops else [{"name": "image", "mapping": meta.get("input", {}).get("mapping"),
-                                                              "merged_windows": meta.get("stage1a", {}).get("merged_windows", [])}]
-    meta = dict(meta, schema=SCHEMA_VERSION, upgraded_from=V1,
-                crops=[dict(c, grid=[G, G]) if isinstance(c, dict) else c for c in crops])
-    arrays = dict(arrays)
-    groups = arrays.get("tokens.groups")
-    if isinstance(groups, np.ndarray) and groups.ndim == 2 and groups.dtype == np.int64:
-        arrays["tokens.weights"] = equal_weights(groups)
-    return meta, arrays
+    if crops is None:                   # the oldest files: one crop, described by input and stage1a
+        inp, s1a = meta.get("input"), meta.get("stage1a")
+        crops = [{"name": "image", "mapping": inp.get("mapping") if isinstance(inp, dict) else None,
+                  "merged_windows": s1a.get("merged_windows", []) if isinstance(s1a, dict) else []}]
+    if isinstance(crops, list):
+        crops = [dict(c, grid=[G, G]) if isinstance(c, dict) else c for c in crops]
+    return dict(meta, schema=SCHEMA_VERSION, upgraded_from=V1, crops=crops)

@@ -15,6 +15,7 @@ import torch
 from .. import stages
 from ..loading import ModelLoadError
 from ..hooks import HookSet, attached, hidden_states_of, with_hidden_states
+from ..question import as_text
 from .base import Host, VisionResult
 
 
@@ -54,7 +55,8 @@ class LlavaHost(Host):
         inputs = self.processor(images=img, text=prompt, return_tensors="pt")
         device = self.model.device
         dtype = self.model.dtype
-        out = {"input_ids": inputs["input_ids"],                          # stays on the host (split_prompt)
+        ids = as_text(inputs["input_ids"], prompt, question, self.processor.tokenizer, self.image_token_id)
+        out = {"input_ids": ids,                                          # stays on the host (split_prompt)
                "pixel_values": inputs["pixel_values"].to(device=device, dtype=dtype)}
         if "image_sizes" in inputs:
             out["image_sizes"] = inputs["image_sizes"].to(device)

@@ -54,7 +54,10 @@ class QwenVLHost(Host):
         self.image_token_id = model.config.image_token_id
         self.windowed = model.config.model_type == "qwen2_5_vl"
         self.grid = None                      # per image (dynamic resolution): see crops[0]["grid"]
+        # A host serves one run at a time (its hooks sit on the one model): what the run's decode and
+        # trace need of its image is kept here between encode / prefill_kwargs and decode / vision_meta.
         self._positions = None                # (next position, L0) of the run in progress
+        self._grid_seen = None                # (rows, cols) of its image
 
     # ------------------------------------------------------------------ checks and inputs
     def check(self, config) -> None:
@@ -83,9 +86,13 @@ class QwenVLHost(Host):
                 "image_grid_thw": inputs["image_grid_thw"].to(device)}, prompt
 
     def vision_meta(self) -> dict:
+        """The tower's record; grid and image_size are the run's image's (dynamic resolution): the longer
+        side of its patch grid and of its processed pixels (each crop's [rows, cols] is in crops)."""
         vc = self.vision_config
         ip = self.processor.image_processor
-        return {"image_size": None, "patch_size": self.patch, "grid": None, "spatial_merge_size": self.merge,
+        rows, cols = self._grid_seen or (0, 0)
+        return {"image_size": max(rows, cols) * self.patch, "patch_size": self.patch, "grid": max(rows, cols),
+                "spatial_merge_size": self.merge,
                 "num_layers": len(self.vision_layers), "has_cls": False, "model_type": vc.model_type,
                 "min_pixels": ip.size["shortest_edge"], "max_pixels": ip.size["longest_edge"],
                 "window_attention": self.windowed}
@@ -102,6 +109,7 @@ class QwenVLHost(Host):
         if t != 1:
             raise ValueError("MustDrop Lens runs still images on Qwen-VL (one temporal patch), not videos")
         tr, tc = geo.token_grid(rows, cols, self.merge)
+        self._grid_seen = (rows, cols)
         hooks, seen = HookSet(), {}
         want_score = config.key_set or config.method == "fastervlm"
         if want_score:

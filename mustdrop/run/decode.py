@@ -11,8 +11,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from ..config import SEED_MAX, check_int
 from ..hooks import HookSet, attached, hidden_states_of
 
 MAX_NEW_TOKENS_LIMIT = 1024
@@ -26,11 +28,20 @@ class Sampling:
     top_p: float = 1.0
     seed: int = 0
 
+    # Outside these, float32 sampling breaks: logits / 1e-300 overflow, a top p below float32's
+    # resolution keeps no token (NaN probabilities). 0.01 is already greedy in all but ties.
+    TEMPERATURE_RANGE = (0.01, 100.0)
+    TOP_P_RANGE = (0.01, 1.0)
+
     def __post_init__(self):
-        if not math.isfinite(float(self.temperature)) or self.temperature < 0:
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if not math.isfinite(float(self.top_p)) or not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        for name, v, (lo, hi) in (("temperature", self.temperature, self.TEMPERATURE_RANGE),
+                                  ("top p", self.top_p, self.TOP_P_RANGE)):
+            ok = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_)) \
+                and math.isfinite(v) and (lo <= v <= hi or (name == "temperature" and v == 0))
+            if not ok:
+                zero = "0 (greedy) or " if name == "temperature" else ""
+                raise ValueError(f"{name} must be {zero}a number in [{lo:g}, {hi:g}], got {v!r}")
+        self.seed = check_int(self.seed, "seed", 0, SEED_MAX)
 
     @property
     def greedy(self) -> bool:

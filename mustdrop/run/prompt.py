@@ -8,15 +8,11 @@ import hashlib
 import numpy as np
 import torch
 
-MAX_QUESTION_CHARS = 2000
+from ..question import MAX_QUESTION_CHARS, check_question  # noqa: F401 - MAX_QUESTION_CHARS: importers
 
 
 def clean_question(question, processor) -> str:
-    if not isinstance(question, str) or not question.strip():
-        raise ValueError("the question is empty: type a question about the image")
-    q = question.strip()
-    if len(q) > MAX_QUESTION_CHARS:
-        raise ValueError(f"the question is {len(q)} characters long; the limit is {MAX_QUESTION_CHARS}")
+    q = check_question(question)
     image_token = getattr(processor, "image_token", None) or "<image>"
     if image_token in q:
         raise ValueError(f"the question contains the image placeholder {image_token!r}; remove it")

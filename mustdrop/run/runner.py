@@ -85,7 +85,7 @@ class MustDropRunner:
         question = prompt.clean_question(question, self.processor)
         if isinstance(image, (list, tuple)):
             raise ValueError(f"MustDrop runs one image at a time (batch size 1); got {len(image)} images")
-        img = load_image(image)
+        img = load_image(image, self.processor)
         say = progress or (lambda stage: None)
 
         t0 = time.perf_counter()

@@ -216,6 +216,7 @@ def save_slides(trace, folder, image=None, vanilla=None, layer=None, gt_masks=No
 def main(argv=None) -> int:
     """python -m mustdrop.vis TRACE [--vanilla TRACE] [--image IMAGE] [--layer L] [--crop C] --out DIR"""
     import argparse
+    import sys
 
     from ..images import load_image
     from ..trace import Trace, TraceError
@@ -240,7 +241,7 @@ def main(argv=None) -> int:
         png, pdf = save_slides(t, a.out, image=img, vanilla=va, layer=a.layer, crop=a.crop,
                                opacity=check_opacity(a.opacity), image_name=a.image)
     except (TraceError, ValueError, OSError) as e:
-        print(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
         return 2
     print(png)
     print(pdf)
