@@ -353,3 +353,11 @@ def test_a_window_larger_than_the_images_token_grid_is_refused_with_a_message(qw
     t = qwen.run(small, QUESTION, qwen.config_for("64").replace(window=2), max_new_tokens=1).trace
     assert t.crop_grid(0) == (4, 4) and t.meta["sequence"]["N0"] in (1, 4)
     assert count_hooks(qwen.model) == 0
+
+
+def test_an_image_whose_grid_a_trace_cannot_hold_is_refused_before_the_tower_runs(qwen):
+    from mustdrop import trace_checks
+    side = trace_checks.MAX_GRID * 14 + 200                    # smart_resize keeps it above MAX_GRID patches
+    with pytest.raises(ValueError, match="patches a side"):
+        qwen.run(textured(side, 300), QUESTION, qwen.config_for("64"), max_new_tokens=1)
+    assert count_hooks(qwen.model) == 0

@@ -108,6 +108,12 @@ class QwenVLHost(Host):
         t, rows, cols = (int(v) for v in thw[0].tolist())
         if t != 1:
             raise ValueError("MustDrop Lens runs still images on Qwen-VL (one temporal patch), not videos")
+        from ..trace_checks import MAX_GRID, MAX_PROCESSED_SIDE
+        side = min(MAX_GRID, MAX_PROCESSED_SIDE // self.patch)
+        if max(rows, cols) > side:      # refused before the tower runs, not by the trace after the run
+            raise ValueError(f"this {img.width} x {img.height} image becomes a {rows} x {cols} patch grid at the "
+                             f"checkpoint's max_pixels; traces hold at most {side} patches a side: use an image "
+                             f"of at most {side * self.patch} px a side")
         tr, tc = geo.token_grid(rows, cols, self.merge)
         self._grid_seen = (rows, cols)
         hooks, seen = HookSet(), {}
