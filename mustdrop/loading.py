@@ -87,11 +87,13 @@ def load_llava(model: str, device: str | None = None, dtype: str | None = None):
 
 
 def _load(model, torch_dtype, device, local_files_only: bool, offline: bool, local: bool):
-    from transformers import AutoConfig, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+    from transformers import (AutoConfig, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration,
+                              Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration)
 
     from mustdrop.adapters.processors import load_processor
 
-    classes = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration}
+    classes = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration,
+               "qwen2_vl": Qwen2VLForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}
     hub = {"local_files_only": True} if local_files_only else {}
     try:
         config = AutoConfig.from_pretrained(model, **hub)
@@ -107,7 +109,7 @@ def _load(model, torch_dtype, device, local_files_only: bool, offline: bool, loc
                              "llava-hf/llava-interleave-qwen-0.5b-hf for a small SigLIP + Qwen model")
     if getattr(config, "model_type", None) not in classes:
         raise ModelLoadError(f"{model!r} is a {getattr(config, 'model_type', 'unknown')!r} model; MustDrop Lens "
-                             "runs LLaVA checkpoints (model_type 'llava' or 'llava_next')")
+                             "runs model types " + ", ".join(repr(t) for t in classes))
     try:
         processor = load_processor(model, config.model_type, **hub)
         llava = classes[config.model_type].from_pretrained(model, dtype=torch_dtype, **hub)

@@ -20,7 +20,11 @@ converted on load: see GEOMETRY below):
   stage1b     enabled, keep_rate, score (which score ranks the key set), key_tokens (ids in the
               merged numbering 0..N0-1)
   crops       per crop: name, grid [rows, cols] (its patch grid, not assumed square), mapping (as
-              input.mapping, for that crop; processed is one side, or [width, height]), merged_windows
+              input.mapping, for that crop; processed is one side, or [width, height]), merged_windows;
+              optional window_patches (a stage 1a window's side in patches when it is not stage1a.window,
+              e.g. 2w under Qwen-VL's 2 x 2 merger; patches of no whole window get similarity NaN);
+              optional token_patches (patches one unmerged token covers, 4 under a 2 x 2 merger; default
+              1): patch.merged marks the tokens that cover more patches than that
   stage2      one entry per prune layer: layer, entering, kept, dropped
   vision_tokens_per_layer   vision tokens each LLM layer processed in prefill
   kv          entries_per_layer and vision_entries_per_layer after the trim, bytes_per_entry (K+V)
@@ -370,8 +374,12 @@ def patch_maps(t: Trace) -> dict:
         res[have] = np.asarray(values)[token_of_patch[have]]
         return res
 
+    unit = np.ones(N, dtype=np.int64)      # patches one unmerged token covers (4 under a 2 x 2 merger)
+    for c in range(t.n_crops):
+        R, C = t.crop_grid(c)
+        unit[t.crop_offset(c):t.crop_offset(c) + R * C] = int(m["crops"][c].get("token_patches") or 1)
     maps = {"token": token_of_patch,
-            "merged": (have & (sizes[np.maximum(token_of_patch, 0)] > 1)).astype(np.uint8)}
+            "merged": (have & (sizes[np.maximum(token_of_patch, 0)] > unit)).astype(np.uint8)}
     is_key = np.zeros(N0, dtype=np.uint8)
     is_key[m["stage1b"]["key_tokens"]] = 1
     maps["key"] = spread(is_key, 0, np.uint8)
@@ -411,9 +419,14 @@ def patch_maps(t: Trace) -> dict:
             out[f"{pre}{name}"] = v[sl].reshape(R, C)
         out[f"{pre}kv_cached"] = cached[:, sl].reshape(L, R, C)
         sim = a.get("stage1a.similarity" if c == 0 else f"stage1a.c{c}.similarity")
-        if sim is not None:
+        if sim is not None:       # windows of window_patches patches a side (2w under a 2 x 2 merger);
+            wp = int(m["crops"][c].get("window_patches") or w)                # validated by trace_checks
             rows, cols = np.divmod(np.arange(R * C), C)
-            out[f"{pre}similarity"] = sim[rows // w, cols // w].astype(np.float32).reshape(R, C)
+            wr, wc = rows // wp, cols // wp
+            inside = (wr < sim.shape[0]) & (wc < sim.shape[1])   # border patches of no window: NaN
+            vals = np.full(R * C, np.nan, np.float32)
+            vals[inside] = sim[wr[inside], wc[inside]]
+            out[f"{pre}similarity"] = vals.reshape(R, C)
     return out
 
 

@@ -227,6 +227,10 @@ def check_meta(m: dict) -> dict:
         items(crop.get("merged_windows", []), f"crops[{c}].merged_windows", integer, max_len=n, lo=0, hi=n - 1)
         if crop.get("tile") is not None:
             items(crop["tile"], f"crops[{c}].tile", integer, n=2, lo=0, hi=MAX_CROPS)
+        if crop.get("window_patches") is not None:      # a window's side in patches (2w under a 2 x 2 merger)
+            integer(crop["window_patches"], f"crops[{c}].window_patches", 1, MAX_GRID)
+        if crop.get("token_patches") is not None:       # patches one unmerged token covers (4 under the merger)
+            integer(crop["token_patches"], f"crops[{c}].token_patches", 1, 64)
     if sum(processed) > MAX_VIEW_PIXELS:
         raise TraceError(f"the crops' processed views total more than {MAX_VIEW_PIXELS:,} pixels")
 
@@ -299,7 +303,8 @@ def check_meta(m: dict) -> dict:
         if tok.get("special_tokens") is not None:
             items(tok["special_tokens"], "tokenizer.special_tokens", string, max_len=MAX_VOCAB)
     return {"G": G, "L": L, "N": N, "N0": N0, "S": S, "T": T, "window": window, "crops": len(crops),
-            "grids": grids, "stage2": stage2, "entries": entries}
+            "grids": grids, "stage2": stage2, "entries": entries,
+            "window_patches": [crop.get("window_patches") for crop in crops]}
 
 
 def _grid(crop: dict, name: str) -> tuple[int, int]:
@@ -423,7 +428,9 @@ def check_arrays(a: dict, c: dict) -> None:
         name = "stage1a.similarity" if cr == 0 else f"stage1a.c{cr}.similarity"
         if name in a:
             grid = f"grid {rows}" if rows == cols else f"grid {rows} x {cols}"
-            array(a, name, np.float32, (-(-rows // w), -(-cols // w)), f" ({grid} / window {w})")
+            wp = c.get("window_patches", [None] * (cr + 1))[cr]
+            shape = (rows // wp, cols // wp) if wp else (-(-rows // w), -(-cols // w))   # wp: whole windows only
+            array(a, name, np.float32, shape, f" ({grid} / window {wp or w})")
     if "stage1b.key_score" in a:
         array(a, "stage1b.key_score", np.float32, (N0,), " (N0)")
     if "baseline.vision_score" in a:
