@@ -108,9 +108,9 @@ class QwenVLHost(Host):
         t, rows, cols = (int(v) for v in thw[0].tolist())
         if t != 1:
             raise ValueError("MustDrop Lens runs still images on Qwen-VL (one temporal patch), not videos")
-        from ..trace_checks import MAX_GRID, MAX_PROCESSED_SIDE
+        from ..trace_checks import MAX_GRID, MAX_PATCHES, MAX_PROCESSED_SIDE
         side = min(MAX_GRID, MAX_PROCESSED_SIDE // self.patch)
-        if max(rows, cols) > side:      # refused before the tower runs, not by the trace after the run
+        if max(rows, cols) > side or rows * cols > MAX_PATCHES:   # refused before the tower runs, not by the trace after it
             raise ValueError(f"this {img.width} x {img.height} image becomes a {rows} x {cols} patch grid at the "
                              f"checkpoint's max_pixels; traces hold at most {side} patches a side: use an image "
                              f"of at most {side * self.patch} px a side")
