@@ -9,10 +9,11 @@ the same way):
     off | 192 | 128 | 64            a preset of the model (its mustdrop.json, else the reference)
     64-no-merge                     the preset with one stage switched off
                                     (no-merge, no-key_set, no-filter, no-kv_trim)
-    fastv@64 | random@64 | pool@64  a same-budget baseline: its budget is, per sample, the
-    fastervlm@64 | visionzip@64     layer-averaged vision tokens (compute convention) of that
-    pdrop@64                        sample's run of the named spec ("64" here); how each one
-                                    meets it: MustDropConfig.baseline
+    fastv@64 | random@64 | pool@64  a same-budget baseline (any registered method but MustDrop:
+    fastervlm@64 | visionzip@64     mustdrop.methods, plug-ins of --method-file included): its budget
+    pdrop@64 | METHOD@64            is, per sample, the layer-averaged vision tokens (compute
+                                    convention) of that sample's run of the named spec ("64" here);
+                                    how each one meets it: its module in mustdrop/methods/
     fastv=150                       a baseline at a fixed budget of 150 tokens
     SPEC+key=value+...              any MustDropConfig field overridden, e.g.
                                     64+global_thr=0.02+individual_thr=0.02, 64+prune_layers=1,3
@@ -33,7 +34,6 @@ from typing import Callable, Iterator
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 STAGES = ("merge", "key_set", "filter", "kv_trim")
-BASELINES = ("fastv", "random", "pool", "fastervlm", "visionzip", "pdrop")
 TIMING_COLUMNS = ("vision_s", "prefill_s", "decode_s", "total_s", "wall_s")
 TOKEN_CONVENTIONS = ("authors' convention: (p0 N0 + (p1-p0) N1 + ... + (L-p_last) Nk) / L, as the paper "
                      "prints and quotes its budgets; compute convention: mean over layers of the vision "
@@ -211,7 +211,10 @@ def parse_spec(text: str) -> Spec:
             raise ValueError(f"config spec {text!r}: override {o!r} must be key=value")
         k, v = o.split("=", 1)
         overrides.append((k.strip(), v.strip()))
-    m = re.fullmatch(rf"({'|'.join(BASELINES)})(@|=)(.+)", head)
+    from mustdrop import methods
+
+    baselines = methods.baselines()
+    m = re.fullmatch(rf"({'|'.join(map(re.escape, baselines))})(@|=)(.+)", head)
     if m:
         method, how, arg = m.groups()
         if how == "@":
@@ -221,7 +224,7 @@ def parse_spec(text: str) -> Spec:
     m = re.fullmatch(r"(off|192|128|64)(?:-no-(merge|key_set|filter|kv_trim))?", head)
     if not m:
         raise ValueError(f"unknown config spec {text!r}: use a preset ({', '.join(PRESET_NAMES)}), PRESET-no-STAGE, "
-                         f"METHOD@SPEC or METHOD=BUDGET for a baseline METHOD in {', '.join(BASELINES)}, "
+                         f"METHOD@SPEC or METHOD=BUDGET for a baseline METHOD in {', '.join(baselines)}, "
                          f"each optionally +key=value")
     return Spec(text, m.group(1), off_stage=m.group(2), overrides=tuple(overrides))
 
@@ -250,9 +253,10 @@ def _coerce(key: str, value: str):
 
 def build_config(runner, spec: Spec, budget: float | None = None, baseline_layer: int | None = None, seed: int = 0):
     """The MustDropConfig of a spec for this model; ``budget`` for baselines matched to another run."""
+    from mustdrop import methods
     from mustdrop.config import MustDropConfig
 
-    if spec.base in BASELINES:
+    if spec.base in methods.baselines():
         b = spec.budget if spec.budget is not None else budget
         if b is None:
             raise ValueError(f"{spec.text}: a matched baseline needs the budget of its {spec.match!r} run")
@@ -265,6 +269,22 @@ def build_config(runner, spec: Spec, budget: float | None = None, baseline_layer
     if spec.overrides:
         cfg = cfg.replace(**{k: _coerce(k, v) for k, v in spec.overrides})
     return cfg.replace(preset=spec.text)
+
+
+def add_method_file_arg(ap) -> None:
+    """--method-file PATH (repeatable): a researcher's method, usable in config specs by its name."""
+    ap.add_argument("--method-file", action="append", default=[], metavar="PATH",
+                    help="a Python file declaring METHOD (see examples/methods/); repeat for several")
+
+
+def load_method_files(paths) -> list[str]:
+    """Register the methods of --method-file files; a broken file ends the command with its message."""
+    from mustdrop import methods
+
+    try:
+        return [m.name for m in methods.load_files(paths)]
+    except methods.MethodError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def auto_baseline_layer(runner, budget: float) -> int:

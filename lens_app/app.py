@@ -21,12 +21,13 @@ from mustdrop.vis import compare as vis_compare
 from mustdrop.vis.text import html_text, md_code, md_text
 
 from . import inputs
-from .engine import COMPARE_METHODS, PRESETS, Lens, compare_method, user_errors
+from .engine import PRESETS, Lens, compare_method, compare_methods, user_errors
 from .examples import EXAMPLES_DIR, GroundTruthIndex, image_sha, load_examples, offer
 from .session import Frame, Session, save_comparison, split_comparison
 from .uploads import MAX_UPLOAD_BYTES, UploadGate
 from .views import View, all_views
 from .views.base import CROP, GT, LAYER, SELECTION
+from .views.dataset import DatasetTab
 from .views.layer import slider_range
 from .workdir import Workdir
 
@@ -94,7 +95,7 @@ def pair_traces(traces: list[Trace]) -> tuple[Trace, Trace | None]:
     return md, va
 
 
-def build_app(lens: Lens, examples=None) -> gr.Blocks:
+def build_app(lens: Lens, examples=None, runs_dir=None) -> gr.Blocks:
     examples = load_examples() if examples is None else examples
     truth = GroundTruthIndex(examples)
     offered = offer(examples, getattr(getattr(lens.runner, "processor", None), "tokenizer", None), lens.model_label)
@@ -102,6 +103,7 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
     workdir = Workdir()
     gate = UploadGate([EXAMPLES_DIR, workdir.root], [e.image for e in examples])   # the files a request may name
     views: list[View] = [cls() for cls in all_views()]
+    dataset = DatasetTab(runs_dir, workdir)          # the Dataset tab: run folders under runs_dir, zipped runs
 
     def of(name):
         return next(v for v in views if type(v).__name__ == name)
@@ -381,14 +383,16 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
                                            scale=1)
                 for v in slot("caption"):
                     v.build()
-                with gr.Tabs(overflow_behavior="wrap"):     # every tab's button in reach on a phone
+                with gr.Tabs(overflow_behavior="wrap") as result_tabs:     # every tab's button in reach on a phone
                     tabs = {}
                     for v in slot("tab"):
                         tabs.setdefault((v.tab, v.tab_id), []).append(v)
                     for (name, elem_id), members in tabs.items():
-                        with gr.Tab(name, elem_id=elem_id):
+                        with gr.Tab(name, elem_id=elem_id, id=elem_id):
                             for v in members:
                                 v.build()
+                    with gr.Tab("Dataset", elem_id="tab_dataset", id="tab_dataset"):
+                        dataset.build()
                 for v in slot("below"):
                     v.build()
         # hidden components of the /analyze API endpoint (its presets: the named ones; no knobs)
@@ -397,7 +401,7 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
         api_trace = gr.File(visible="hidden", label="trace")
         api_vanilla = gr.Textbox(visible="hidden", label="vanilla answer")
         api_md = gr.Textbox(visible="hidden", label="MustDrop answer")
-        api_method = gr.Dropdown(list(COMPARE_METHODS), value="none", label="compare with (same budget)",
+        api_method = gr.Dropdown(list(compare_methods()), value="none", label="compare with (same budget)",
                                  visible="hidden")
         api_compare_trace = gr.File(visible="hidden", label="comparison trace")
         api_compare_answer = gr.Textbox(visible="hidden", label="comparison answer")
@@ -443,11 +447,29 @@ def build_app(lens: Lens, examples=None) -> gr.Blocks:
                          **quiet)
         for k in knobs:
             k.input(guarded(on_knob), [state, preset_in] + knobs + [compare_in], [preset_in, stale_md, status], **quiet)
+        # the Dataset tab: open a run, filter its table, open a row in the per-image tabs (no model call)
+        def on_dataset_row(key, a, b, show_gt, evt: gr.SelectData):
+            session, what = dataset.sample_session(key, evt.row_value, a, b)
+            return show_session(session, bool(show_gt), f"**Opened** {md_text(what)}") | {result_tabs: gr.Tabs(selected="tab_2")}
+
+        ds_outputs = dataset.run_outputs + [status]
+        dataset.run_in.input(guarded(lambda name: dataset.show_run(f"runs:{name}")), [dataset.run_in], ds_outputs,
+                             **quiet)
+        dataset.zip_in.upload(guarded(lambda f: dataset.show_run(dataset.upload(gate.payload(f)))), [dataset.zip_in],
+                              ds_outputs, api_visibility="undocumented", preprocess=False, concurrency_limit=1)
+        for c in dataset.filters[1:]:
+            c.input(guarded(lambda *v: {dataset.table: dataset.rows(*v)}), dataset.filters, [dataset.table, status],
+                    **quiet)
+        dataset.maps_cfg.input(guarded(dataset.show_maps), [dataset.state, dataset.maps_cfg],
+                               dataset.maps_outputs + [status], **quiet)
+        dataset.table.select(guarded(on_dataset_row), [dataset.state, dataset.cmp_a, dataset.cmp_b, show_gt],
+                             session_outputs + [result_tabs], **quiet) \
+            .then(guarded(on_opacity), opacity_inputs, opacity_outputs, **quiet).then(None, js=REVEAL_RESULTS)
         api_btn.click(api_analyze, [image_in, question_in, api_preset, api_method],
                       [api_trace, api_vanilla, api_md, api_compare_trace, api_compare_answer, api_compare],
                       api_name="analyze", api_description="Run vanilla and MustDrop on (image, question, preset "
-                      "off|192|128|64); returns the MustDrop trace file and both answers. With method (fastv, "
-                      "visionzip, fastervlm, pdrop, random, pool; default none) it also runs that method at the "
+                      "off|192|128|64); returns the MustDrop trace file and both answers. With method ("
+                      + ", ".join(compare_methods()[1:]) + "; default none) it also runs that method at the "
                       "MustDrop run's budget and returns its trace file, its answer and the comparison (overlap "
                       "counts after the first prune layer and after every layer, budgets in both conventions).",
                       preprocess=False,

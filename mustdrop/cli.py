@@ -1,4 +1,10 @@
-"""Command line: ``python -m mustdrop run --model M --image IMG --question Q [--preset 64] [--out trace.safetensors]``."""
+"""Command line:
+
+    python -m mustdrop run --model M --image IMG --question Q [--preset 64] [--out trace.safetensors]
+        [--method NAME [--budget N] [--layer K]] [--method-file PATH]
+    python -m mustdrop methods [--method-file PATH]      # the registered methods, one per line
+    python -m mustdrop show TRACE
+"""
 
 from __future__ import annotations
 
@@ -17,7 +23,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local folder or hub id (e.g. llava-hf/llava-1.5-7b-hf); default: the shipped toy model")
     r.add_argument("--image", required=True, help="image file (PNG, JPEG, ...)")
     r.add_argument("--question", required=True)
-    r.add_argument("--preset", default="64", choices=PRESET_NAMES)
+    r.add_argument("--preset", default="64", choices=PRESET_NAMES,
+                   help="MustDrop's preset; with --method and no --budget, the budget is its run's layer average")
+    r.add_argument("--method", default="mustdrop",
+                   help="any registered method (python -m mustdrop methods); default mustdrop")
+    r.add_argument("--budget", type=float, default=None,
+                   help="a method's layer-averaged vision tokens (compute convention); default: those of the MustDrop "
+                        "run at --preset on this input, as the app's comparison does (mustdrop.matched)")
+    r.add_argument("--layer", type=int, default=None,
+                   help="drop layer K of one-drop methods (FastV ...); default: mustdrop.matched.auto_baseline_layer")
+    _method_file_arg(r)
     r.add_argument("--positions", choices=("reference", "original"), default=None,
                    help="RoPE positions after dropping (default: reference, as the authors' code)")
     r.add_argument("--layout", choices=("stock", "reference"), default="stock",
@@ -32,19 +47,50 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-vanilla", action="store_true", help="skip the unpruned comparison run")
     s = sub.add_parser("show", help="print the summary of a saved trace")
     s.add_argument("trace")
+    from .dataset.report import add_parser as add_report
+    add_report(sub)
+    m = sub.add_parser("methods", help="list the registered methods, one per line, name first")
+    _method_file_arg(m)
     return p
+
+
+def _method_file_arg(p) -> None:
+    p.add_argument("--method-file", action="append", default=[], metavar="PATH",
+                   help="a Python file declaring METHOD (see examples/methods/); repeat for several")
+
+
+def method_lines() -> list[str]:
+    """One line per registered method: name, label, stages, how it meets a budget, where it comes from."""
+    from . import methods
+
+    out = []
+    for name in methods.names():
+        m = methods.get(name)
+        kind = "built-in" if methods.is_builtin(name) else "plug-in"
+        out.append(f"{name}\t{m.label}\t{'+'.join(m.stages)}\t{kind}\t{m.budget_rule}")
+    return out
 
 
 def summary_lines(trace) -> list[str]:
     from .accounting import summarize
+    from .methods import words_of
 
     m, acc = trace.meta, summarize(trace)
     seq = m["sequence"]
     cfg = m["config"]
+    plan = (m.get("baseline") or {}).get("plan")
+    if plan is None:
+        config_line = (f"config    preset {cfg['preset']}: window {cfg['window']}, merge thr {cfg['merge_threshold']}, "
+                       f"key rate {cfg['key_keep_rate']}, prune layers {cfg['prune_layers']}, "
+                       f"thresholds (global {cfg['global_thr']}, individual {cfg['individual_thr']}), "
+                       f"positions {cfg['positions']}")
+    else:
+        config_line = (f"config    {cfg['preset']}: budget {plan['budget']:g}, kept before the LLM {plan['pre_keep']} of "
+                       f"{plan['n0']}, after layers {plan['layers']}: {plan['keep']} ({plan['rule']}), "
+                       f"positions {cfg['positions']}")
     lines = [f"model     {m['model']['id']}  ({m['model']['dtype']}, {m['model']['device']})",
-             f"config    preset {cfg['preset']}: window {cfg['window']}, merge thr {cfg['merge_threshold']}, "
-             f"key rate {cfg['key_keep_rate']}, prune layers {cfg['prune_layers']}, "
-             f"thresholds (global {cfg['global_thr']}, individual {cfg['individual_thr']}), positions {cfg['positions']}",
+             f"method    {words_of(trace).label} ({m.get('method', cfg.get('method'))})",
+             config_line,
              f"question  {m['input']['question']}",
              f"answer    {m['generation']['answer']!r}",
              f"stage 1a  {seq['N']} patches -> {seq['N0']} vision tokens ("
@@ -113,6 +159,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "show":
         return show(args.trace)
+    if args.command == "report":          # the dataset lens: no model, no adapter import
+        from .dataset.report import main as report_main
+        return report_main(args)
+    from . import methods
     from .adapters import make_runner
     from .images import ImageInputError
     from .loading import ModelLoadError, load_llava
@@ -121,6 +171,13 @@ def main(argv=None) -> int:
     from .trace import TraceError
 
     try:
+        methods.load_files(args.method_file)
+        if args.command == "methods":
+            print("\n".join(method_lines()))
+            return 0
+        method = methods.get(args.method)
+        if method.name == methods.DEFAULT and (args.budget is not None or args.layer is not None):
+            raise ValueError("--budget and --layer are for the other methods; MustDrop's budget is set by --preset")
         check_question(args.question)           # before the model loads: invalid UTF-8 in argv, length
         sampling = Sampling(args.temperature, args.top_p, args.seed)
         model, processor = load_llava(args.model, args.device, args.dtype)
@@ -128,9 +185,11 @@ def main(argv=None) -> int:
         config = runner.config_for(args.preset)
         if args.positions:
             config = config.replace(positions=args.positions)
+        if method.name != methods.DEFAULT:
+            config = _method_config(runner, method.name, args, config, sampling)
         result = runner.run(args.image, args.question, config, args.max_new_tokens, sampling)
         print("\n".join(summary_lines(result.trace)))
-        if not args.no_vanilla and args.preset != "off":
+        if not args.no_vanilla and config.enabled:
             vanilla = runner.run(args.image, args.question, runner.config_for("off"), args.max_new_tokens, sampling)
             print(f"vanilla   {vanilla.trace.answer!r}  (prefill {vanilla.trace.meta['timings']['prefill_s']:.3f} s)")
         if args.out:
@@ -139,6 +198,22 @@ def main(argv=None) -> int:
     except (ValueError, ImageInputError, TraceError, ModelLoadError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def _method_config(runner, method: str, args, mustdrop_config, sampling):
+    """The config of a method other than MustDrop: at --budget, else at the budget of the MustDrop
+    run at --preset on this input (mustdrop.matched, the app's rule)."""
+    from .config import MustDropConfig
+    from .matched import auto_baseline_layer, matched_config, run_budget
+
+    positions = mustdrop_config.positions
+    if args.budget is not None:
+        k = args.layer if args.layer is not None else auto_baseline_layer(runner, args.budget)
+        return MustDropConfig.baseline(method, args.budget, layer=k, seed=args.seed, positions=positions)
+    md = runner.run(args.image, args.question, mustdrop_config, args.max_new_tokens, sampling).trace
+    print(f"budget    {run_budget(md):.2f} vision tokens per layer: the MustDrop run at preset {args.preset} "
+          f"(its answer {md.answer!r})")
+    return matched_config(runner, method, md, seed=args.seed, layer=args.layer, positions=positions)
 
 
 if __name__ == "__main__":

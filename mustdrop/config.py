@@ -13,7 +13,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-from . import stages
+from . import methods, stages
 
 DEFAULTS_FILE = "mustdrop.json"
 DEFAULTS_SCHEMA = "mustdrop-defaults/1"
@@ -29,12 +29,9 @@ PRESET_NAMES = ("off", "192", "128", "64")
 REFERENCE_PRUNE_LAYERS = (2, 6, 10, 14)
 REFERENCE_DEPTH = 32
 POSITION_MODES = ("reference", "original")
-METHODS = ("mustdrop", "fastv", "random", "pool", "fastervlm", "visionzip", "pdrop")
 # Seeds (decoding, the random baseline): torch.Generator takes 0..2**64-1, but a trace records the seed in
 # JSON, which readers without big integers (JavaScript: the browser) hold exactly only up to 2**53 - 1.
 SEED_MAX = 2 ** 53 - 1
-BASELINE_NAMES = {"fastv": "FastV", "random": "random drop", "pool": "spatial pooling",
-                  "fastervlm": "FasterVLM-style", "visionzip": "VisionZip-style", "pdrop": "PyramidDrop-style"}
 
 
 @dataclass(frozen=True)
@@ -62,12 +59,12 @@ class MustDropConfig:
     filter: bool = True              # stage 2
     kv_trim: bool = True             # stage 3
     preset: str = "custom"           # the name this config came from, for captions
-    method: str = "mustdrop"         # or a same-budget baseline, see MustDropConfig.baseline
+    method: str = "mustdrop"         # or any other registered method (mustdrop.methods), see MustDropConfig.baseline
     budget: float | None = None      # baselines: layer-averaged vision tokens (compute convention)
     seed: int = 0                    # baseline "random": which tokens
-    keep_counts: tuple[int, ...] = ()   # fastv / random / pdrop: tokens kept after each prune layer;
+    keep_counts: tuple[int, ...] = ()   # methods dropping in the LLM: tokens kept after each prune layer;
     pre_keep: int | None = None         # ... and before the LLM. Empty / None: solved from the budget
-                                        # (stages.plan_*) by the adapter, which records the result
+                                        # (Method.plan) by the adapter, which records the result
 
     def __post_init__(self):
         for name in ("merge", "key_set", "filter", "kv_trim"):
@@ -86,18 +83,9 @@ class MustDropConfig:
         stages.check_unit_interval("key keep rate", self.key_keep_rate)
         stages.check_unit_interval("global threshold", self.global_thr)
         stages.check_unit_interval("individual threshold", self.individual_thr)
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.method != "mustdrop":
-            if self.budget is None or not math.isfinite(float(self.budget)) or self.budget <= 0:
-                raise ValueError(f"baseline {self.method!r} needs a positive token budget, got {self.budget!r}")
-            if self.method in ("fastv", "random") and len(self.prune_layers) != 1:
-                raise ValueError(f"baseline {self.method!r} drops at one layer; got prune layers {list(self.prune_layers)}")
-            if self.keep_counts and len(self.keep_counts) != len(self.prune_layers):
-                raise ValueError(f"keep_counts {list(self.keep_counts)} must give one count per prune layer "
-                                 f"{list(self.prune_layers)}")
-            if any(k < 0 for k in self.keep_counts) or (self.pre_keep is not None and int(self.pre_keep) < 1):
-                raise ValueError("keep_counts must be >= 0 and pre_keep >= 1")
+        method = methods.get(self.method)           # the registry: built-ins and loaded plug-ins
+        if self.method != methods.DEFAULT:
+            method.check_config(self)
         if self.positions not in POSITION_MODES:
             raise ValueError(f"positions must be one of {POSITION_MODES}, got {self.positions!r}")
         if not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 2:
@@ -109,9 +97,10 @@ class MustDropConfig:
     @classmethod
     def baseline(cls, method: str, budget: float, layer: int = 2, seed: int = 0,
                  positions: str = "reference", layers=None) -> "MustDropConfig":
-        """A same-budget baseline through the same adapter and trace format. ``budget`` is the
-        layer-averaged count of vision tokens (compute convention) the baseline must meet; how each
-        one meets it (documented in mustdrop.stages, recorded in the trace under "baseline"):
+        """A same-budget baseline through the same adapter and trace format: any registered method
+        but MustDrop (``Method.make_config``). ``budget`` is the layer-averaged count of vision
+        tokens (compute convention) the baseline must meet; how each built-in meets it (its module
+        in mustdrop/methods/ says it, recorded in the trace under "baseline"):
 
         fastv / random: one drop after ``layer`` (FastV's K), ranked by the last token's attention /
           seeded at random (stages.plan_single_drop: where the drop cannot meet the budget keeping
@@ -125,25 +114,22 @@ class MustDropConfig:
         pool: the grid average-pooled to round(sqrt(budget))^2 tokens (a square grid only).
         None of them merges windows or keeps a key set.
         """
-        if method not in METHODS or method == "mustdrop":
-            raise ValueError(f"baseline method must be one of {METHODS[1:]}, got {method!r}")
-        single = method in ("fastv", "random")
-        in_llm = single or method == "pdrop"
-        prune = (int(layer),) if single else tuple(int(x) for x in (layers or ())) if method == "pdrop" else ()
-        return cls(method=method, budget=float(budget), seed=int(seed), merge=False, key_set=False,
-                   filter=in_llm, kv_trim=single, prune_layers=prune,
-                   positions=positions, preset=f"{method}@{float(budget):g}")
+        if method not in methods.baselines():
+            raise ValueError(f"baseline method must be one of {', '.join(methods.baselines())}, got {method!r}")
+        return methods.get(method).make_config(budget, layer=layer, seed=seed, positions=positions, layers=layers)
 
     @property
     def enabled(self) -> bool:
         """False when no stage can change anything: the run is the vanilla model."""
-        return self.merge or self.key_set or self.filter or self.kv_trim or self.method != "mustdrop"
+        return self.merge or self.key_set or self.filter or self.kv_trim or self.method != methods.DEFAULT
 
     def validate_for(self, grid: int, num_llm_layers: int) -> None:
         """Check the knobs that depend on the model: the grid and the LLM depth."""
         if self.merge:
             stages.check_grid(grid, self.window)
-        if self.filter and not (self.method == "pdrop" and not self.prune_layers):   # pdrop: default schedule
+        default_schedule = self.method != methods.DEFAULT and not self.prune_layers \
+            and methods.get(self.method).default_layers(num_llm_layers) is not None     # pdrop: from the depth
+        if self.filter and not default_schedule:
             if not self.prune_layers:
                 raise ValueError("stage 2 is on but no prune layer is given: name at least one, or switch stage 2 off")
             stages.check_prune_layers(self.prune_layers, num_llm_layers)
@@ -173,7 +159,7 @@ class MustDropConfig:
             raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")
         d = defaults or ModelDefaults()
         base = cls(window=d.window, merge_threshold=d.merge_threshold, key_keep_rate=d.key_keep_rate,
-                   prune_layers=d.prune_layers, preset=name)
+                   prune_layers=d.prune_layers, positions=d.positions, preset=name)
         if name == "off":
             return base.replace(merge=False, key_set=False, filter=False, kv_trim=False)
         g, i = d.presets[name]
@@ -195,6 +181,7 @@ class ModelDefaults:
     prune_layers: tuple[int, ...] = REFERENCE_PRUNE_LAYERS
     presets: dict = field(default_factory=lambda: dict(REFERENCE_PRESETS))
     source: str = "reference (LLaVA-1.5-7B)"
+    positions: str = "reference"      # a family whose positions cannot be compacted ships "original"
 
     @classmethod
     def load(cls, model_path_or_id: str | None, num_llm_layers: int | None = None) -> "ModelDefaults":
@@ -230,12 +217,19 @@ class ModelDefaults:
         return cls(window=int(raw.get("window", 3)), merge_threshold=float(raw.get("merge_threshold", 0.8)),
                    key_keep_rate=float(raw.get("key_keep_rate", 0.08)),
                    prune_layers=tuple(int(x) for x in raw.get("prune_layers", REFERENCE_PRUNE_LAYERS)),
-                   presets=presets, source=source)
+                   presets=presets, source=source, positions=_positions(raw.get("positions", "reference"), path))
 
     def to_json(self) -> dict:
         return {"schema": DEFAULTS_SCHEMA, "window": self.window, "merge_threshold": self.merge_threshold,
                 "key_keep_rate": self.key_keep_rate, "prune_layers": list(self.prune_layers),
-                "presets": {k: {"global_thr": g, "individual_thr": i} for k, (g, i) in self.presets.items()}}
+                "presets": {k: {"global_thr": g, "individual_thr": i} for k, (g, i) in self.presets.items()},
+                **({} if self.positions == "reference" else {"positions": self.positions})}
+
+
+def _positions(value, path) -> str:
+    if value not in POSITION_MODES:
+        raise ValueError(f"{path}: positions must be one of {POSITION_MODES}, got {value!r}")
+    return value
 
 
 def check_flag(v, name: str) -> bool:

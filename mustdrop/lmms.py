@@ -14,7 +14,9 @@ Model args (``--model_args k=v,...``):
   pretrained   local folder or hub id of a LLaVA-1.5 / LLaVA-NeXT / SigLIP-LLaVA checkpoint
   preset       off | 192 | 128 | 64 (default 64): the model's thresholds (its mustdrop.json, the
                defaults shipped for its hub id, else the authors' LLaVA-1.5-7B ones)
-  method       mustdrop (default) | fastv | random | pool | fastervlm | visionzip | pdrop
+  method       mustdrop (default) | fastv | random | pool | fastervlm | visionzip | pdrop, or any
+               method registered (mustdrop.methods: method_file, or the mustdrop.methods entry points)
+  method_file  a Python file declaring a method (examples/methods/), then named by method=NAME
   budget       a baseline's layer-averaged vision tokens (compute convention), e.g. 64
   layer        FastV / random drop layer K (default: the model's first prune layer, 2 on LLaVA-1.5-7B)
   seed         random drop's seed;  positions  reference (default) | original
@@ -51,7 +53,8 @@ import torch
 from lmms_eval.api.model import lmms
 
 from .accounting import summarize
-from .config import METHODS, MustDropConfig
+from . import methods
+from .config import MustDropConfig
 
 MODEL_NAME = "mustdrop"
 CLASS_PATH = "mustdrop.lmms.MustDropLMMS"
@@ -76,8 +79,10 @@ class MustDropLMMS(lmms):
     def __init__(self, pretrained: str = "llava-hf/llava-1.5-7b-hf", preset="64", method: str = "mustdrop",
                  budget=None, layer=None, seed=0, positions: str = "reference", layout: str = "stock",
                  prune_layers=None, device=None, dtype=None, trace_dir=None, traces=True, batch_size=1,
-                 max_batch_size=None, **knobs) -> None:
+                 max_batch_size=None, method_file=None, **knobs) -> None:
         super().__init__()
+        if method_file not in (None, ""):
+            methods.load_file(str(method_file))
         from accelerate import Accelerator
 
         from .adapters import make_runner
@@ -144,7 +149,7 @@ class MustDropLMMS(lmms):
             trace = self.runner.run(image, context, self.mustdrop_config, max_new_tokens=max_new,
                                     sampling=sampling).trace
             text = cut_at(trace.answer, until)
-            self._record(trace, text, task, doc_id)
+            self._record(trace, text, task, doc_id, image)
             out.append(text)
         self._publish()
         return out
@@ -166,17 +171,20 @@ class MustDropLMMS(lmms):
         return visuals[0]
 
     # ----------------------------------------------------------------- traces and accounting
-    def _record(self, trace, text, task, doc_id) -> None:
+    def _record(self, trace, text, task, doc_id, image=None) -> None:
         key = (task, doc_id)
         k = self._seen.get(key, 0)
         self._seen[key] = k + 1
         name = f"{_safe(str(doc_id))}{'' if k == 0 else f'.{k}'}.rank{self.rank}.safetensors"
         path = None
+        sample = f"{_safe(task)}-{_safe(str(doc_id))}{'' if k == 0 else f'.{k}'}"
         if self.root is not None and self.write_traces:
             path = trace.save(self.root / "traces" / _safe(task) / name)
         row = {"task": task, "doc_id": doc_id, "rank": self.rank, "response": text, "answer": trace.answer,
                "trace": None if path is None else str(path.relative_to(self.root))}
         row.update(accounting_row(trace))
+        if self.root is not None and self.write_traces:       # the run folder's columns (mustdrop.dataset)
+            row.update(run_columns(self.root, trace, text, sample, image))
         self.rows.append(row)
         if self.root is not None:
             if self._jsonl is None:
@@ -206,6 +214,21 @@ class MustDropLMMS(lmms):
         print(format_summary(summary), flush=True)
 
 
+def run_columns(root: Path, trace, text: str, sample: str, image) -> dict:
+    """The run-folder layout's columns of one row (mustdrop.dataset.layout), run.json written once;
+    the image is kept as a PNG copy in the folder (lmms-eval's datasets are not files we can point at).
+    No reference answer: lmms-eval scores the responses itself."""
+    from .dataset import layout
+
+    if not (root / layout.SETTINGS).is_file():
+        layout.write_settings(root, layout.settings("lmms-eval", trace.meta["model"]["id"],
+                                                    [{"name": trace.meta["config"].get("preset")}],
+                                                    {"kind": "lmms-eval"}, "samples.rank*.jsonl", vanilla=None))
+    return {"id": sample, "config": trace.meta["config"].get("preset"), "method": trace.meta["config"].get("method"),
+            "status": "ok", "question": trace.meta["input"]["question"], "prediction": text,
+            "image": None if image is None else json.dumps(layout.store_image(root, sample, image))}
+
+
 # --------------------------------------------------------------------- pure helpers (tested alone)
 def build_config(runner, preset="64", method="mustdrop", budget=None, layer=None, seed=0, positions="reference",
                  prune_layers=None, knobs=None) -> MustDropConfig:
@@ -213,12 +236,12 @@ def build_config(runner, preset="64", method="mustdrop", budget=None, layer=None
     knobs = dict(knobs or {})
     unknown = sorted(set(knobs) - set(KNOBS))
     if unknown:
-        raise ValueError(f"mustdrop: unknown model arg(s) {unknown}; known: pretrained, preset, method, budget, layer, "
-                         f"seed, positions, layout, prune_layers, device, dtype, trace_dir, traces, {', '.join(KNOBS)}")
+        raise ValueError(f"mustdrop: unknown model arg(s) {unknown}; known: pretrained, preset, method, method_file, "
+                         f"budget, layer, seed, positions, layout, prune_layers, device, dtype, trace_dir, traces, {', '.join(KNOBS)}")
     method = str(method)
-    if method not in METHODS:
-        raise ValueError(f"mustdrop: method must be one of {', '.join(METHODS)}, got {method!r}")
-    if method == "mustdrop":
+    if method not in methods.names():
+        raise ValueError(f"mustdrop: method must be one of {', '.join(methods.names())}, got {method!r}")
+    if method == methods.DEFAULT:
         if budget is not None:
             raise ValueError("mustdrop: budget is for the baselines (method=fastv, ...); MustDrop's budget is set by "
                              "its preset's thresholds (preset=192 / 128 / 64)")

@@ -88,12 +88,14 @@ def load_llava(model: str, device: str | None = None, dtype: str | None = None):
 
 def _load(model, torch_dtype, device, local_files_only: bool, offline: bool, local: bool):
     from transformers import (AutoConfig, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration,
-                              LlavaOnevisionForConditionalGeneration)
+                              LlavaOnevisionForConditionalGeneration, Qwen2_5_VLForConditionalGeneration,
+                              Qwen2VLForConditionalGeneration)
 
     from mustdrop.adapters.processors import load_processor
 
     classes = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration,
-               "llava_onevision": LlavaOnevisionForConditionalGeneration}
+               "llava_onevision": LlavaOnevisionForConditionalGeneration,
+               "qwen2_vl": Qwen2VLForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}
     hub = {"local_files_only": True} if local_files_only else {}
     try:
         config = AutoConfig.from_pretrained(model, **hub)
@@ -104,7 +106,7 @@ def _load(model, torch_dtype, device, local_files_only: bool, offline: bool, loc
         raise ModelLoadError(f"cannot load model {model!r}: {str(e).splitlines()[0]}.{hint}") from None
     if getattr(config, "model_type", None) not in classes:
         raise ModelLoadError(f"{model!r} is a {getattr(config, 'model_type', 'unknown')!r} model; MustDrop Lens "
-                             "runs LLaVA checkpoints (model_type 'llava', 'llava_next' or 'llava_onevision')")
+                             "runs model types " + ", ".join(repr(t) for t in classes))
     try:
         processor = load_processor(model, config.model_type, **hub)
         llava = classes[config.model_type].from_pretrained(model, dtype=torch_dtype, **hub)

@@ -20,12 +20,22 @@ converted on load: see GEOMETRY below):
   stage1b     enabled, keep_rate, score (which score ranks the key set), key_tokens (ids in the
               merged numbering 0..N0-1)
   crops       per crop: name, grid [rows, cols] (its patch grid, not assumed square), mapping (as
-              input.mapping, for that crop; processed is one side, or [width, height]), merged_windows
+              input.mapping, for that crop; processed is one side, or [width, height]), merged_windows;
+              optional window_patches (a stage 1a window's side in patches when it is not stage1a.window,
+              e.g. 2w under Qwen-VL's 2 x 2 merger; patches of no whole window get similarity NaN);
+              optional token_patches (patches one unmerged token covers, 4 under a 2 x 2 merger; default
+              1): patch.merged marks the tokens that cover more patches than that
   stage2      one entry per prune layer: layer, entering, kept, dropped
   vision_tokens_per_layer   vision tokens each LLM layer processed in prefill
   kv          entries_per_layer and vision_entries_per_layer after the trim, bytes_per_entry (K+V)
   generation  mode, temperature, top_p, seed, max_new_tokens, token_ids, tokens, probs, answer, stop
   timings     vision_s, prefill_s, decode_s, total_s
+  method      the method's name (mustdrop.methods); method_info (optional; older traces: the
+              registered method's) how its decisions are explained: name, label, statuses {code:
+              name}, scores {global_share / individual_max: what that array holds for this method},
+              dropped (the inspector's sentence), legend, thresholds (scores compared with the
+              config's thresholds: MustDrop's filter). Stored so that a plug-in's trace replays
+              where the plug-in is not installed (mustdrop.methods.words_of reads it)
   baseline    (same-budget baselines only, optional) plan {method, budget, n0, pre_keep (tokens
               kept before the LLM), layers, keep (kept after each), ratio, rule}, params (method
               parameters, e.g. VisionZip's dominant / contextual counts), score (what ranked them)
@@ -37,7 +47,8 @@ Arrays. "Token ids" are the merged numbering 0..N0-1 (the order the LLM sees the
                              1/4 each under a 2 x 2 patch merger, interpolation weights for an
                              interpolated grid
   tokens.merged              (N0,) uint8, optional: 1 for the tokens stage 1a built (without it: the tokens
-                             covering several patches; a host whose tokens mix patches unmerged writes it)
+                             covering more patches than token_patches; a host whose tokens mix patches
+                             unmerged writes it)
   stage1a.similarity         (G/w, G/w) float32 window similarity (when stage 1a ran)
   stage1b.key_score          (N0,) float32 the score that ranked the key set (when stage 1b ran):
                              head-mean CLS attention, or the substitute meta["stage1b"]["score"]
@@ -232,8 +243,11 @@ class Trace:
         """A run of the unpruned model: the config enabled no stage and no baseline."""
         from .config import MustDropConfig
 
+        cfg = self.meta.get("config")
+        if isinstance(cfg, dict) and cfg.get("method", "mustdrop") != "mustdrop":
+            return False        # a method's run (maybe a plug-in not loaded here, whose config cannot be checked)
         try:
-            return not MustDropConfig.from_dict(self.meta["config"]).enabled
+            return not MustDropConfig.from_dict(cfg).enabled
         except (TypeError, ValueError) as e:
             raise TraceError(f"the trace's config cannot be read: {str(e)[:200]}") from None
 
@@ -361,7 +375,6 @@ def patch_maps(t: Trace) -> dict:
     last = np.r_[patch[order][1:] != patch[order][:-1], True]
     token_of_patch[patch[order][last]] = tok[order][last]
     sizes = (groups >= 0).sum(1)
-    merged_tok = a["tokens.merged"].astype(bool) if "tokens.merged" in a else sizes > 1
     have = token_of_patch >= 0
     out = {}
 
@@ -370,8 +383,17 @@ def patch_maps(t: Trace) -> dict:
         res[have] = np.asarray(values)[token_of_patch[have]]
         return res
 
+    unit = np.ones(N, dtype=np.int64)      # patches one unmerged token covers (4 under a 2 x 2 merger)
+    for c in range(t.n_crops):
+        R, C = t.crop_grid(c)
+        unit[t.crop_offset(c):t.crop_offset(c) + R * C] = int(m["crops"][c].get("token_patches") or 1)
+    # stage 1a's tokens: as the trace records them (tokens.merged), else those covering more patches
+    # than one unmerged token does
+    tok_of = np.maximum(token_of_patch, 0)
+    merged_of_patch = (a["tokens.merged"].astype(bool)[tok_of] if "tokens.merged" in a
+                       else sizes[tok_of] > unit)
     maps = {"token": token_of_patch,
-            "merged": (have & merged_tok[np.maximum(token_of_patch, 0)]).astype(np.uint8)}
+            "merged": (have & merged_of_patch).astype(np.uint8)}
     is_key = np.zeros(N0, dtype=np.uint8)
     is_key[m["stage1b"]["key_tokens"]] = 1
     maps["key"] = spread(is_key, 0, np.uint8)
@@ -411,9 +433,14 @@ def patch_maps(t: Trace) -> dict:
             out[f"{pre}{name}"] = v[sl].reshape(R, C)
         out[f"{pre}kv_cached"] = cached[:, sl].reshape(L, R, C)
         sim = a.get("stage1a.similarity" if c == 0 else f"stage1a.c{c}.similarity")
-        if sim is not None:
+        if sim is not None:       # windows of window_patches patches a side (2w under a 2 x 2 merger);
+            wp = int(m["crops"][c].get("window_patches") or w)                # validated by trace_checks
             rows, cols = np.divmod(np.arange(R * C), C)
-            out[f"{pre}similarity"] = sim[rows // w, cols // w].astype(np.float32).reshape(R, C)
+            wr, wc = rows // wp, cols // wp
+            inside = (wr < sim.shape[0]) & (wc < sim.shape[1])   # border patches of no window: NaN
+            vals = np.full(R * C, np.nan, np.float32)
+            vals[inside] = sim[wr[inside], wc[inside]]
+            out[f"{pre}similarity"] = vals.reshape(R, C)
     return out
 
 

@@ -21,26 +21,28 @@ class TraceError(ValueError):
 
 
 # ---------------------------------------------------------------- bounds from the models we support
-# Patch-grid side of one crop: CLIP-L/14 at 336 px gives 24, SigLIP-so400m/14 at 384 px 27; headroom
-# for Qwen2-VL's dynamic grid, whose default max_pixels (12,845,056 = 16,384 patches of 14 px) is a
-# 128 x 128 grid when square.
-MAX_GRID = 128
+# Patch-grid side of one crop: CLIP-L/14 at 336 px gives 24, SigLIP-so400m/14 at 384 px 27; Qwen2-VL's
+# dynamic grid at its default max_pixels (12,845,056 px = 65,536 patches of 14 px, 256 x 256 when
+# square) reaches 56 x 1120 patches at the 20:1 aspect ratio images.py accepts. What a grid costs is
+# its patches, which MAX_PATCHES bounds over all crops; this only bounds one side.
+MAX_GRID = 1152
 # Crops the vision tower sees: LLaVA-1.5 1, LLaVA-NeXT base + up to 4 any-res tiles (5); headroom for
 # LLaVA-OneVision anyres_max_9, which encodes base + up to a 6 x 6 tile grid (37) before it
 # interpolates the features down to 9 tiles' worth.
 MAX_CROPS = 37
-# Patches over all crops (N): NeXT 5 x 576 = 2,880, OneVision 37 x 729 = 26,973, Qwen2-VL 16,384.
+# Patches over all crops (N): NeXT 5 x 576 = 2,880, OneVision 37 x 729 = 26,973, Qwen2-VL 65,536.
 MAX_PATCHES = 65_536
 # LLM depth: Vicuna-7B 32, -13B 40, Yi-34B 60, Qwen2-72B 80.
 MAX_LLM_LAYERS = 128
 # Vision tower depth: CLIP-L 24, SigLIP-so400m 27, Qwen2-VL's ViT 32.
 MAX_VISION_LAYERS = 64
 # Patches x LLM layers (the per-layer KV maps, the largest thing built from a trace): OneVision-72B
-# 26,973 x 80 = 2.2 M, Qwen2-VL-72B 16,384 x 80 = 1.3 M. 4 M keeps every map under ~40 MB.
-MAX_PATCH_LAYERS = 4 * 1024 * 1024
-# Side of a processed crop (pixels the vision tower sees): CLIP 336, SigLIP 384, Qwen2-VL at most
-# 3,584 on its long side; and all crops' views together (the app keeps one RGB view per crop).
-MAX_PROCESSED_SIDE = 4096
+# 26,973 x 80 = 2.2 M, Qwen2-VL-72B 65,536 x 80 = 5.2 M. 8 M keeps every map under ~70 MB.
+MAX_PATCH_LAYERS = 8 * 1024 * 1024
+# Side of a processed crop (pixels the vision tower sees): CLIP 336, SigLIP 384, Qwen2-VL up to
+# 15,680 on its long side at 20:1; and all crops' views together (the app keeps one RGB view per
+# crop), which is what bounds the memory.
+MAX_PROCESSED_SIDE = 16_384
 MAX_VIEW_PIXELS = 1 << 24                  # 37 crops of 384 px are 5.5 M
 MAX_PATCH_SIZE = 64                        # 14 (CLIP, SigLIP, Qwen2-VL), 16, 32
 # Text tokens before / after the image (S, T): Vicuna's context is 4,096, Qwen2's 32,768 (128 K with YaRN).
@@ -209,11 +211,15 @@ def check_meta(m: dict) -> dict:
     seq = obj(field(m, "sequence", "sequence"), "sequence")
     N = integer(field(seq, "N", "sequence.N"), "sequence.N", 1, MAX_PATCHES)
     total = sum(r * c for r, c in grids)
+    if total > MAX_PATCHES:
+        raise TraceError(f"the crops' grids hold {total:,} patches; supported models encode at most {MAX_PATCHES:,}")
     if N != total:
         raise TraceError(f"sequence.N = {N} does not match the {total} patches of the crops' grids")
     if N * L > MAX_PATCH_LAYERS:
         raise TraceError(f"{N} patches x {L} LLM layers exceed what supported models produce ({MAX_PATCH_LAYERS:,})")
-    N0 = integer(field(seq, "N0", "sequence.N0"), "sequence.N0", 0, N)
+    # LLaVA-NeXT's stock packing adds an image_newline token after each row of a crop's grid, so the
+    # vision block may hold up to one more token per grid row than there are patches.
+    N0 = integer(field(seq, "N0", "sequence.N0"), "sequence.N0", 0, N + sum(r for r, _ in grids))
     S = integer(field(seq, "S", "sequence.S"), "sequence.S", 0, MAX_TEXT_TOKENS)
     T = integer(field(seq, "T", "sequence.T"), "sequence.T", 0, MAX_TEXT_TOKENS)
     for c, crop in enumerate(crops):
@@ -225,6 +231,10 @@ def check_meta(m: dict) -> dict:
         items(crop.get("merged_windows", []), f"crops[{c}].merged_windows", integer, max_len=n, lo=0, hi=n - 1)
         if crop.get("tile") is not None:
             items(crop["tile"], f"crops[{c}].tile", integer, n=2, lo=0, hi=MAX_CROPS)
+        if crop.get("window_patches") is not None:      # a window's side in patches (2w under a 2 x 2 merger)
+            integer(crop["window_patches"], f"crops[{c}].window_patches", 1, MAX_GRID)
+        if crop.get("token_patches") is not None:       # patches one unmerged token covers (4 under the merger)
+            integer(crop["token_patches"], f"crops[{c}].token_patches", 1, 64)
     if sum(processed) > MAX_VIEW_PIXELS:
         raise TraceError(f"the crops' processed views total more than {MAX_VIEW_PIXELS:,} pixels")
 
@@ -297,7 +307,8 @@ def check_meta(m: dict) -> dict:
         if tok.get("special_tokens") is not None:
             items(tok["special_tokens"], "tokenizer.special_tokens", string, max_len=MAX_VOCAB)
     return {"G": G, "L": L, "N": N, "N0": N0, "S": S, "T": T, "window": window, "crops": len(crops),
-            "grids": grids, "stage2": stage2, "entries": entries}
+            "grids": grids, "stage2": stage2, "entries": entries,
+            "window_patches": [crop.get("window_patches") for crop in crops]}
 
 
 def _grid(crop: dict, name: str) -> tuple[int, int]:
@@ -350,6 +361,11 @@ def _check_config(c: dict) -> None:
         integer(c["pre_keep"], "config.pre_keep", 0, MAX_PATCHES)
     if "seed" in c:
         integer(c["seed"], "config.seed")
+    from . import methods
+
+    if isinstance(c.get("method"), str) and c["method"] not in methods.names():
+        # a plug-in not loaded here (its trace replays without it): its own checks cannot run, the knobs' do
+        c = dict(c, method=methods.DEFAULT)
     try:
         MustDropConfig.from_dict(c)
     except (TypeError, ValueError) as e:
@@ -417,7 +433,9 @@ def check_arrays(a: dict, c: dict) -> None:
         name = "stage1a.similarity" if cr == 0 else f"stage1a.c{cr}.similarity"
         if name in a:
             grid = f"grid {rows}" if rows == cols else f"grid {rows} x {cols}"
-            array(a, name, np.float32, (-(-rows // w), -(-cols // w)), f" ({grid} / window {w})")
+            wp = c.get("window_patches", [None] * (cr + 1))[cr]
+            shape = (rows // wp, cols // wp) if wp else (-(-rows // w), -(-cols // w))   # wp: whole windows only
+            array(a, name, np.float32, shape, f" ({grid} / window {wp or w})")
     if "stage1b.key_score" in a:
         array(a, "stage1b.key_score", np.float32, (N0,), " (N0)")
     if "baseline.vision_score" in a:

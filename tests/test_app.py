@@ -121,10 +121,15 @@ def run_ui(client, path, question="what color is the square?", preset="custom", 
     return client.predict(handle_file(str(path)), question, preset, *v.values(), api_name="/run")
 
 
+def md_plain(md: str) -> str:
+    """Escaped Markdown read back as the page shows it (``\\[`` -> ``[``, ``&lt;`` -> ``<``)."""
+    return html.unescape(re.sub(r"\\([!-/:-@\[-`{-~])", r"\1", md))
+
+
 def status_of(result):
-    """The status line's Markdown, its escaped values read back (``\\[`` -> ``[``, ``&lt;`` -> ``<``)."""
+    """The status line's Markdown, its escaped values read back."""
     md = next((x for x in result if isinstance(x, str) and x.startswith(("**Problem", "**Done", "**Replaying"))), None)
-    return None if md is None else html.unescape(re.sub(r"\\([!-/:-@\[-`{-~])", r"\1", md))
+    return None if md is None else md_plain(md)
 
 
 @pytest.mark.parametrize("kw,message", [
@@ -554,7 +559,8 @@ def test_every_overlay_selects_a_patch(server):
     clickable = [c for v in demo.views for c in v.clickable]
     assert len(clickable) == 7
     wired = {target for fn in demo.fns.values() for target, event in fn.targets if event == "select"}
-    assert {c._id for c in clickable} == wired
+    table = [b._id for b in demo.blocks.values() if getattr(b, "elem_id", None) == "ds_table"]   # Dataset tab rows
+    assert {c._id for c in clickable} | set(table) == wired and len(table) == 1
 
 
 def test_redraws_before_any_run_change_nothing_and_raise_nothing(server):

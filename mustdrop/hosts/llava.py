@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import stages
+from .. import methods, stages
 from ..loading import ModelLoadError
 from ..hooks import HookSet, attached, hidden_states_of, with_hidden_states
 from ..question import as_text
@@ -80,8 +80,9 @@ class LlavaHost(Host):
     # ------------------------------------------------------------------ stage 1
     def encode(self, inputs, img, config) -> VisionResult:
         """Run the hooked vision tower: stage 1a merge after layer 0, stage 1b key set at the end."""
-        if config.method in stages.VISION_SIDE:
-            return self._encode_vision_side(inputs, img, config)
+        method = methods.get(config.method)
+        if method.selects_before_llm:
+            return self._encode_vision_side(inputs, img, config, method)
         pixel_values = inputs["pixel_values"]
         hooks = HookSet()
         merge_box, qk = {}, {}
@@ -107,8 +108,6 @@ class LlavaHost(Host):
         else:
             groups = torch.arange(features.shape[0], device=features.device).unsqueeze(1)
             similarity, merged = None, []
-        if config.method == "pool":
-            features, groups = self._pool(features, config.budget)
         if config.key_set:
             scores = self.key_scores(qk)[0]                              # (H, N0)
             key_score = scores.mean(0)
@@ -117,14 +116,6 @@ class LlavaHost(Host):
             key_score, key_tokens = None, torch.zeros(0, dtype=torch.long, device=features.device)
         return VisionResult(features, groups, key_tokens, key_score, torch.zeros(0, dtype=torch.long),
                             [self.image_crop(img, merged)], [similarity])
-
-    def _pool(self, features, budget):
-        """The pooling baseline: the grid average-pooled to round(sqrt(budget))^2 cells."""
-        side = max(1, min(self.grid, round(float(budget) ** 0.5)))
-        grid_features = features.view(self.grid, self.grid, -1).permute(2, 0, 1).unsqueeze(0)
-        pooled = torch.nn.functional.adaptive_avg_pool2d(grid_features.float(), side)
-        features = pooled[0].permute(1, 2, 0).reshape(side * side, -1).to(features.dtype)
-        return features, stages.pool_groups(self.grid, side).to(features.device)
 
     def hook_qk(self, hooks, qk, layer=None, name="vision.last"):
         """Keep the q_proj / k_proj outputs of a vision layer (default the last) in ``qk``."""
@@ -137,41 +128,39 @@ class LlavaHost(Host):
         attn = self.vision_layers[-1].self_attn
         return stages.cls_key_score(qk["q"], qk["k"], attn.num_heads, attn.scale, self.has_cls)
 
-    def _encode_vision_side(self, inputs, img, config) -> VisionResult:
-        """FasterVLM / VisionZip: round(budget) tokens chosen inside the vision tower, scored on the
-        feature layer (the one whose output the projector reads) as both methods do."""
+    def _encode_vision_side(self, inputs, img, config, method) -> VisionResult:
+        """A method that selects before the LLM (FasterVLM, VisionZip, pooling, a plug-in): round(budget)
+        tokens chosen from the vision tower's output, scored where the method asks for a score on the
+        feature layer (the one whose output the projector reads), as FasterVLM and VisionZip do."""
         fl = self.model.config.vision_feature_layer
         layer_index = fl % len(self.vision_layers) if fl < 0 else fl - 1
-        if layer_index < 0:
-            raise ValueError("vision-side baselines need a vision feature layer after the embeddings")
-        layer = self.vision_layers[layer_index]
         hooks, qk = HookSet(), {}
-        self.hook_qk(hooks, qk, layer, name=f"vision.layer{layer_index}")
+        if method.needs_vision_score:
+            if layer_index < 0:
+                raise ValueError("vision-side baselines need a vision feature layer after the embeddings")
+            self.hook_qk(hooks, qk, self.vision_layers[layer_index], name=f"vision.layer{layer_index}")
         with attached(hooks):
             out = self.model.model.get_image_features(pixel_values=inputs["pixel_values"])
         features = out.pooler_output[0]
-        attn = layer.self_attn
-        score = stages.cls_key_score(qk["q"], qk["k"], attn.num_heads, attn.scale, self.has_cls)[0].mean(0)
-        plan = stages.plan_vision_side(config.method, config.budget, features.shape[0])
-        params = {"vision_layer": layer_index}
-        if config.method == "fastervlm":
-            kept = stages.top_score_tokens(score, plan.pre_keep).to(features.device)
-            features, groups = features[kept], kept.unsqueeze(1)
-        else:
-            prefix = 1 if self.has_cls else 0
-            hidden = out.hidden_states[fl][0]
-            h = attn.num_heads
-            metric = qk["k"][0].float().view(hidden.shape[0], h, -1).mean(1)       # head-mean keys
-            dominant, contextual = stages.visionzip_split(plan.pre_keep, prefix)
-            res = stages.visionzip_merge(hidden, score, metric, dominant, contextual, prefix)
-            features = self.model.model.multi_modal_projector(res.tokens.unsqueeze(0))[0]
-            groups = res.groups
-            params.update(dominant=dominant, contextual=contextual, cls_kept=bool(prefix),
-                          contextual_targets=res.targets.cpu().tolist())
+        builtin = methods.is_builtin(method.name)
+        plan = methods.checked_plan(method, config.budget, features.shape[0], config, self.num_layers, builtin)
+        x = methods.VisionInputs(features, self.grid, plan.pre_keep, config, num_prefix=1 if self.has_cls else 0,
+                                 project=lambda t: self.model.model.multi_modal_projector(t))
+        if method.needs_vision_score:
+            attn = self.vision_layers[layer_index].self_attn
+            x.score = stages.cls_key_score(qk["q"], qk["k"], attn.num_heads, attn.scale, self.has_cls)[0].mean(0)
+            x.hidden = out.hidden_states[fl][0]
+            x.keys = qk["k"][0].float().view(x.hidden.shape[0], attn.num_heads, -1).mean(1)   # head-mean keys
+            x.vision_layer = layer_index
+        sel = methods.checked_select_vision(method, x, builtin)
+        features = sel.features
+        params = ({"vision_layer": layer_index} if method.needs_vision_score else {}) | dict(sel.params)
+        baseline = {"plan": plan.to_dict(), "params": params}
+        if sel.score is not None:
+            baseline.update(vision_score=sel.score, score=self.key_score_name())
         empty = torch.zeros(0, dtype=torch.long, device=features.device)
-        return VisionResult(features, groups, empty, None, empty.cpu(), [self.image_crop(img, [])], [None],
-                            baseline={"plan": plan.to_dict(), "params": params, "vision_score": score,
-                                      "score": self.key_score_name()})
+        return VisionResult(features, sel.groups, empty, None, empty.cpu(), [self.image_crop(img, [])], [None],
+                            baseline=baseline)
 
 
 def image_mapping(processor, width: int, height: int, size: int) -> dict:

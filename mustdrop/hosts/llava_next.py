@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from .. import stages
+from .. import methods, stages
 from ..loading import ModelLoadError
 from ..hooks import HookSet, attached, hidden_states_of, with_hidden_states
 from .base import VisionResult
@@ -49,7 +49,7 @@ class LlavaNextHost(LlavaHost):
 
     def check(self, config) -> None:
         super().check(config)
-        if config.method == "pool" or config.method in stages.VISION_SIDE:
+        if methods.get(config.method).selects_before_llm:
             raise ValueError(f"the {config.method} baseline is defined on one 24 x 24 grid; use LLaVA-1.5 models")
 
     def encode(self, inputs, img, config) -> VisionResult:

@@ -40,7 +40,7 @@ from fractions import Fraction
 import numpy as np
 import torch
 
-from .. import stages
+from .. import methods, stages
 from ..hooks import HookSet, attached, hidden_states_of
 from ..loading import ModelLoadError
 from .base import VisionResult
@@ -232,7 +232,7 @@ class LlavaOnevisionHost(LlavaHost):
 
     def check(self, config) -> None:
         super().check(config)
-        if config.method == "pool" or config.method in stages.VISION_SIDE:
+        if methods.get(config.method).selects_before_llm:
             raise ValueError(f"the {config.method} baseline is defined on one square grid of one crop; LLaVA-OneVision "
                              "packs a base image and interpolated tiles: use LLaVA-1.5 layouts for it")
 

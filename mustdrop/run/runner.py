@@ -13,7 +13,7 @@ per step (the token, which decides whether to stop).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers import DynamicCache
@@ -54,6 +54,8 @@ class MustDropRunner:
         self.model_id = model_id
         self.num_layers = host.num_layers
         self.defaults = defaults or ModelDefaults.load(model_id, self.num_layers)
+        if self.defaults.positions not in host.position_modes:     # e.g. 3-D positions: no compaction
+            self.defaults = replace(self.defaults, positions=host.position_modes[0])
 
     # What callers read of the model, from its host.
     family = property(lambda self: self.host.family)
@@ -89,7 +91,7 @@ class MustDropRunner:
         t0 = time.perf_counter()
         say("inputs")
         inputs, prompt_text = host.inputs(img, question)
-        if inputs["input_ids"].shape[0] != 1 or inputs["pixel_values"].shape[0] != 1:
+        if inputs["input_ids"].shape[0] != 1 or host.num_images(inputs) != 1:
             raise ValueError("MustDrop runs one image and one prompt at a time (batch size 1)")
         say("vision")
         t_vis = time.perf_counter()
@@ -110,7 +112,7 @@ class MustDropRunner:
             if config.filter:
                 attach_prefill(hooks, host, state, config, decisions._decide)
             out = self.model(inputs_embeds=embeds, past_key_values=cache, use_cache=True, logits_to_keep=1,
-                             **host.prefill_kwargs(inputs, S, features.shape[0], T))
+                             **host.prefill_kwargs(inputs, S, features.shape[0], T, vision=vision))
         logits = out.logits[0, -1].float()
         say("kv_trim")
         kv_stages = trim(cache, state, config, self.num_layers)

@@ -147,7 +147,7 @@ def merge_overlay(trace, image=None, *, selected=None, gt_masks=None, base=None,
     side = max(geom.shape)     # window_shade numbers patches on a square grid: any (rows, cols) fits in it
     token = trace.patch("token", crop)
     merged = trace.patch("merged", crop).astype(bool)
-    w = int(trace.meta["stage1a"].get("window") or 1)
+    w = int(trace.meta["crops"][crop].get("window_patches") or trace.meta["stage1a"].get("window") or 1)
     colours = np.empty(geom.shape + (3,), np.uint8)
     colours[:] = UNMERGED_DOT
     rows, cols = np.nonzero(merged)
