@@ -46,6 +46,9 @@ Arrays. "Token ids" are the merged numbering 0..N0-1 (the order the LLM sees the
                              a row sums to 1): 1 for one patch, 1/k each for a merged window of k,
                              1/4 each under a 2 x 2 patch merger, interpolation weights for an
                              interpolated grid
+  tokens.merged              (N0,) uint8, optional: 1 for the tokens stage 1a built (without it: the tokens
+                             covering more patches than token_patches; a host whose tokens mix patches
+                             unmerged writes it)
   stage1a.similarity         (G/w, G/w) float32 window similarity (when stage 1a ran)
   stage1b.key_score          (N0,) float32 the score that ranked the key set (when stage 1b ran):
                              head-mean CLS attention, or the substitute meta["stage1b"]["score"]
@@ -363,8 +366,14 @@ def patch_maps(t: Trace) -> dict:
     S, N0, N = m["sequence"]["S"], m["sequence"]["N0"], m["sequence"]["N"]
     groups = a["tokens.groups"]
     token_of_patch = np.full(N, -1, dtype=np.int64)
-    for tok, row in enumerate(groups):
-        token_of_patch[row[row >= 0]] = tok
+    # a patch several tokens cover (an interpolated grid) is drawn as the token with the largest share
+    # of it (ties: the later token, as when every patch had one token)
+    tok, k = np.nonzero(groups >= 0)
+    patch = groups[tok, k]
+    share = a["tokens.weights"][tok, k] if "tokens.weights" in a else np.ones(patch.size, np.float32)
+    order = np.lexsort((tok, share, patch))
+    last = np.r_[patch[order][1:] != patch[order][:-1], True]
+    token_of_patch[patch[order][last]] = tok[order][last]
     sizes = (groups >= 0).sum(1)
     have = token_of_patch >= 0
     out = {}
@@ -378,8 +387,13 @@ def patch_maps(t: Trace) -> dict:
     for c in range(t.n_crops):
         R, C = t.crop_grid(c)
         unit[t.crop_offset(c):t.crop_offset(c) + R * C] = int(m["crops"][c].get("token_patches") or 1)
+    # stage 1a's tokens: as the trace records them (tokens.merged), else those covering more patches
+    # than one unmerged token does
+    tok_of = np.maximum(token_of_patch, 0)
+    merged_of_patch = (a["tokens.merged"].astype(bool)[tok_of] if "tokens.merged" in a
+                       else sizes[tok_of] > unit)
     maps = {"token": token_of_patch,
-            "merged": (have & (sizes[np.maximum(token_of_patch, 0)] > unit)).astype(np.uint8)}
+            "merged": (have & merged_of_patch).astype(np.uint8)}
     is_key = np.zeros(N0, dtype=np.uint8)
     is_key[m["stage1b"]["key_tokens"]] = 1
     maps["key"] = spread(is_key, 0, np.uint8)
