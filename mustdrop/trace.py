@@ -94,6 +94,9 @@ from pathlib import Path
 import numpy as np
 
 from . import trace_checks as checks
+# Stage-2 status codes (stage2.L{l}.status) are defined once, in the leaf module statuses.py.
+from .statuses import (DROPPED, KEPT_BOTH, KEPT_CODES, KEPT_GLOBAL, KEPT_INDIVIDUAL, KEPT_KEY,  # noqa: F401
+                       KEPT_PROTECTED, NOT_ENTERING, STATUS_NAMES)
 from .trace_checks import TraceError
 
 SCHEMA_VERSION = "mustdrop-trace/2"
@@ -101,24 +104,6 @@ V1 = "mustdrop-trace/1"
 READABLE_VERSIONS = (V1, SCHEMA_VERSION)
 METADATA_KEY = "mustdrop_trace"
 MAX_TRACE_BYTES = 64 * 1024 * 1024
-
-# Stage-2 status codes: why a token entering a prune layer was kept or dropped (stage2.L{l}.status).
-KEPT_BOTH = 0          # global share and individual max both at/above their thresholds
-KEPT_GLOBAL = 1        # only the global share is at/above its threshold
-KEPT_INDIVIDUAL = 2    # only the individual max is at/above its threshold
-KEPT_KEY = 3           # both conditions said drop, but it is in the key token set
-DROPPED = 4            # both conditions held: dropped
-KEPT_PROTECTED = 5     # a layout marker that is never dropped (LLaVA-NeXT newline row)
-NOT_ENTERING = -1      # patch maps only: the patch's token was dropped at an earlier prune layer
-STATUS_NAMES = {
-    KEPT_BOTH: "kept: both scores above threshold",
-    KEPT_GLOBAL: "kept: global share above threshold",
-    KEPT_INDIVIDUAL: "kept: individual max above threshold",
-    KEPT_KEY: "kept: key token (both scores below threshold)",
-    DROPPED: "dropped: global share AND individual max below threshold",
-    KEPT_PROTECTED: "kept: newline row marker (never dropped)",
-}
-KEPT_CODES = (KEPT_BOTH, KEPT_GLOBAL, KEPT_INDIVIDUAL, KEPT_KEY, KEPT_PROTECTED)
 
 # Array names of older files, read under today's names.
 RENAMED_ARRAYS = {"stage1b.cls_attention": "stage1b.key_score"}
