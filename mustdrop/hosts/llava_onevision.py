@@ -41,7 +41,6 @@ import numpy as np
 import torch
 
 from .. import methods, stages
-from ..hooks import HookSet, attached, hidden_states_of
 from ..loading import ModelLoadError
 from .base import VisionResult
 from .llava import LlavaHost
@@ -243,18 +242,8 @@ class LlavaOnevisionHost(LlavaHost):
         return onevision_packing(height, width, self.pinpoints, vc.image_size, vc.patch_size, self.max_tiles)
 
     def encode(self, inputs, img, config) -> VisionResult:
-        G, G2 = self.grid, self.grid * self.grid
-        hooks, layer0, qk = HookSet(), {}, {}
-        if config.merge:
-            def capture(module, args, kwargs):
-                layer0["h"] = hidden_states_of(args, kwargs).detach()
-            hooks.pre("vision.layer1.capture_layer0", self.vision_layers[1], capture)
-        if config.key_set:
-            self.hook_qk(hooks, qk)
-        with attached(hooks):
-            out = self.model.model.get_image_features(pixel_values=inputs["pixel_values"],
-                                                      image_sizes=inputs["image_sizes"])
-        features = torch.cat(list(out.pooler_output), dim=0)                  # (n_packed, D)
+        G = self.grid
+        features, layer0, qk = self.packed_features(inputs, config)
         pack = self.packing(inputs)
         if features.shape[0] != len(pack.groups):
             raise RuntimeError(f"the model packed {features.shape[0]} rows, the OneVision geometry says "
