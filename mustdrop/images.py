@@ -5,6 +5,7 @@ Decoding is PIL's job; this module only decides what is acceptable and says why 
 
 from __future__ import annotations
 
+import hashlib
 import io
 from pathlib import Path
 
@@ -13,6 +14,13 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 MAX_PIXELS = 50_000_000     # larger images are refused before decoding (decompression bombs)
 MIN_SIDE = 2
+
+
+def pixel_sha256(img) -> str:
+    """The hash a trace records for its image: SHA-256 of the decoded RGB pixels (the image as
+    load_image returns it), so the same picture matches whatever file format or metadata it came in.
+    The one definition: traces, the app's vanilla cache and the examples' ground truth all use it."""
+    return hashlib.sha256(np.asarray(img).tobytes()).hexdigest()
 
 
 class ImageInputError(ValueError):

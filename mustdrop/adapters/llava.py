@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from .. import stages
+from .. import stages, vision_tokens
 from ..config import MustDropConfig, ModelDefaults
 from ..hooks import HookSet, attached, hidden_states_of, with_hidden_states
-from ..images import load_image
+from ..images import load_image, pixel_sha256
 from ..trace import SCHEMA_VERSION, Trace
 from .loading import ModelLoadError
 
@@ -681,14 +681,7 @@ class LlavaMustDrop:
                 arrays[f"{p}.status"] = np.zeros(0, np.int8)
                 kept_n, dropped_n = 0, 0
             stage2.append({"layer": layer, "entering": V, "kept": kept_n, "dropped": dropped_n})
-        vision_per_layer, n = [], N0
-        kept_iter = iter(stage2)
-        nxt = next(kept_iter, None)
-        for layer in range(self.num_layers):
-            vision_per_layer.append(n)
-            if nxt is not None and nxt["layer"] == layer:
-                n = nxt["kept"]
-                nxt = next(kept_iter, None)
+        vision_per_layer = vision_tokens.per_layer(N0, [(s["layer"], s["kept"]) for s in stage2], self.num_layers)
         entries, vision_entries = [], []
         for layer, stage in enumerate(kv_stages):
             idx = alive[stage].astype(np.int64)
@@ -705,7 +698,6 @@ class LlavaMustDrop:
                    "intermediate_size": tc.intermediate_size, "num_heads": tc.num_attention_heads,
                    "num_kv_heads": n_kv, "head_dim": head_dim, "vocab_size": tc.vocab_size}
         vc = self.vision_config
-        pixels = np.asarray(img)
         meta = {
             "schema": SCHEMA_VERSION,
             "model": {"id": self.model_id, "family": self.family, "layout": self.layout, "dtype": str(self.model.dtype).replace("torch.", ""),
@@ -719,7 +711,7 @@ class LlavaMustDrop:
             "defaults_source": self.defaults.source,
             "input": {"question": question, "prompt": prompt,
                       "image": {"width": img.width, "height": img.height,
-                                "sha256": hashlib.sha256(pixels.tobytes()).hexdigest()},
+                                "sha256": pixel_sha256(img)},
                       "mapping": vision.crops[0]["mapping"]},
             "crops": crops,
             "sequence": {"S": S, "T": T, "N": N * len(vision.crops), "N0": N0},
