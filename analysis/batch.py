@@ -13,7 +13,8 @@ the table can be opened in the app or re-analysed later without the model.
 Inputs: the scene world (--split/--n/--seed; rows then carry the pruning-decision metrics of
 analysis.evaluate), a folder of images + a JSONL of {"image", "question", "answer"?, "id"?}, or a
 local HuggingFace ``datasets`` dataset saved with save_to_disk (needs the optional ``datasets``
-package). Configs are specs of analysis.common ("off", "64", "64-no-merge", "fastv@64", ...).
+package). Configs are specs of analysis.common ("off", "64", "64-no-merge", "fastv@64", ...);
+--method-file PATH adds a researcher's method, then named in specs like any built-in ("mine@64").
 The vanilla run ("off") of each sample is made once and shared: every row carries its answer
 (agrees_vanilla), and baselines "METHOD@SPEC" take, per sample, the layer-averaged vision tokens
 (compute convention) of that sample's SPEC run as their budget.
@@ -54,7 +55,8 @@ import time
 from pathlib import Path
 
 from analysis.common import (TIMING_COLUMNS, baseline_columns, build_config, folder_items, hf_items, iter_progress,
-                             load_runner, order_specs, safe_name, scene_items, shard)
+                             load_runner, order_specs, safe_name, scene_items, shard, add_method_file_arg,
+                             load_method_files)
 from analysis.evaluate import aggregate, trace_row
 
 SUMMARY = "summary"
@@ -329,7 +331,9 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None)
     ap.add_argument("--threads", type=int, default=None)
     add_input_args(ap)
+    add_method_file_arg(ap)
     a = ap.parse_args(argv)
+    load_method_files(a.method_file)
     shard_spec, device = resolve_shard(a.shard)
     items = items_from_args(a)
     runner = load_runner(a.model, a.device or device, threads=a.threads)

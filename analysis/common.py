@@ -9,10 +9,11 @@ the same way):
     off | 192 | 128 | 64            a preset of the model (its mustdrop.json, else the reference)
     64-no-merge                     the preset with one stage switched off
                                     (no-merge, no-key_set, no-filter, no-kv_trim)
-    fastv@64 | random@64 | pool@64  a same-budget baseline: its budget is, per sample, the
-    fastervlm@64 | visionzip@64     layer-averaged vision tokens (compute convention) of that
-    pdrop@64                        sample's run of the named spec ("64" here); how each one
-                                    meets it: MustDropConfig.baseline
+    fastv@64 | random@64 | pool@64  a same-budget baseline (any registered method but MustDrop:
+    fastervlm@64 | visionzip@64     mustdrop.methods, plug-ins of --method-file included): its budget
+    pdrop@64 | METHOD@64            is, per sample, the layer-averaged vision tokens (compute
+                                    convention) of that sample's run of the named spec ("64" here);
+                                    how each one meets it: its module in mustdrop/methods/
     fastv=150                       a baseline at a fixed budget of 150 tokens
     SPEC+key=value+...              any MustDropConfig field overridden, e.g.
                                     64+global_thr=0.02+individual_thr=0.02, 64+prune_layers=1,3
@@ -32,10 +33,9 @@ from typing import Callable, Iterator
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from mustdrop.config import METHODS, STAGE_FIELDS, ConfigSpec, parse_spec  # noqa: E402,F401 - parse_spec: analysis' API
+from mustdrop.config import STAGE_FIELDS, ConfigSpec, parse_spec  # noqa: E402,F401 - parse_spec: analysis' API
 
 STAGES = STAGE_FIELDS
-BASELINES = METHODS[1:]
 TIMING_COLUMNS = ("vision_s", "prefill_s", "decode_s", "total_s", "wall_s")
 TOKEN_CONVENTIONS = ("authors' convention: (p0 N0 + (p1-p0) N1 + ... + (L-p_last) Nk) / L, as the paper "
                      "prints and quotes its budgets; compute convention: mean over layers of the vision "
@@ -194,9 +194,10 @@ Spec = ConfigSpec
 
 def build_config(runner, spec: Spec, budget: float | None = None, baseline_layer: int | None = None, seed: int = 0):
     """The MustDropConfig of a spec for this model; ``budget`` for baselines matched to another run."""
+    from mustdrop import methods
     from mustdrop.config import MustDropConfig
 
-    if spec.base in BASELINES:
+    if spec.base in methods.baselines():
         b = spec.budget if spec.budget is not None else budget
         if b is None:
             raise ValueError(f"{spec.text}: a matched baseline needs the budget of its {spec.match!r} run")
@@ -209,6 +210,22 @@ def build_config(runner, spec: Spec, budget: float | None = None, baseline_layer
     if spec.overrides:
         cfg = cfg.replace(**spec.changes())
     return cfg.replace(preset=spec.text)
+
+
+def add_method_file_arg(ap) -> None:
+    """--method-file PATH (repeatable): a researcher's method, usable in config specs by its name."""
+    ap.add_argument("--method-file", action="append", default=[], metavar="PATH",
+                    help="a Python file declaring METHOD (see examples/methods/); repeat for several")
+
+
+def load_method_files(paths) -> list[str]:
+    """Register the methods of --method-file files; a broken file ends the command with its message."""
+    from mustdrop import methods
+
+    try:
+        return [m.name for m in methods.load_files(paths)]
+    except methods.MethodError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def auto_baseline_layer(runner, budget: float) -> int:

@@ -38,7 +38,7 @@ import sys
 from pathlib import Path
 
 from analysis.batch import add_input_args, config_table, items_from_args, run_batch
-from analysis.common import TOKEN_CONVENTIONS, load_runner
+from analysis.common import TOKEN_CONVENTIONS, add_method_file_arg, load_method_files, load_runner
 
 ABLATIONS = ("merge", "key_set", "filter", "kv_trim")
 
@@ -57,12 +57,17 @@ def sweep_specs(kind: str, base: str, values=None, global_values=None, individua
     return [f"{base}+{key}={v}" for v in values]
 
 
-COMPARED = ("fastervlm", "visionzip", "pdrop", "fastv", "random", "pool")
+def compared() -> tuple[str, ...]:
+    """The methods a compare runs beside MustDrop: every registered one (built-ins, then plug-ins
+    loaded with --method-file or installed through the entry-point group mustdrop.methods)."""
+    from mustdrop import methods
+
+    return methods.baselines()
 
 
 def compare_specs(preset: str, ablations: bool = True) -> list[str]:
     return ([preset] + ([f"{preset}-no-{s}" for s in ABLATIONS] if ablations else [])
-            + [f"{m}@{preset}" for m in COMPARED])
+            + [f"{m}@{preset}" for m in compared()])
 
 
 def describe(spec: str, preset: str) -> tuple[str, str]:
@@ -73,9 +78,9 @@ def describe(spec: str, preset: str) -> tuple[str, str]:
         return "MustDrop", "all stages"
     if spec.startswith(f"{preset}-no-"):
         return "MustDrop", f"without {spec.split('-no-')[1]}"
-    from mustdrop.config import BASELINE_NAMES
+    from mustdrop import methods
 
-    return BASELINE_NAMES[spec.split("@")[0]], f"same budget as MustDrop {preset}"
+    return methods.get(spec.split("@")[0]).label, f"same budget as MustDrop {preset}"
 
 
 def compare_table(df, preset: str):
@@ -95,10 +100,13 @@ def compare_table(df, preset: str):
         gap = float("nan")
         if "budget" in g and g["budget"].notna().any():
             gap = float((g["eq_tokens_compute"] - g["budget"]).abs().max())
-        ks = sorted(set(g["prune_layers"].astype(str))) if spec.split("@")[0] in ("fastv", "random") else []
+        from mustdrop import methods
+
+        takes_k = "@" in spec and methods.get(spec.split("@")[0]).takes_layer
+        ks = sorted(set(g["prune_layers"].astype(str))) if takes_k else []
         if ks:
             what += f", K = {'/'.join(ks)}"
-        if spec.startswith("pdrop@") and "pdrop_ratio" in g and g["pdrop_ratio"].notna().any():
+        if "pdrop_ratio" in g and g["pdrop_ratio"].notna().any():          # a plan with one share per drop
             what += f", share kept per drop {g['pdrop_ratio'].min():.2f}-{g['pdrop_ratio'].max():.2f}"
         pre = int(g["pre_llm_keep"].notna().sum()) if "pre_llm_keep" in g else 0
         lo, hi = bootstrap_interval(g["correct"]) if "correct" in g else (float("nan"), float("nan"))
@@ -175,7 +183,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-traces", action="store_true", help="tables only (saves disk; not resumable)")
     ap.add_argument("--threads", type=int, default=None)
     add_input_args(ap)
+    add_method_file_arg(ap)
     a = ap.parse_args(argv)
+    load_method_files(a.method_file)
     items = items_from_args(a)
     runner = load_runner(a.model, threads=a.threads)
     if a.kind == "compare":

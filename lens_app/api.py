@@ -10,14 +10,18 @@ from mustdrop.config import PRESET_NAMES
 from mustdrop.images import ImageInputError
 from mustdrop.vis import compare as vis_compare
 
-from .engine import COMPARE_METHODS, compare_method, user_errors
+from . import inputs
+from .engine import compare_method, compare_methods, user_errors
 from .session import save_comparison
 
-DESCRIPTION = ("Run vanilla and MustDrop on (image, question, preset off|192|128|64); returns the MustDrop trace "
-               "file and both answers. With method (fastv, visionzip, fastervlm, pdrop, random, pool; default none) it "
-               "also runs that method at the MustDrop run's budget and returns its trace file, its answer and the "
-               "comparison (overlap counts after the first prune layer and after every layer, budgets in both "
-               "conventions).")
+
+
+def description() -> str:
+    """/analyze's description; its methods are the registry's (mustdrop.methods), read when the page is built."""
+    return ("Run vanilla and MustDrop on (image, question, preset off|192|128|64); returns the MustDrop trace file and "
+            "both answers. With method (" + ", ".join(compare_methods()[1:]) + "; default none) it also runs that "
+            "method at the MustDrop run's budget and returns its trace file, its answer and the comparison (overlap "
+            "counts after the first prune layer and after every layer, budgets in both conventions).")
 
 
 class AnalyzeEndpoint:
@@ -32,7 +36,7 @@ class AnalyzeEndpoint:
         self.trace = gr.File(visible="hidden", label="trace")
         self.vanilla = gr.Textbox(visible="hidden", label="vanilla answer")
         self.mustdrop = gr.Textbox(visible="hidden", label="MustDrop answer")
-        self.method = gr.Dropdown(list(COMPARE_METHODS), value="none", label="compare with (same budget)",
+        self.method = gr.Dropdown(list(compare_methods()), value="none", label="compare with (same budget)",
                                   visible="hidden")
         self.compare_trace = gr.File(visible="hidden", label="comparison trace")
         self.compare_answer = gr.Textbox(visible="hidden", label="comparison answer")
@@ -43,7 +47,7 @@ class AnalyzeEndpoint:
         self.button.click(self.analyze, [image_in, question_in, self.preset, self.method],
                           [self.trace, self.vanilla, self.mustdrop, self.compare_trace, self.compare_answer,
                            self.compare],
-                          api_name="analyze", api_description=DESCRIPTION, preprocess=False,
+                          api_name="analyze", api_description=description(), preprocess=False,
                           concurrency_limit=1, concurrency_id="model")
 
     def analyze(self, image, question, preset, method="none"):
@@ -53,10 +57,11 @@ class AnalyzeEndpoint:
             src = self.gate.payload(image)
             if src is None:
                 raise ImageInputError("no image given")
-            if preset not in PRESET_NAMES:
-                raise ValueError(f"/analyze takes a preset in {', '.join(PRESET_NAMES)}, got {preset!r}; a custom "
+            question = inputs.require_question(question)
+            if preset == "custom":
+                raise ValueError(f"/analyze takes a preset in {', '.join(PRESET_NAMES)}, got 'custom'; a custom "
                                  "configuration runs in the app's advanced panel")
-            config = self.lens.config(str(preset))
+            config = self.lens.config(inputs.preset_name(preset, PRESET_NAMES))
             vanilla, trace, _, other = self.lens.analyze(src, question, config, 16, compare=compare_method(method))
         except user_errors() as e:
             raise gr.Error(str(e)) from None

@@ -1,4 +1,5 @@
-"""``python viz_app.py [--model PATH_OR_ID] [--device ...] [--dtype ...] [--host ...] [--port ...]``"""
+"""``python viz_app.py [--model PATH_OR_ID] [--device ...] [--dtype ...] [--host ...] [--port ...]
+[--method-file PATH ...]``"""
 
 from __future__ import annotations
 
@@ -25,6 +26,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--host", default=env.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                     help="address to bind (default 127.0.0.1; a HuggingFace Space sets GRADIO_SERVER_NAME)")
     ap.add_argument("--port", type=int, default=int(env.get("GRADIO_SERVER_PORT", 7860)))
+    ap.add_argument("--method-file", action="append", default=[], metavar="PATH",
+                    help="a Python file declaring METHOD (see examples/methods/): its method joins the "
+                         "'compare with' choice and /analyze's method argument; repeat for several")
     return ap
 
 
@@ -33,9 +37,16 @@ def main(argv=None):
     from .engine import Lens, user_errors
     from .workdir import remove_on_sigterm
 
+    from mustdrop import methods
+
     args = parser().parse_args(argv)
     remove_on_sigterm()              # a stopped app (SIGTERM, Ctrl-C) removes its work folder on the way out
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        for m in methods.load_files(args.method_file):
+            log.info("method %s (%s) loaded", m.name, m.label)
+    except methods.MethodError as e:
+        raise SystemExit(f"error: {e}") from None
     lens = Lens(args.model, args.device, args.dtype)
     try:
         lens.load()

@@ -13,7 +13,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import NamedTuple
 
-from mustdrop.config import BASELINE_NAMES, PRESET_NAMES, MustDropConfig, config_from_text
+from mustdrop import methods
+from mustdrop.config import PRESET_NAMES, MustDropConfig, config_from_text
 from mustdrop.images import ImageInputError, load_image, pixel_sha256
 from mustdrop.trace import TraceError
 
@@ -39,16 +40,26 @@ DEFAULT_MODEL = "assets/toy-llava"
 PRESETS = list(PRESET_NAMES) + ["custom"]
 VANILLA_CACHE_SIZE = 32
 COMPARE_NONE = "none"
-COMPARE_METHODS = (COMPARE_NONE, "fastv", "visionzip", "fastervlm", "pdrop", "random", "pool")
-COMPARE_CHOICES = [("none", COMPARE_NONE)] + [(BASELINE_NAMES[m], m) for m in COMPARE_METHODS[1:]]
+
+
+def compare_methods() -> tuple[str, ...]:
+    """The "compare with" values: none, then every registered method but MustDrop (built-ins, then the
+    plug-ins loaded by --method-file or entry points), read when the app is built."""
+    return (COMPARE_NONE,) + methods.baselines()
+
+
+def compare_choices() -> list[tuple[str, str]]:
+    """(label, value) of each "compare with" choice."""
+    labels = methods.labels()
+    return [("none", COMPARE_NONE)] + [(labels[m], m) for m in compare_methods()[1:]]
 
 
 def compare_method(value) -> str | None:
     """A "compare with" value as a baseline method (None for none), or a ValueError naming the choices."""
     if value is None or value == "" or value == COMPARE_NONE:
         return None
-    if value not in COMPARE_METHODS:
-        raise ValueError(f"unknown comparison method {value!r}; choose one of {', '.join(COMPARE_METHODS)}")
+    if value not in compare_methods():
+        raise ValueError(f"unknown comparison method {value!r}; choose one of {', '.join(compare_methods())}")
     return str(value)
 
 
@@ -190,5 +201,5 @@ class Lens:
 
                 cfg = matched_config(runner, method, trace, seed=int(sampling.seed))
                 other = _run_model(runner, img, q, cfg, max_new_tokens=max_new_tokens, sampling=sampling,
-                                   progress=stage_progress(say, BASELINE_NAMES[method], 2 * span, span)).trace
+                                   progress=stage_progress(say, methods.get(method).label, 2 * span, span)).trace
         return Analysis(vanilla, trace, img, other)

@@ -22,7 +22,7 @@ from mustdrop.trace import Trace, TraceError
 from mustdrop.vis.text import html_text, md_code, md_text
 
 from . import inputs
-from .engine import user_errors
+from .engine import PRESETS, user_errors
 from .examples import image_sha
 from .session import Frame, Session, pair_traces, save_comparison, split_comparison
 from .stale import stale_note
@@ -108,11 +108,12 @@ class App:
         src = self.gate.payload(image)
         if src is None:
             raise ImageInputError("no image given: upload, paste or choose an example image")
-        inputs.require_question(question)
+        question = inputs.require_question(question)
+        preset = inputs.preset_name(preset, PRESETS)
         custom = inputs.custom_knobs(*knob_values) if preset == "custom" else None
         max_new = inputs.number(max_new, "max new tokens", int)
         sampling = inputs.sampling_from(mode, temperature, top_p, seed)
-        img = load_image(src)
+        img = load_image(src, getattr(self.lens.runner, "processor", None))   # shape limits before decoding
         config = self.lens.config(str(preset), custom)
         progress(0.0, desc="starting")
         vanilla, trace, img, other = self.lens.analyze(img, question, config, max_new, sampling,

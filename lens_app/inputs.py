@@ -5,12 +5,29 @@ Each function raises ValueError with a message that names the field and the valu
 
 from __future__ import annotations
 
-from mustdrop.config import KNOB_FIELDS, parse_int_list, parse_knobs, parse_number
+import numpy as np
+
+from mustdrop.config import KNOB_FIELDS, parse_flag, parse_int_list, parse_knobs, parse_number
 
 
 def number(v, name, kind=float):
-    """A number from a form field (mustdrop.config.parse_number: the library's parser)."""
+    """A number from a form field or an API payload (mustdrop.config.parse_number, the library's parser:
+    whole numbers never pass through float; booleans are not numbers)."""
     return parse_number(v, name, kind)
+
+
+def flag(v, name) -> bool:
+    """A checkbox (mustdrop.config.parse_flag): true or false, also the strings 'true' / 'false'."""
+    return parse_flag(v, name)
+
+
+def preset_name(v, allowed) -> str:
+    """A preset as a name; the API may send 64 as a number, which names the preset '64'."""
+    if isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)):
+        v = str(int(v))
+    if not isinstance(v, str) or v not in allowed:
+        raise ValueError(f"preset must be one of {', '.join(allowed)} (a string), got {v!r}")
+    return v
 
 
 def parse_prune_layers(text) -> tuple[int, ...]:
@@ -26,6 +43,12 @@ def custom_knobs(*values) -> dict:
     return knobs
 
 
+def _choice(v, name, allowed):
+    if not isinstance(v, str) or v not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {v!r}")
+    return v
+
+
 def knob_values(config) -> tuple:
     """The advanced panel's values for a config, in the order custom_knobs takes them."""
     return tuple(", ".join(str(x) for x in v) if isinstance(v, tuple) else v
@@ -38,9 +61,14 @@ def same_knobs(config: dict, knobs: dict) -> bool:
                for k, v in knobs.items())
 
 
+DECODING_MODES = ("greedy", "sampling")
+
+
 def sampling_from(mode, temperature, top_p, seed):
+    """Sampling settings from the Decoding panel; Sampling bounds temperature, top p and seed."""
     from mustdrop.adapters import Sampling
 
+    mode = _choice(mode, "decoding", DECODING_MODES)
     if mode == "greedy":
         return Sampling(0.0, 1.0, number(seed, "seed", int) if seed is not None else 0)
     t = number(temperature, "temperature")
@@ -50,6 +78,7 @@ def sampling_from(mode, temperature, top_p, seed):
 
 
 def require_question(question) -> str:
-    if not isinstance(question, str) or not question.strip():
-        raise ValueError("the question is empty: type a question about the image")
-    return question
+    """The question, stripped: text, UTF-8, not empty, within the length limit (mustdrop.question)."""
+    from mustdrop.question import check_question
+
+    return check_question(question)

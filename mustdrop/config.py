@@ -14,7 +14,7 @@ import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-from . import stages
+from . import methods, stages
 
 DEFAULTS_FILE = "mustdrop.json"
 DEFAULTS_SCHEMA = "mustdrop-defaults/1"
@@ -30,9 +30,9 @@ PRESET_NAMES = ("off", "192", "128", "64")
 REFERENCE_PRUNE_LAYERS = (2, 6, 10, 14)
 REFERENCE_DEPTH = 32
 POSITION_MODES = ("reference", "original")
-METHODS = ("mustdrop", "fastv", "random", "pool", "fastervlm", "visionzip", "pdrop")
-BASELINE_NAMES = {"fastv": "FastV", "random": "random drop", "pool": "spatial pooling",
-                  "fastervlm": "FasterVLM-style", "visionzip": "VisionZip-style", "pdrop": "PyramidDrop-style"}
+# Seeds (decoding, the random baseline): torch.Generator takes 0..2**64-1, but a trace records the seed in
+# JSON, which readers without big integers (JavaScript: the browser) hold exactly only up to 2**53 - 1.
+SEED_MAX = 2 ** 53 - 1
 
 
 def knob(name: str, label: str | None = None, short: str | None = None, *, row: str | None = None,
@@ -76,14 +76,19 @@ class MustDropConfig:
     filter: bool = field(default=True, metadata=knob("2 filter", short="m2", row="stages"))       # stage 2
     kv_trim: bool = field(default=True, metadata=knob("3 KV trim", short="m3", row="stages"))     # stage 3
     preset: str = "custom"           # the name this config came from, for captions
-    method: str = "mustdrop"         # or a same-budget baseline, see MustDropConfig.baseline
+    method: str = "mustdrop"         # or any other registered method (mustdrop.methods), see MustDropConfig.baseline
     budget: float | None = None      # baselines: layer-averaged vision tokens (compute convention)
     seed: int = 0                    # baseline "random": which tokens
-    keep_counts: tuple[int, ...] = ()   # fastv / random / pdrop: tokens kept after each prune layer;
+    keep_counts: tuple[int, ...] = ()   # methods dropping in the LLM: tokens kept after each prune layer;
     pre_keep: int | None = None         # ... and before the LLM. Empty / None: solved from the budget
-                                        # (stages.plan_*) by the adapter, which records the result
+                                        # (Method.plan) by the adapter, which records the result
 
     def __post_init__(self):
+        for name in ("merge", "key_set", "filter", "kv_trim"):
+            object.__setattr__(self, name, check_flag(getattr(self, name), name))
+        object.__setattr__(self, "seed", check_int(self.seed, "seed", 0, SEED_MAX))
+        if not isinstance(self.preset, str):
+            raise ValueError(f"preset must be a string, got {self.preset!r}")
         object.__setattr__(self, "prune_layers", tuple(int(x) for x in self.prune_layers))
         object.__setattr__(self, "keep_counts", tuple(int(x) for x in self.keep_counts))
         for name in ("merge_threshold",):
@@ -95,18 +100,9 @@ class MustDropConfig:
         for f in fields(self):       # the rates and thresholds: key keep rate, global and individual threshold
             if knob_info(f.name).get("interval") == (0.0, 1.0):
                 stages.check_unit_interval(knob_info(f.name)["name"], getattr(self, f.name))
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.method != "mustdrop":
-            if self.budget is None or not math.isfinite(float(self.budget)) or self.budget <= 0:
-                raise ValueError(f"baseline {self.method!r} needs a positive token budget, got {self.budget!r}")
-            if self.method in ("fastv", "random") and len(self.prune_layers) != 1:
-                raise ValueError(f"baseline {self.method!r} drops at one layer; got prune layers {list(self.prune_layers)}")
-            if self.keep_counts and len(self.keep_counts) != len(self.prune_layers):
-                raise ValueError(f"keep_counts {list(self.keep_counts)} must give one count per prune layer "
-                                 f"{list(self.prune_layers)}")
-            if any(k < 0 for k in self.keep_counts) or (self.pre_keep is not None and int(self.pre_keep) < 1):
-                raise ValueError("keep_counts must be >= 0 and pre_keep >= 1")
+        method = methods.get(self.method)           # the registry: built-ins and loaded plug-ins
+        if self.method != methods.DEFAULT:
+            method.check_config(self)
         if self.positions not in POSITION_MODES:
             raise ValueError(f"positions must be one of {POSITION_MODES}, got {self.positions!r}")
         if not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 2:
@@ -118,9 +114,10 @@ class MustDropConfig:
     @classmethod
     def baseline(cls, method: str, budget: float, layer: int = 2, seed: int = 0,
                  positions: str = "reference", layers=None) -> "MustDropConfig":
-        """A same-budget baseline through the same adapter and trace format. ``budget`` is the
-        layer-averaged count of vision tokens (compute convention) the baseline must meet; how each
-        one meets it (documented in mustdrop.stages, recorded in the trace under "baseline"):
+        """A same-budget baseline through the same adapter and trace format: any registered method
+        but MustDrop (``Method.make_config``). ``budget`` is the layer-averaged count of vision
+        tokens (compute convention) the baseline must meet; how each built-in meets it (its module
+        in mustdrop/methods/ says it, recorded in the trace under "baseline"):
 
         fastv / random: one drop after ``layer`` (FastV's K), ranked by the last token's attention /
           seeded at random (stages.plan_single_drop: where the drop cannot meet the budget keeping
@@ -134,25 +131,22 @@ class MustDropConfig:
         pool: the grid average-pooled to round(sqrt(budget))^2 tokens (a square grid only).
         None of them merges windows or keeps a key set.
         """
-        if method not in METHODS or method == "mustdrop":
-            raise ValueError(f"baseline method must be one of {METHODS[1:]}, got {method!r}")
-        single = method in ("fastv", "random")
-        in_llm = single or method == "pdrop"
-        prune = (int(layer),) if single else tuple(int(x) for x in (layers or ())) if method == "pdrop" else ()
-        return cls(method=method, budget=float(budget), seed=int(seed), merge=False, key_set=False,
-                   filter=in_llm, kv_trim=single, prune_layers=prune,
-                   positions=positions, preset=f"{method}@{float(budget):g}")
+        if method not in methods.baselines():
+            raise ValueError(f"baseline method must be one of {', '.join(methods.baselines())}, got {method!r}")
+        return methods.get(method).make_config(budget, layer=layer, seed=seed, positions=positions, layers=layers)
 
     @property
     def enabled(self) -> bool:
         """False when no stage can change anything: the run is the vanilla model."""
-        return self.merge or self.key_set or self.filter or self.kv_trim or self.method != "mustdrop"
+        return self.merge or self.key_set or self.filter or self.kv_trim or self.method != methods.DEFAULT
 
     def validate_for(self, grid: int, num_llm_layers: int) -> None:
         """Check the knobs that depend on the model: the grid and the LLM depth."""
         if self.merge:
             stages.check_grid(grid, self.window)
-        if self.filter and not (self.method == "pdrop" and not self.prune_layers):   # pdrop: default schedule
+        default_schedule = self.method != methods.DEFAULT and not self.prune_layers \
+            and methods.get(self.method).default_layers(num_llm_layers) is not None     # pdrop: from the depth
+        if self.filter and not default_schedule:
             if not self.prune_layers:
                 raise ValueError("stage 2 is on but no prune layer is given: name at least one, or switch stage 2 off")
             stages.check_prune_layers(self.prune_layers, num_llm_layers)
@@ -209,18 +203,33 @@ def knob_info(key: str) -> dict:
 # specs (below), lmms-eval model args and the command line all parse their values with these.
 
 def parse_number(v, name: str, kind=float):
-    """A number from a form field, a command line or a spec; ``kind`` int asks for a whole number."""
+    """A number from a form field, an API payload, a command line or a spec; ``kind`` int asks for a
+    whole number. Whole numbers never pass through float (a seed of 2**53 + 1 stays itself); booleans
+    are not numbers."""
+    import numpy as np
+
     if v is None or (isinstance(v, str) and not v.strip()):
         raise ValueError(f"{name} is empty: enter a number")
+    if isinstance(v, (bool, np.bool_)):
+        raise ValueError(f"{name} must be a number, got {v!r}")
+    if kind is int and isinstance(v, (int, np.integer)):
+        return int(v)
+    if kind is int and isinstance(v, str):
+        try:
+            return int(v.strip())
+        except ValueError:
+            pass
     try:
         x = float(v)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ValueError(f"{name} must be a number, got {v!r}") from None
     if not math.isfinite(x):
         raise ValueError(f"{name} must be a finite number, got {v!r}")
     if kind is int:
         if x != int(x):
             raise ValueError(f"{name} must be a whole number, got {v!r}")
+        if abs(x) > 2 ** 53:
+            raise ValueError(f"{name} {v!r} is too large to be exact: send it as an integer")
         return int(x)
     return x
 
@@ -242,13 +251,12 @@ def parse_int_list(v, name: str) -> tuple[int, ...]:
 
 
 def parse_flag(v, name: str) -> bool:
-    """A stage switch: a bool, or the text true / false (also 1 / 0, yes / no)."""
-    if isinstance(v, bool) or type(v).__name__ in ("bool_", "bool"):       # numpy's bool too
+    """A stage switch: a bool (numpy's too), or the text true / false; anything else is refused, since
+    bool('false') is True."""
+    if isinstance(v, bool) or type(v).__name__ in ("bool_", "bool"):
         return bool(v)
-    if isinstance(v, str) and v.strip().lower() in ("true", "1", "yes"):
-        return True
-    if isinstance(v, str) and v.strip().lower() in ("false", "0", "no"):
-        return False
+    if isinstance(v, str) and v.strip().lower() in ("true", "false"):
+        return v.strip().lower() == "true"
     raise ValueError(f"{name} must be true or false, got {v!r}")
 
 
@@ -323,8 +331,8 @@ def parse_spec(text: str) -> ConfigSpec:
             raise ValueError(f"config spec {text!r}: override {o!r} must be key=value")
         k, v = o.split("=", 1)
         overrides.append((k.strip(), v.strip()))
-    baselines = METHODS[1:]
-    m = re.fullmatch(rf"({'|'.join(baselines)})(@|=)(.+)", head)
+    baselines = methods.baselines()        # any registered method but MustDrop, plug-ins included
+    m = re.fullmatch(rf"({'|'.join(map(re.escape, baselines))})(@|=)(.+)", head)
     if m:
         method, how, arg = m.groups()
         if how == "@":
@@ -390,6 +398,33 @@ class ModelDefaults:
         return {"schema": DEFAULTS_SCHEMA, "window": self.window, "merge_threshold": self.merge_threshold,
                 "key_keep_rate": self.key_keep_rate, "prune_layers": list(self.prune_layers),
                 "presets": {k: {"global_thr": g, "individual_thr": i} for k, (g, i) in self.presets.items()}}
+
+
+def check_flag(v, name: str) -> bool:
+    """A stage switch: True or False (numpy's too), never a truthy string ("false" is truthy)."""
+    import numpy as np
+
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
+    raise ValueError(f"{name} must be true or false, got {v!r}")
+
+
+def check_int(v, name: str, lo: int, hi: int) -> int:
+    """A whole number in lo..hi, exactly: ints (numpy's too) as they are, floats only when integral and
+    within 2**53 (beyond, a float is already rounded); never a bool."""
+    import numpy as np
+
+    if isinstance(v, (bool, np.bool_)):
+        raise ValueError(f"{name} must be a whole number in {lo}..{hi}, got {v!r}")
+    if isinstance(v, (int, np.integer)):
+        x = int(v)
+    elif isinstance(v, (float, np.floating)) and math.isfinite(v) and float(v).is_integer() and abs(v) <= 2 ** 53:
+        x = int(v)
+    else:
+        raise ValueError(f"{name} must be a whole number in {lo}..{hi}, got {v!r}")
+    if not lo <= x <= hi:
+        raise ValueError(f"{name} must be a whole number in {lo}..{hi}, got {x}")
+    return x
 
 
 def hub_id_of(model_path_or_id: str | None) -> str | None:

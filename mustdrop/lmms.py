@@ -14,7 +14,9 @@ Model args (``--model_args k=v,...``):
   pretrained   local folder or hub id of a LLaVA-1.5 / LLaVA-NeXT / SigLIP-LLaVA checkpoint
   preset       off | 192 | 128 | 64 (default 64): the model's thresholds (its mustdrop.json, the
                defaults shipped for its hub id, else the authors' LLaVA-1.5-7B ones)
-  method       mustdrop (default) | fastv | random | pool | fastervlm | visionzip | pdrop
+  method       mustdrop (default) | fastv | random | pool | fastervlm | visionzip | pdrop, or any
+               method registered (mustdrop.methods: method_file, or the mustdrop.methods entry points)
+  method_file  a Python file declaring a method (examples/methods/), then named by method=NAME
   budget       a baseline's layer-averaged vision tokens (compute convention), e.g. 64
   layer        FastV / random drop layer K (default: the model's first prune layer, 2 on LLaVA-1.5-7B)
   seed         random drop's seed;  positions  reference (default) | original
@@ -50,7 +52,8 @@ import torch
 from lmms_eval.api.model import lmms
 
 from .accounting import summarize
-from .config import KNOB_FIELDS, METHODS, MustDropConfig, parse_field, parse_flag, parse_number
+from . import methods
+from .config import KNOB_FIELDS, MustDropConfig, parse_field, parse_flag, parse_number
 
 MODEL_NAME = "mustdrop"
 CLASS_PATH = "mustdrop.lmms.MustDropLMMS"
@@ -76,8 +79,10 @@ class MustDropLMMS(lmms):
     def __init__(self, pretrained: str = "llava-hf/llava-1.5-7b-hf", preset="64", method: str = "mustdrop",
                  budget=None, layer=None, seed=0, positions: str = "reference", layout: str = "stock",
                  prune_layers=None, device=None, dtype=None, trace_dir=None, traces=True, batch_size=1,
-                 max_batch_size=None, **knobs) -> None:
+                 max_batch_size=None, method_file=None, **knobs) -> None:
         super().__init__()
+        if method_file not in (None, ""):
+            methods.load_file(str(method_file))
         from accelerate import Accelerator
 
         from .adapters import load_llava, make_runner
@@ -212,12 +217,12 @@ def build_config(runner, preset="64", method="mustdrop", budget=None, layer=None
     knobs = dict(knobs or {})
     unknown = sorted(set(knobs) - set(KNOBS))
     if unknown:
-        raise ValueError(f"mustdrop: unknown model arg(s) {unknown}; known: pretrained, preset, method, budget, layer, "
-                         f"seed, positions, layout, prune_layers, device, dtype, trace_dir, traces, {', '.join(KNOBS)}")
+        raise ValueError(f"mustdrop: unknown model arg(s) {unknown}; known: pretrained, preset, method, method_file, "
+                         f"budget, layer, seed, positions, layout, prune_layers, device, dtype, trace_dir, traces, {', '.join(KNOBS)}")
     method = str(method)
-    if method not in METHODS:
-        raise ValueError(f"mustdrop: method must be one of {', '.join(METHODS)}, got {method!r}")
-    if method == "mustdrop":
+    if method not in methods.names():
+        raise ValueError(f"mustdrop: method must be one of {', '.join(methods.names())}, got {method!r}")
+    if method == methods.DEFAULT:
         if budget is not None:
             raise ValueError("mustdrop: budget is for the baselines (method=fastv, ...); MustDrop's budget is set by "
                              "its preset's thresholds (preset=192 / 128 / 64)")

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import math
 
-from . import vision_tokens
-from .config import BASELINE_NAMES, MustDropConfig
+from . import methods, vision_tokens
+from .config import MustDropConfig
 
 
 def run_budget(trace) -> float:
@@ -40,9 +40,9 @@ def auto_baseline_layer(runner, budget: float) -> int:
 
 
 def check_method(method: str) -> str:
-    """The baseline method name, or a ValueError that lists the methods."""
-    if method not in BASELINE_NAMES:
-        raise ValueError(f"unknown comparison method {method!r}; choose one of {', '.join(BASELINE_NAMES)}")
+    """The baseline method name (any registered method but MustDrop), or a ValueError that lists them."""
+    if method not in methods.baselines():
+        raise ValueError(f"unknown comparison method {method!r}; choose one of {', '.join(methods.baselines())}")
     return method
 
 

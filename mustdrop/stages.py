@@ -485,7 +485,6 @@ def with_protected(res: FilterResult, protected: torch.Tensor, recount: bool = T
 FASTV_MIN_KEEP = 0.5      # FastV's R = 50%: its drop after K never keeps less than half
 PDROP_MIN_RATIO = 0.5     # PyramidDrop's lambda = 0.5: each of its drops never keeps less than half
 VISIONZIP_CONTEXTUAL = 10 / 64   # VisionZip's 54 dominant + 10 contextual tokens for 64 (same share at 128, 192)
-VISION_SIDE = ("fastervlm", "visionzip")
 
 
 @dataclass(frozen=True)

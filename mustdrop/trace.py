@@ -24,6 +24,12 @@ JSON document (``meta``), schema "mustdrop-trace/1":
   kv          entries_per_layer and vision_entries_per_layer after the trim, bytes_per_entry (K+V)
   generation  mode, temperature, top_p, seed, max_new_tokens, token_ids, tokens, probs, answer, stop
   timings     vision_s, prefill_s, decode_s, total_s
+  method      the method's name (mustdrop.methods); method_info (optional; older traces: the
+              registered method's) how its decisions are explained: name, label, statuses {code:
+              name}, scores {global_share / individual_max: what that array holds for this method},
+              dropped (the inspector's sentence), legend, thresholds (scores compared with the
+              config's thresholds: MustDrop's filter). Stored so that a plug-in's trace replays
+              where the plug-in is not installed (mustdrop.methods.words_of reads it)
   baseline    (same-budget baselines only, optional) plan {method, budget, n0, pre_keep (tokens
               kept before the LLM), layers, keep (kept after each), ratio, rule}, params (method
               parameters, e.g. VisionZip's dominant / contextual counts), score (what ranked them)
@@ -51,17 +57,25 @@ Several crops (LLaVA-NeXT: base image + any-res tiles): meta "crops" lists each 
 mapping and merged windows; tokens.groups then holds global ids crop * G*G + patch; crop 0's maps
 are patch.*, crop c's are patch.c{c}.*; stage1a.c{c}.similarity per crop; tokens.newline (N0,)
 uint8 marks the newline-row tokens (never dropped, cover no patch).
+
+Loading treats the file as untrusted (traces are shared): mustdrop.trace_checks bounds every size
+the header claims by what a supported model produces and types every field above, before any
+array is read or map built; each problem is one TraceError naming the field.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from . import trace_checks as checks
+from .trace_checks import TraceError
 
 SCHEMA_VERSION = "mustdrop-trace/1"
 METADATA_KEY = "mustdrop_trace"
@@ -87,10 +101,6 @@ KEPT_CODES = (KEPT_BOTH, KEPT_GLOBAL, KEPT_INDIVIDUAL, KEPT_KEY, KEPT_PROTECTED)
 
 # Array names of older files, read under today's names.
 RENAMED_ARRAYS = {"stage1b.cls_attention": "stage1b.key_score"}
-
-
-class TraceError(ValueError):
-    """A trace file that cannot be used, with a message that names the problem."""
 
 
 @dataclass
@@ -199,8 +209,11 @@ class Trace:
         """A run of the unpruned model: the config enabled no stage and no baseline."""
         from .config import MustDropConfig
 
+        cfg = self.meta.get("config")
+        if isinstance(cfg, dict) and cfg.get("method", "mustdrop") != "mustdrop":
+            return False        # a method's run (maybe a plug-in not loaded here, whose config cannot be checked)
         try:
-            return not MustDropConfig.from_dict(self.meta["config"]).enabled
+            return not MustDropConfig.from_dict(cfg).enabled
         except (TypeError, ValueError) as e:
             raise TraceError(f"the trace's config cannot be read: {str(e)[:200]}") from None
 
@@ -225,7 +238,7 @@ class Trace:
     @classmethod
     def load(cls, path) -> "Trace":
         """Read and validate; refuse anything else with a clear TraceError (never evaluates code)."""
-        from safetensors import SafetensorError, safe_open
+        from safetensors import safe_open
 
         path = Path(path)
         if not path.is_file():
@@ -237,129 +250,61 @@ class Trace:
         try:
             with safe_open(str(path), "np") as f:
                 header = f.metadata() or {}
-                arrays = {k: f.get_tensor(k) for k in f.keys()}
-        except (SafetensorError, OSError, ValueError, Exception) as e:  # noqa: BLE001 - any decode failure
+                if METADATA_KEY not in header:
+                    raise TraceError(f"no '{METADATA_KEY}' metadata: not a MustDrop trace")
+                meta = checks.parse_meta(header[METADATA_KEY])
+                # Every claimed size is checked before an array is read or a map is built from it.
+                claims = cls(meta, {})._check_meta()
+                for k in f.keys():                # stored maps are rebuilt below, not read; shapes still checked
+                    if k.startswith("patch."):
+                        _check_patch_shape(k, tuple(f.get_slice(k).get_shape()), claims)
+                arrays = {k: f.get_tensor(k) for k in f.keys() if not k.startswith("patch.")}
+        except TraceError as e:
+            raise TraceError(f"{path.name}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - any decode failure (SafetensorError, OSError, ...)
             raise TraceError(f"{path.name} is not a MustDrop trace (a safetensors file with a "
                              f"'{METADATA_KEY}' header): {str(e)[:200]}") from None
-        if METADATA_KEY not in header:
-            raise TraceError(f"{path.name} has no '{METADATA_KEY}' metadata: not a MustDrop trace")
-        try:
-            meta = json.loads(header[METADATA_KEY])
-        except json.JSONDecodeError as e:
-            raise TraceError(f"{path.name}: the trace metadata is malformed JSON ({e})") from None
         for old, new in RENAMED_ARRAYS.items():
             if old in arrays and new not in arrays:
                 arrays[new] = arrays.pop(old)
         t = cls(meta, arrays)
-        t.validate()
+        try:
+            checks.check_arrays(arrays, claims)
+        except TraceError as e:
+            raise TraceError(f"{path.name}: {e}") from None
         # The patch maps are rebuilt from the validated token-level records: forged maps cannot mislead.
         try:
-            maps = patch_maps(t)
-        except (KeyError, IndexError, ValueError, TypeError) as e:
-            raise TraceError(f"{path.name}: the trace's records are inconsistent ({type(e).__name__}: "
-                             f"{str(e)[:200]})") from None
-        t.arrays = {k: v for k, v in t.arrays.items() if not k.startswith("patch.")} | maps
+            t.arrays = arrays | patch_maps(t)
+        except (KeyError, IndexError, ValueError, TypeError) as e:     # a gap in the checks: still a message
+            raise TraceError(f"{path.name}: the trace's records are inconsistent ({type(e).__name__})") from None
         return t
 
     # ---------------------------------------------------------------- validation
     def validate(self) -> None:
-        """Check version, required fields, shapes and index ranges; raise TraceError naming the first problem."""
+        """Check version, every field the readers use (type, length, range, the bounds of
+        mustdrop.trace_checks), the arrays' dtypes and shapes; raise TraceError naming the first problem."""
+        claims = self._check_meta()
+        checks.check_arrays(self.arrays, claims)
+        for k, v in self.arrays.items():
+            if k.startswith("patch."):
+                _check_patch_shape(k, v.shape, claims)
+
+    def _check_meta(self) -> dict:
         m = self.meta
         if not isinstance(m, dict):
             raise TraceError("trace metadata must be a JSON object")
         if m.get("schema") != SCHEMA_VERSION:
-            raise TraceError(f"unknown trace schema {m.get('schema')!r}; this version reads {SCHEMA_VERSION!r}")
-        try:
-            G = _int(m["model"]["vision"]["grid"], "grid", 1, 1024)
-            L = _int(m["model"]["llm"]["num_layers"], "num_layers", 1, 1024)
-            seq = m["sequence"]
-            S, T = _int(seq["S"], "S", 0), _int(seq["T"], "T", 0)
-            N, N0 = _int(seq["N"], "N", 1), _int(seq["N0"], "N0", 0)
-            stage2 = m["stage2"]
-            per_layer = m["vision_tokens_per_layer"]
-            key_tokens = m["stage1b"]["key_tokens"]
-            entries = m["kv"]["entries_per_layer"]
-            gen = m["generation"]
-            for k in ("token_ids", "tokens", "probs", "answer"):
-                gen[k]
-            m["input"]["question"], m["config"]
-        except (KeyError, TypeError) as e:
-            raise TraceError(f"trace metadata lacks a required field: {e}") from None
-        crops = m.get("crops", [{}])
-        if not isinstance(crops, list) or not crops:
-            raise TraceError("crops must be a non-empty list")
-        if N != G * G * len(crops):
-            raise TraceError(f"sequence N = {N} does not match {len(crops)} crop(s) of a {G} x {G} grid")
-        if N0 > N:
-            raise TraceError(f"N0 = {N0} vision tokens exceed the {N} patches")
-        if not isinstance(per_layer, list) or len(per_layer) != L:
-            raise TraceError(f"vision_tokens_per_layer must list {L} layers")
-        if not isinstance(entries, list) or len(entries) != L:
-            raise TraceError(f"kv.entries_per_layer must list {L} layers")
-        _index_list(key_tokens, N0, "stage1b.key_tokens")
-        a = self.arrays
-        groups = self._array("tokens.groups", np.int64, ndim=2)
-        if groups.shape[0] != N0:
-            raise TraceError(f"tokens.groups has {groups.shape[0]} rows, expected N0 = {N0}")
-        if groups.size and (groups.max() >= N or groups.min() < -1):
-            raise TraceError("tokens.groups holds patch ids outside the grid")
-        prev = -1
-        for s in stage2:
-            layer = _int(s.get("layer"), "stage2 layer", 0, L - 1)
-            if layer <= prev:
-                raise TraceError("stage2 layers must be ascending")
-            prev = layer
-            p = f"stage2.L{layer}"
-            toks = self._array(f"{p}.tokens", np.int64, ndim=1)
-            V = toks.shape[0]
-            if V and (toks.min() < 0 or toks.max() >= N0):
-                raise TraceError(f"{p}.tokens holds token ids outside 0..{N0 - 1}")
-            for name, dt in (("global_share", np.float32), ("individual_max", np.float32), ("status", np.int8)):
-                arr = self._array(f"{p}.{name}", dt, ndim=1)
-                if arr.shape[0] not in (V, 0):
-                    raise TraceError(f"{p}.{name} has {arr.shape[0]} entries, expected {V}")
-        for layer in range(L):
-            kv = self._array(f"kv.L{layer}", np.int64, ndim=1)
-            if kv.shape[0] != entries[layer]:
-                raise TraceError(f"kv.L{layer} has {kv.shape[0]} entries, metadata says {entries[layer]}")
-            if kv.size and (kv.min() < 0 or kv.max() >= S + N0 + T):
-                raise TraceError(f"kv.L{layer} holds indices outside the prefill sequence 0..{S + N0 + T - 1}")
-        for name in ("stage1a.similarity", "stage1b.key_score"):
-            if name in a and not isinstance(a[name], np.ndarray):
-                raise TraceError(f"{name} is not an array")
-        if "baseline.vision_score" in a and a["baseline.vision_score"].shape != (N,):
-            raise TraceError(f"baseline.vision_score must have N = {N} entries")
-        if "stage1b.key_score" in a and a["stage1b.key_score"].shape != (N0,):
-            raise TraceError(f"stage1b.key_score must have N0 = {N0} entries")
-        for k, v in a.items():
-            if not k.startswith("patch."):
-                continue
-            want = (L, G, G) if k.endswith("kv_cached") else (G, G)
-            if v.shape != want:
-                raise TraceError(f"{k} has shape {v.shape}, expected {want}")
-
-    def _array(self, name, dtype, ndim):
-        if name not in self.arrays:
-            raise TraceError(f"trace lacks the array {name!r}")
-        arr = self.arrays[name]
-        if arr.dtype != dtype or arr.ndim != ndim:
-            raise TraceError(f"{name} must be a {ndim}-D {np.dtype(dtype).name} array, got {arr.ndim}-D {arr.dtype}")
-        return arr
+            v = m.get("schema")
+            shown = repr(v) if isinstance(v, str) and re.fullmatch(r"[\w./-]{1,40}", v) else checks._got(v)
+            raise TraceError(f"unknown trace schema {shown}; this version reads {SCHEMA_VERSION!r}")
+        return checks.check_meta(m)
 
 
-def _int(v, name, lo=None, hi=None) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise TraceError(f"{name} must be an integer, got {v!r}")
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise TraceError(f"{name} = {v} is out of range")
-    return v
-
-
-def _index_list(v, n, name):
-    if not isinstance(v, list) or any(isinstance(x, bool) or not isinstance(x, int) for x in v):
-        raise TraceError(f"{name} must be a list of integers")
-    if any(x < 0 or x >= n for x in v):
-        raise TraceError(f"{name} holds indices outside 0..{n - 1}")
+def _check_patch_shape(name: str, shape: tuple, claims: dict) -> None:
+    G, L = claims["G"], claims["L"]
+    want = (L, G, G) if name.endswith("kv_cached") else (G, G)
+    if tuple(shape) != want:
+        raise TraceError(f"{name} has shape {tuple(shape)}, expected {want}")
 
 
 def crop_prefix(c: int) -> str:

@@ -121,10 +121,15 @@ def run_ui(client, path, question="what color is the square?", preset="custom", 
     return client.predict(handle_file(str(path)), question, preset, *v.values(), api_name="/run")
 
 
+def md_plain(md: str) -> str:
+    """Escaped Markdown read back as the page shows it (``\\[`` -> ``[``, ``&lt;`` -> ``<``)."""
+    return html.unescape(re.sub(r"\\([!-/:-@\[-`{-~])", r"\1", md))
+
+
 def status_of(result):
-    """The status line's Markdown, its escaped values read back (``\\[`` -> ``[``, ``&lt;`` -> ``<``)."""
+    """The status line's Markdown, its escaped values read back."""
     md = next((x for x in result if isinstance(x, str) and x.startswith(("**Problem", "**Done", "**Replaying"))), None)
-    return None if md is None else html.unescape(re.sub(r"\\([!-/:-@\[-`{-~])", r"\1", md))
+    return None if md is None else md_plain(md)
 
 
 @pytest.mark.parametrize("kw,message", [

@@ -22,6 +22,6 @@ def test_compare_on_a_folder_and_jsonl(tiny_dir, tmp_path):
                     "--images", str(images), "--questions", str(tmp_path / "q.jsonl"), "--max-new-tokens", "1",
                     "--no-figures", "--no-traces"]) == 0
     ct = pd.read_csv(out / "compare.csv", dtype={"preset": str})
-    assert list(ct["config"]) == ["off", "64"] + [f"{m}@64" for m in SW.COMPARED]
+    assert list(ct["config"]) == ["off", "64"] + [f"{m}@64" for m in SW.compared()]
     assert (ct["failed"] == 0).all() and (ct["n"] == 2).all()
     assert ct["acc_ci95_low"].notna().all() and ct["recall_final_tokens"].isna().all()

@@ -20,7 +20,7 @@ from mustdrop.vis import compare as vc
 from mustdrop.vis.geometry import decode_categories, geometry
 
 QUESTION = "what color is the square?"
-METHODS = engine.COMPARE_METHODS[1:]
+METHODS = engine.compare_methods()[1:]
 
 
 @pytest.fixture(scope="module")

@@ -252,10 +252,10 @@ def test_new_runs_record_the_key_score(trace):
 
 
 def test_inconsistent_records_are_a_trace_error(trace, tmp_path):
-    """Records that pass validation but cannot be mapped to patches (here: no stage-1a window) are
-    refused with a message, not a KeyError."""
+    """Records the patch maps need (here: the stage-1a window) are checked before the maps are built:
+    a message naming the field, not a KeyError."""
     path = corrupt(trace, tmp_path, meta_change=lambda m: m["stage1a"].pop("window"))
-    with pytest.raises(TraceError, match="records are inconsistent"):
+    with pytest.raises(TraceError, match="stage1a.window"):
         Trace.load(path)
 
 

@@ -9,6 +9,7 @@
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from mustdrop import stages
 from test_adapter import QUESTION, masking_reference
@@ -115,6 +116,20 @@ def test_newline_rows_are_never_dropped_nor_drawn(dropping):
     covered = sum(int((t.arrays[("patch." if c == 0 else f"patch.c{c}.") + "token"] >= 0).sum())
                   for c in range(n_crops))
     assert covered == int((t.arrays["tokens.groups"] >= 0).sum())
+
+
+@pytest.mark.parametrize("w,h", [(620, 300), (300, 620)])
+def test_a_vanilla_stock_trace_with_more_tokens_than_patches_saves_and_replays(stock, tmp_path, w, h):
+    """The stock packing adds one newline token per grid row: a vanilla trace's vision block can be
+    longer than the crops' patches (1752 tokens for 1728 patches at 620 x 300), and the trace checks
+    must not refuse it."""
+    from mustdrop.trace import Trace
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8))
+    t = stock.run(img, QUESTION, stock.config_for("off"), max_new_tokens=2).trace
+    assert t.meta["sequence"]["N0"] > t.meta["sequence"]["N"]
+    back = Trace.load(t.save(tmp_path / "vanilla-next.safetensors"))
+    assert back.meta["sequence"] == t.meta["sequence"]
 
 
 def test_reference_layout_is_flat(reference, wide_image):

@@ -454,7 +454,7 @@ def test_slides_command_line(traces, tmp_path, capsys):
     assert f"{stem}.png" in printed
     (tmp_path / "bad.safetensors").write_bytes(b"nope")
     assert vis.main([str(tmp_path / "bad.safetensors")]) == 2
-    assert "not a MustDrop trace" in capsys.readouterr().out
+    assert "not a MustDrop trace" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------ traces written before

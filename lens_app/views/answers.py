@@ -7,6 +7,7 @@ from __future__ import annotations
 import gradio as gr
 
 from mustdrop import vis
+from mustdrop.methods import words_of
 from mustdrop.vis.text import md_text
 
 from .base import View, view
@@ -38,6 +39,6 @@ class AnswersView(View):
         d = vis.answer_diff(va, tr)
         return {self.question: f"**Question:** {md_text(tr.meta['input']['question'])}\n\n"
                                f"**Vanilla:** {md_text(va.answer) if va is not None else '–'}  \n"
-                               f"**MustDrop ({md_text(tr.meta['config'].get('preset'))}):** {md_text(tr.answer)}",
+                               f"**{md_text(words_of(tr).label)} ({md_text(tr.meta['config'].get('preset'))}):** {md_text(tr.answer)}",
                 self.vanilla: d["vanilla"], self.mustdrop: d["mustdrop"], self.diff: d["text"],
                 self.probs: d["table"]}

@@ -8,7 +8,7 @@ import gradio as gr
 
 from mustdrop.vis import compare as vc
 
-from ..engine import COMPARE_CHOICES, COMPARE_NONE
+from ..engine import COMPARE_NONE, compare_choices
 from ..events import QUIET
 from ..stale import stale_note
 from .base import CROP, GT, LAYER, SELECTION, View, image_output, view
@@ -26,7 +26,7 @@ class CompareView(View):
     def build_inputs(self):
         """The "compare with" choice, placed among the run inputs, and the choice held server-side for
         the next Run (so /run keeps its parameters)."""
-        self.choice = gr.Dropdown(COMPARE_CHOICES, value=COMPARE_NONE, elem_id="compare_in",
+        self.choice = gr.Dropdown(compare_choices(), value=COMPARE_NONE, elem_id="compare_in",
                                   label="Compare with (runs it at the MustDrop run's budget, same image)")
         self.held = gr.State(COMPARE_NONE)
         return {"compare": self.choice}

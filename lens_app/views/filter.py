@@ -6,6 +6,7 @@ from __future__ import annotations
 import gradio as gr
 
 from mustdrop import vis
+from mustdrop.methods import words_of
 
 from .base import CROP, GT, LAYER, SELECTION, View, image_output, view
 
@@ -37,9 +38,14 @@ class FilterView(View):
             blank = vis.blank_overlay(tr, kw["base"], kw.get("opacity", vis.DEFAULT_OPACITY))
             return {self.status: blank, self.global_share: blank, self.individual_max: blank,
                     self.legend: "<div>Stage 2 did not run in this trace (no prune layers / filter off).</div>"}
+        words = words_of(tr)           # the method's own names for its scores (MustDrop: the two filter scores)
+        names = {k: ("2: " + k.replace("_", " ") if words.thresholds else f"2: {words.scores.get(k, 'not used')}")
+                 for k in ("global_share", "individual_max")}
         return {self.status: vis.filter_overlay(tr, pl, **kw),
-                self.global_share: vis.heatmap_overlay(tr, "global_share", layer=pl, **kw),
-                self.individual_max: vis.heatmap_overlay(tr, "individual_max", layer=pl, **kw),
+                self.global_share: gr.update(value=vis.heatmap_overlay(tr, "global_share", layer=pl, **kw),
+                                             label=names["global_share"]),
+                self.individual_max: gr.update(value=vis.heatmap_overlay(tr, "individual_max", layer=pl, **kw),
+                                               label=names["individual_max"]),
                 self.legend: (vis.legend_html("filter", tr, inspected=False)
                               + vis.legend_html("global_share", tr, pl, False, crop=s.crop)
                               + vis.legend_html("individual_max", tr, pl, crop=s.crop, gt=kw["gt_masks"] is not None))}

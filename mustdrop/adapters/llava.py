@@ -30,10 +30,11 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from .. import stages, vision_tokens
-from ..config import MustDropConfig, ModelDefaults
+from .. import methods, stages, vision_tokens
+from ..config import SEED_MAX, MustDropConfig, ModelDefaults, check_int
 from ..hooks import HookSet, attached, hidden_states_of, with_hidden_states
 from ..images import load_image, pixel_sha256
+from ..question import MAX_QUESTION_CHARS, as_text, check_question  # noqa: F401 - MAX_QUESTION_CHARS: importers
 from ..trace import SCHEMA_VERSION, Trace
 from .loading import ModelLoadError
 
@@ -46,12 +47,21 @@ class Sampling:
     top_p: float = 1.0
     seed: int = 0
 
+    # Outside these, float32 sampling breaks: logits / 1e-300 overflow, a top p below float32's
+    # resolution keeps no token (NaN probabilities). 0.01 is already greedy in all but ties.
+    TEMPERATURE_RANGE = (0.01, 100.0)
+    TOP_P_RANGE = (0.01, 1.0)
+
     def __post_init__(self):
         import math
-        if not math.isfinite(float(self.temperature)) or self.temperature < 0:
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if not math.isfinite(float(self.top_p)) or not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        for name, v, (lo, hi) in (("temperature", self.temperature, self.TEMPERATURE_RANGE),
+                                  ("top p", self.top_p, self.TOP_P_RANGE)):
+            ok = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_)) \
+                and math.isfinite(v) and (lo <= v <= hi or (name == "temperature" and v == 0))
+            if not ok:
+                zero = "0 (greedy) or " if name == "temperature" else ""
+                raise ValueError(f"{name} must be {zero}a number in [{lo:g}, {hi:g}], got {v!r}")
+        self.seed = check_int(self.seed, "seed", 0, SEED_MAX)
 
     @property
     def greedy(self) -> bool:
@@ -63,7 +73,6 @@ MAX_NEW_TOKENS_LIMIT = 1024
 RUN_STAGES = {"inputs": "preparing inputs", "vision": "vision encoder (stage 1a merge, stage 1b key set)",
               "prefill": "prefill (stage 2 dual-attention filter)", "kv_trim": "KV trim (stage 3)",
               "decode": "decoding"}
-MAX_QUESTION_CHARS = 2000
 
 
 @dataclass
@@ -197,7 +206,7 @@ class LlavaMustDrop:
         question = _clean_question(question, self.processor)
         if isinstance(image, (list, tuple)):
             raise ValueError(f"MustDrop runs one image at a time (batch size 1); got {len(image)} images")
-        img = load_image(image)
+        img = load_image(image, self.processor)
         say = progress or (lambda stage: None)
 
         t0 = time.perf_counter()
@@ -255,7 +264,8 @@ class LlavaMustDrop:
         inputs = self.processor(images=img, text=prompt, return_tensors="pt")
         device = self.model.device
         dtype = self.model.dtype
-        out = {"input_ids": inputs["input_ids"],                          # stays on the host (_split_prompt)
+        ids = as_text(inputs["input_ids"], prompt, question, self.processor.tokenizer, self.image_token_id)
+        out = {"input_ids": ids,                                          # stays on the host (_split_prompt)
                "pixel_values": inputs["pixel_values"].to(device=device, dtype=dtype)}
         if "image_sizes" in inputs:
             out["image_sizes"] = inputs["image_sizes"].to(device)
@@ -285,8 +295,9 @@ class LlavaMustDrop:
     # ------------------------------------------------------------------ stage 1
     def _encode(self, inputs, img, config) -> VisionResult:
         """Run the hooked vision tower: stage 1a merge after layer 0, stage 1b key set at the end."""
-        if config.method in stages.VISION_SIDE:
-            return self._encode_vision_side(inputs, img, config)
+        method = methods.get(config.method)
+        if method.selects_before_llm:
+            return self._encode_vision_side(inputs, img, config, method)
         pixel_values = inputs["pixel_values"]
         hooks = HookSet()
         merge_box, qk = {}, {}
@@ -312,12 +323,6 @@ class LlavaMustDrop:
         else:
             groups = torch.arange(features.shape[0], device=features.device).unsqueeze(1)
             similarity, merged = None, []
-        if config.method == "pool":
-            side = max(1, min(self.grid, round(float(config.budget) ** 0.5)))
-            grid_features = features.view(self.grid, self.grid, -1).permute(2, 0, 1).unsqueeze(0)
-            pooled = torch.nn.functional.adaptive_avg_pool2d(grid_features.float(), side)
-            features = pooled[0].permute(1, 2, 0).reshape(side * side, -1).to(features.dtype)
-            groups = stages.pool_groups(self.grid, side).to(features.device)
         if config.key_set:
             scores = self._key_scores(qk)[0]                             # (H, N0)
             key_score = scores.mean(0)
@@ -339,43 +344,40 @@ class LlavaMustDrop:
         return stages.cls_key_score(qk["q"], qk["k"], attn.num_heads, attn.scale, self.has_cls)
 
     # ------------------------------------------------------------------ same-budget baselines
-    def _encode_vision_side(self, inputs, img, config) -> VisionResult:
-        """FasterVLM / VisionZip: round(budget) tokens chosen inside the vision tower, scored on the
-        feature layer (the one whose output the projector reads) as both methods do."""
+    def _encode_vision_side(self, inputs, img, config, method) -> VisionResult:
+        """A method that selects before the LLM (FasterVLM, VisionZip, pooling, a plug-in): round(budget)
+        tokens chosen from the vision tower's output, scored where the method asks for a score on the
+        feature layer (the one whose output the projector reads), as FasterVLM and VisionZip do."""
         fl = self.model.config.vision_feature_layer
         layer_index = fl % len(self.vision_layers) if fl < 0 else fl - 1
-        if layer_index < 0:
-            raise ValueError("vision-side baselines need a vision feature layer after the embeddings")
-        layer = self.vision_layers[layer_index]
         hooks, qk = HookSet(), {}
-        self._hook_last_qk(hooks, qk, layer, name=f"vision.layer{layer_index}")
+        if method.needs_vision_score:
+            if layer_index < 0:
+                raise ValueError("vision-side baselines need a vision feature layer after the embeddings")
+            self._hook_last_qk(hooks, qk, self.vision_layers[layer_index], name=f"vision.layer{layer_index}")
         with attached(hooks):
             out = self.model.model.get_image_features(pixel_values=inputs["pixel_values"])
         features = out.pooler_output[0]
-        attn = layer.self_attn
-        score = stages.cls_key_score(qk["q"], qk["k"], attn.num_heads, attn.scale, self.has_cls)[0].mean(0)
-        plan = stages.plan_vision_side(config.method, config.budget, features.shape[0])
-        params = {"vision_layer": layer_index}
-        if config.method == "fastervlm":
-            kept = stages.top_score_tokens(score, plan.pre_keep).to(features.device)
-            features, groups = features[kept], kept.unsqueeze(1)
-        else:
-            prefix = 1 if self.has_cls else 0
-            hidden = out.hidden_states[fl][0]
-            h = attn.num_heads
-            metric = qk["k"][0].float().view(hidden.shape[0], h, -1).mean(1)       # head-mean keys
-            dominant, contextual = stages.visionzip_split(plan.pre_keep, prefix)
-            res = stages.visionzip_merge(hidden, score, metric, dominant, contextual, prefix)
-            features = self.model.model.multi_modal_projector(res.tokens.unsqueeze(0))[0]
-            groups = res.groups
-            params.update(dominant=dominant, contextual=contextual, cls_kept=bool(prefix),
-                          contextual_targets=res.targets.cpu().tolist())
+        builtin = methods.is_builtin(method.name)
+        plan = methods.checked_plan(method, config.budget, features.shape[0], config, self.num_layers, builtin)
+        x = methods.VisionInputs(features, self.grid, plan.pre_keep, config, num_prefix=1 if self.has_cls else 0,
+                                 project=lambda t: self.model.model.multi_modal_projector(t))
+        if method.needs_vision_score:
+            attn = self.vision_layers[layer_index].self_attn
+            x.score = stages.cls_key_score(qk["q"], qk["k"], attn.num_heads, attn.scale, self.has_cls)[0].mean(0)
+            x.hidden = out.hidden_states[fl][0]
+            x.keys = qk["k"][0].float().view(x.hidden.shape[0], attn.num_heads, -1).mean(1)   # head-mean keys
+            x.vision_layer = layer_index
+        sel = methods.checked_select_vision(method, x, builtin)
+        features = sel.features
+        params = ({"vision_layer": layer_index} if method.needs_vision_score else {}) | dict(sel.params)
+        baseline = {"plan": plan.to_dict(), "params": params}
+        if sel.score is not None:
+            baseline.update(vision_score=sel.score, score=self._key_score_name())
         mapping = image_mapping(self.processor, img.width, img.height, self.vision_config.image_size)
         empty = torch.zeros(0, dtype=torch.long, device=features.device)
-        return VisionResult(features, groups, empty, None, empty.cpu(),
-                            [{"name": "image", "mapping": mapping, "merged_windows": []}], [None],
-                            baseline={"plan": plan.to_dict(), "params": params, "vision_score": score,
-                                      "score": self._key_score_name()})
+        return VisionResult(features, sel.groups, empty, None, empty.cpu(),
+                            [{"name": "image", "mapping": mapping, "merged_windows": []}], [None], baseline=baseline)
 
     def _key_score_name(self) -> str:
         return ("CLS attention of the last vision layer (head mean)" if self.has_cls else
@@ -383,42 +385,32 @@ class LlavaMustDrop:
                 "(no CLS token: documented substitute)")
 
     def _plan_baseline(self, vision: VisionResult, config):
-        """Solve how a same-budget baseline meets its budget on this sample (stages.plan_*), drop
-        before the LLM what the plan drops there, and return the config with the plan's drop layers
-        and counts, so that the prefill hooks, the trace and its replay all use the same plan."""
-        m = config.method
-        if m == "mustdrop" or m in stages.VISION_SIDE:
+        """Solve how a method given a budget meets it on this sample (its ``plan``), drop before the
+        LLM what the plan drops there (its ``pre_llm`` choice), and return the config with the plan's
+        drop layers and counts, so that the prefill hooks, the trace and its replay all use the same
+        plan. MustDrop (no budget) and the methods that selected before the LLM pass through."""
+        method = methods.get(config.method)
+        if config.method == methods.DEFAULT or method.selects_before_llm:
             return vision, config
         n0 = int(vision.features.shape[0])
-        if m == "pool":
-            vision.baseline = {"plan": stages.BudgetPlan(m, float(config.budget), self.grid * self.grid, n0, (), (),
-                                                         None, "round(sqrt(budget))^2 pooled cells").to_dict(),
-                               "params": {"side": int(round(n0 ** 0.5))}}
-            return vision, config
+        builtin = methods.is_builtin(method.name)
         if config.keep_counts:
-            plan = stages.BudgetPlan(m, float(config.budget), n0, int(config.pre_keep or n0), config.prune_layers,
-                                     config.keep_counts, None, "counts given in the config")
-        elif m == "pdrop":
-            plan = stages.plan_pyramid(config.budget, n0, config.prune_layers or stages.pyramid_layers(self.num_layers),
-                                       self.num_layers)
+            plan = stages.BudgetPlan(method.name, float(config.budget), n0, int(config.pre_keep or n0),
+                                     config.prune_layers, config.keep_counts, None, "counts given in the config")
         else:
-            plan = stages.plan_single_drop(m, config.budget, n0, config.prune_layers[0], self.num_layers)
+            plan = methods.checked_plan(method, config.budget, n0, config, self.num_layers, builtin)
         pre_llm = None
         if plan.pre_keep < n0:
-            if m == "random":
-                gen = torch.Generator(device="cpu").manual_seed(int(config.seed))
-                sel = torch.sort(torch.randperm(n0, generator=gen)[: plan.pre_keep]).values
-                pre_llm = "seeded random"
-            else:
-                sel = stages.evenly_spaced(n0, plan.pre_keep)
-                pre_llm = "evenly spaced in raster order (no LLM score exists before the LLM)"
+            sel, pre_llm = methods.checked_pre_llm(method, n0, plan.pre_keep, config, builtin)
             vision = _select_tokens(vision, sel.to(vision.features.device))
         vision.baseline = {"plan": plan.to_dict(), "params": {"pre_llm_selection": pre_llm}}
         return vision, config.replace(prune_layers=plan.layers, keep_counts=plan.keep, pre_keep=plan.pre_keep)
 
     def _record_baseline(self, vision: VisionResult, meta: dict, arrays: dict) -> None:
-        """A baseline's plan and parameters into meta["baseline"]; its vision-side score (one per
-        original patch) into the array baseline.vision_score."""
+        """How the method's decisions are explained into meta["method_info"] (so that a trace of a
+        plug-in replays without it); a baseline's plan and parameters into meta["baseline"]; its
+        vision-side score (one per original patch) into the array baseline.vision_score."""
+        meta["method_info"] = methods.get(meta["method"]).words.to_dict()
         if not vision.baseline:
             return
         b = dict(vision.baseline)
@@ -521,25 +513,14 @@ class LlavaMustDrop:
                 hooks.post(f"llm.layer{i}.stage2_filter", layer, drop)
 
     def _decide(self, attn, state, layer, config):
-        """Stage 2's decision at one prune layer: MustDrop's filter, or a same-budget baseline's.
-        Protected positions (LLaVA-NeXT newline rows) are kept whatever the scores say."""
-        prot = state.protected_pos
-        if config.method == "mustdrop":
-            if prot.numel():
-                keys = torch.cat([state.key_pos, prot])
-            else:     # a mask, carried from drop to drop with one gather (key_after) instead of a search
-                if state.key_pos.dtype != torch.bool:
-                    state.key_pos = torch.zeros(state.V, dtype=torch.bool, device=attn.device).index_fill_(
-                        0, state.key_pos.to(attn.device), True)
-                keys = state.key_pos
-            res = stages.dual_attention_filter(attn, config.global_thr, config.individual_thr, keys)
-            return stages.with_protected(res, prot, recount=False)
-        keep = config.keep_counts[config.prune_layers.index(layer)]      # the plan of _plan_baseline
-        if config.method == "random":
-            res = stages.random_keep(attn, keep, config.seed)
-        else:                          # fastv, pdrop: ranked by the last (instruction) token's attention
-            res = stages.fastv_keep(attn, keep)
-        return stages.with_protected(res, prot)
+        """Stage 2's decision at one drop layer: the method's (MustDrop's filter, a baseline's or a
+        plug-in's ranking), with the count its budget plan keeps here. Protected positions (LLaVA-NeXT
+        newline rows) are kept whatever the method says."""
+        method = methods.get(config.method)
+        keep = None if config.method == methods.DEFAULT else config.keep_counts[config.prune_layers.index(layer)]
+        x = methods.LayerInputs(attn, layer, len(state.records), keep, config, state)
+        res = methods.checked_decide(method, x, methods.is_builtin(method.name))
+        return stages.with_protected(res, state.protected_pos, recount=method.recount_protected)
 
     # ------------------------------------------------------------------ stage 3
     def _trim(self, cache, state, config):
@@ -954,11 +935,7 @@ def _eos_ids(model, processor) -> set[int]:
 
 
 def _clean_question(question, processor) -> str:
-    if not isinstance(question, str) or not question.strip():
-        raise ValueError("the question is empty: type a question about the image")
-    q = question.strip()
-    if len(q) > MAX_QUESTION_CHARS:
-        raise ValueError(f"the question is {len(q)} characters long; the limit is {MAX_QUESTION_CHARS}")
+    q = check_question(question)
     image_token = getattr(processor, "image_token", None) or "<image>"
     if image_token in q:
         raise ValueError(f"the question contains the image placeholder {image_token!r}; remove it")

@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from .. import stages
+from .. import methods, stages
 from ..hooks import HookSet, attached, hidden_states_of, with_hidden_states
 from .llava import LlavaMustDrop, VisionResult
 from .loading import ModelLoadError
@@ -45,7 +45,7 @@ class LlavaNextMustDrop(LlavaMustDrop):
         self.pinpoints = model.config.image_grid_pinpoints
 
     def _encode(self, inputs, img, config) -> VisionResult:
-        if config.method == "pool" or config.method in stages.VISION_SIDE:
+        if methods.get(config.method).selects_before_llm:
             raise ValueError(f"the {config.method} baseline is defined on one 24 x 24 grid; use LLaVA-1.5 models")
         if self.layout == "reference":
             return self._encode_reference(inputs, img, config)

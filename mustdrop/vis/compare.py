@@ -40,11 +40,10 @@ def kept_colours(side: str) -> dict:
 
 
 def method_name(trace) -> str:
-    """'MustDrop', or the baseline's display name ('FastV', 'VisionZip-style' ...)."""
-    from ..config import BASELINE_NAMES
+    """The method's label ('MustDrop', 'FastV', 'VisionZip-style', a plug-in's), as the trace stores it."""
+    from ..methods import words_of
 
-    method = (trace.meta.get("config") or {}).get("method", "mustdrop")
-    return BASELINE_NAMES.get(method, "MustDrop" if method == "mustdrop" else str(method))
+    return words_of(trace).label
 
 
 def is_baseline(trace) -> bool:

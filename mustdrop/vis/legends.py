@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..trace import DROPPED, KEPT_BOTH, KEPT_GLOBAL, KEPT_INDIVIDUAL, KEPT_KEY, NOT_ENTERING
+from ..methods import words_of
+from ..trace import DROPPED, KEPT_BOTH, KEPT_GLOBAL, KEPT_INDIVIDUAL, KEPT_KEY, KEPT_PROTECTED, NOT_ENTERING
 from .overlays import has_untokened, heatmap_values
 from .text import html_text
 from .palette import (COMPARE_LABELS, GT_OUTLINE, GT_TARGET, HEATMAPS, KEY_OUTLINE, KV_ABSENT, KV_CACHED,
@@ -79,6 +80,10 @@ def legend_html(kind: str, trace=None, layer: int | None = None, inspected: bool
                          f"{len(s['merged_windows'])} windows merged, N0 = {trace.meta['sequence']['N0']}")
     elif kind in HEATMAPS:
         _, cmap, log, title = HEATMAPS[kind]
+        words = words_of(trace)
+        if kind in ("global_share", "individual_max") and not words.thresholds:   # the method's own score name
+            title = (f"{words.label}: {words.scores[kind]} (log scale)" if kind in words.scores else
+                     f"{words.label}: does not use this score (the map repeats its score)")
         lo, hi = "low", "high"
         if trace is not None:
             v = heatmap_values(trace, kind, layer, crop)
@@ -91,16 +96,21 @@ def legend_html(kind: str, trace=None, layer: int | None = None, inspected: bool
             parts.append(_ring(KEY_OUTLINE, "yellow outline: key token set (never dropped)"))
             if trace is not None and trace.meta["stage1b"].get("score"):
                 parts.append(f"key score: {trace.meta['stage1b']['score']}")
-        if trace is not None and kind in ("global_share", "individual_max"):
+        if trace is not None and kind in ("global_share", "individual_max") and words.thresholds:
             c = trace.meta["config"]
             thr = c["global_thr"] if kind == "global_share" else c["individual_thr"]
             parts.append(f"threshold {thr:g} (a token is dropped only when BOTH scores are below their thresholds)")
         if trace is not None and kind == "similarity":
             parts.append(f"merge threshold {trace.meta['stage1a']['threshold']}")
     elif kind == "filter":
-        parts = [_swatch(STATUS_COLOURS[k], STATUS_LABELS[k]) for k in
-                 (KEPT_BOTH, KEPT_GLOBAL, KEPT_INDIVIDUAL, KEPT_KEY, DROPPED, NOT_ENTERING)]
+        words = words_of(trace)
+        codes = (KEPT_BOTH, KEPT_GLOBAL, KEPT_INDIVIDUAL, KEPT_KEY, DROPPED) if words.thresholds else \
+            tuple(c for c in sorted(words.statuses) if c != KEPT_PROTECTED)      # newline rows cover no patch
+        parts = [_swatch(STATUS_COLOURS[k], words.status(k)) for k in codes]
+        parts.append(_swatch(STATUS_COLOURS[NOT_ENTERING], STATUS_LABELS[NOT_ENTERING]))
         parts.append(_dot(DOTS["filter"] + " (kept cells tinted at half of it)"))
+        if words.legend and not words.thresholds:
+            parts.append(words.legend)                 # text: legend_block escapes it
     elif kind == "kv":
         parts = [_swatch(KV_COLOURS[k], KV_LABELS[k]) for k in (KV_CACHED, KV_TRIMMED, KV_ABSENT)]
         parts.append(_dot(DOTS["kv"]))

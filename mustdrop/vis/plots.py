@@ -7,7 +7,9 @@ prune layers are marked in the vermillion of "dropped" (where stage 2 drops). La
 from __future__ import annotations
 
 from .. import accounting
+from ..methods import words_of
 from .palette import GONE, VERMILLION, css
+from .text import html_text
 
 VANILLA_LINE = "rgb(150,150,150)"
 
@@ -17,14 +19,15 @@ def token_curve(trace, vanilla=None):
     import plotly.graph_objects as go
 
     x = list(range(trace.num_layers))
+    label = html_text(words_of(trace).label)           # plotly renders trace names as HTML
     fig = go.Figure()
     if vanilla is not None:
         fig.add_trace(go.Scatter(x=x, y=vanilla.meta["vision_tokens_per_layer"], mode="lines+markers",
                                  name="vanilla: vision tokens", line=dict(color=VANILLA_LINE, dash="dot", width=2.5)))
     fig.add_trace(go.Scatter(x=x, y=trace.meta["vision_tokens_per_layer"], mode="lines+markers",
-                             name="MustDrop: vision tokens in prefill", line=dict(color="black", width=3)))
+                             name=f"{label}: vision tokens in prefill", line=dict(color="black", width=3)))
     fig.add_trace(go.Scatter(x=x, y=trace.meta["kv"]["vision_entries_per_layer"], mode="lines+markers",
-                             name="MustDrop: vision entries in KV cache", line=dict(color=css(GONE), dash="dash", width=2.5)))
+                             name=f"{label}: vision entries in KV cache", line=dict(color=css(GONE), dash="dash", width=2.5)))
     for p in trace.prune_layers:
         fig.add_vline(x=p, line=dict(color=css(VERMILLION), width=1, dash="dot"))
     fig.update_layout(title=f"Vision tokens per LLM layer (prune layers {trace.prune_layers or 'none'}, dotted vermillion)",

@@ -10,6 +10,7 @@ import numpy as np
 from .. import accounting
 from .geometry import original_box
 from .overlays import GroundTruth
+from ..methods import words_of
 from .palette import NO_TOKEN_LABEL, STATUS_LABELS
 from .text import md_code, md_text, md_value
 
@@ -86,12 +87,13 @@ def patch_lifecycle(trace, row: int, col: int, crop: int = 0) -> dict:
         v = float(at("key_score"))
         out["key_score"] = None if math.isnan(v) else v
     cfg = trace.meta["config"]
+    words = words_of(trace)
     stages2 = []
     for layer in trace.prune_layers:
         s = int(trace.stage2_patch(layer, "status", crop)[row, col])
         g = float(trace.stage2_patch(layer, "global_share", crop)[row, col])
         i = float(trace.stage2_patch(layer, "individual_max", crop)[row, col])
-        stages2.append({"layer": layer, "status": s, "status_name": STATUS_LABELS.get(s, str(s)),
+        stages2.append({"layer": layer, "status": s, "status_name": words.status(s) if s in words.statuses else STATUS_LABELS.get(s, str(s)),
                         "global_share": None if math.isnan(g) else g,
                         "individual_max": None if math.isnan(i) else i,
                         "global_thr": cfg["global_thr"], "individual_thr": cfg["individual_thr"]})
@@ -134,17 +136,29 @@ def lifecycle_markdown(trace, row: int, col: int, crop: int = 0) -> str:
         score = m["stage1b"].get("score", "CLS attention")
         lines.append(f"- **Stage 1b:** key score {_fmt(d.get('key_score'))} ({md_text(score)}); "
                      + ("**key token** — protected from every later drop" if d["key"] else "not a key token"))
+    words = words_of(trace)
     if not d["stage2"]:
-        lines.append("- **Stage 2 (dual-attention filter):** off / no prune layers")
-    else:
+        lines.append("- **Stage 2 (dual-attention filter):** off / no prune layers" if words.thresholds else
+                     f"- **Drops in the LLM ({md_text(words.label)}):** none")
+    elif words.thresholds:
         lines.append("- **Stage 2:**\n\n| prune layer | global share (thr) | individual max (thr) | decision |\n|---|---|---|---|")
         for s in d["stage2"]:
             lines.append(f"| {s['layer']} | {_fmt(s['global_share'])} ({s['global_thr']:g}) | "
                          f"{_fmt(s['individual_max'])} ({s['individual_thr']:g}) | {md_text(s['status_name'])} |")
         lines.append("")
+    else:         # another method: its own score names and decisions (read from the trace)
+        cols = [k for k in ("global_share", "individual_max") if k in words.scores]
+        cols = [c for i, c in enumerate(cols) if words.scores[c] not in [words.scores[x] for x in cols[:i]]]
+        head = "".join(f" {md_text(words.scores[c])} |" for c in cols)
+        lines.append(f"- **Drops in the LLM ({md_text(words.label)}):**\n\n| drop layer |{head} decision |\n"
+                     f"|---|{'---|' * len(cols)}---|")
+        for s in d["stage2"]:
+            vals = "".join(f" {_fmt(s[c])} |" for c in cols)
+            lines.append(f"| {s['layer']} |{vals} {md_text(s['status_name'])} |")
+        lines.append("")
     if d["dropped_after_layer"] >= 0:
-        lines.append(f"- **Dropped** after LLM layer {d['dropped_after_layer']}: both its global share and "
-                     "its individual max were below their thresholds; later layers never see it.")
+        lines.append(f"- **Dropped** after LLM layer {d['dropped_after_layer']}: "
+                     + md_text(words.dropped_sentence(d["dropped_after_layer"])))
     else:
         lines.append("- **Never dropped:** the token reaches the last LLM layer.")
     cached = d["kv_cached_layers"]
@@ -205,7 +219,8 @@ def summary_markdown(trace, vanilla=None) -> str:
     cfg = trace.meta["config"]
     b = format_bytes
     lines = [
-        f"**Model** {md_code(trace.meta['model']['id'])} · preset **{md_value(cfg.get('preset'))}** · "
+        f"**Model** {md_code(trace.meta['model']['id'])} · method **{md_text(words_of(trace).label)}** · "
+        f"preset **{md_value(cfg.get('preset'))}** · "
         f"positions {md_code(cfg['positions'])} · "
         f"stages: 1a {'on' if cfg['merge'] else 'off'}, 1b {'on' if cfg['key_set'] else 'off'}, "
         f"2 {'on' if cfg['filter'] else 'off'}, 3 {'on' if cfg['kv_trim'] else 'off'}",
@@ -218,7 +233,7 @@ def summary_markdown(trace, vanilla=None) -> str:
         f"| prefill FLOPs, image tokens only | {f['image_only']:.3g} ({100 * f['ratio_image_only']:.1f}% of vanilla {f['image_only_vanilla']:.3g}) | {accounting.FLOPS_FORMULA}, n = image tokens |",
         f"| prefill FLOPs, full sequence | {f['full_sequence']:.3g} ({100 * f['ratio_full_sequence']:.1f}% of vanilla) | same formula, n = {f['n_sys']} system + vision + {f['n_text']} text tokens |",
         f"| KV cache after prefill | {b(kv['total_bytes'])} (vanilla {b(kv['vanilla_total_bytes'])}); vision only {b(kv['vision_bytes'])} (vanilla {b(kv['vanilla_vision_bytes'])}) | K and V, all layers, {kv['bytes_per_entry']} bytes per entry per layer |",
-        f"| time (MustDrop run) | vision {t['vision_s']:.2f} s · prefill {t['prefill_s']:.2f} s · decode {t['decode_s']:.2f} s · total {t['total_s']:.2f} s | wall clock on {md_text(trace.meta['model']['device'])} |",
+        f"| time ({md_text(words_of(trace).label)} run) | vision {t['vision_s']:.2f} s · prefill {t['prefill_s']:.2f} s · decode {t['decode_s']:.2f} s · total {t['total_s']:.2f} s | wall clock on {md_text(trace.meta['model']['device'])} |",
     ]
     if vanilla is not None:
         tv = vanilla.meta["timings"]

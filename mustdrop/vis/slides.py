@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import accounting
+from ..methods import words_of
 from ..trace import DROPPED, KEPT_BOTH, KEPT_GLOBAL, KEPT_INDIVIDUAL, KEPT_KEY, NOT_ENTERING
 from .geometry import base_canvas, geometry, model_view
 from .overlays import filter_overlay, key_overlay, kv_overlay, merge_overlay
@@ -18,6 +19,7 @@ from .palette import (DEFAULT_OPACITY, GONE, GT_OUTLINE, GT_TARGET, KEY_OUTLINE,
                       KV_TRIMMED, SCORE_CMAP, STATUS_COLOURS, UNMERGED_DOT, VERMILLION, check_opacity, group_colour,
                       lut)
 from .readouts import strip_special
+from .text import mpl_text
 
 SLIDE_RC = {"font.size": 15, "axes.titlesize": 16, "axes.labelsize": 14, "legend.fontsize": 12,
             "savefig.bbox": "standard", "savefig.dpi": 100, "figure.dpi": 100}
@@ -69,7 +71,8 @@ def text_lines(trace, vanilla, width: int = TEXT_WIDTH) -> list[str]:
     e, f = s["equivalent_tokens"], s["flops"]
     va = strip_special(vanilla.answer, vanilla) if vanilla is not None else "(no vanilla run)"
     lines = _wrap("Q: ", trace.meta["input"]["question"], width) + [""]
-    lines += _wrap("vanilla:  ", va, width) + _wrap("MustDrop: ", strip_special(trace.answer, trace), width)
+    label = words_of(trace).label
+    lines += _wrap("vanilla:  ", va, width) + _wrap(f"{label}: ", strip_special(trace.answer, trace), width)
     lines += ["", "equivalent tokens", f"  authors' conv.  {e['authors']:.1f}", f"  compute conv.   {e['compute']:.1f}",
               "FLOPs (image tokens, PDrop conv.)", f"  {100 * f['ratio_image_only']:.1f}% of vanilla",
               f"KV cache  {100 * s['kv']['total_bytes'] / max(1, s['kv']['vanilla_total_bytes']):.1f}% of vanilla"]
@@ -115,12 +118,15 @@ def _slide_figure(trace, image, vanilla, layer, gt_masks, view, crop=0, opacity=
     panels = [("the image as the model saw it" + where, clean),
               ("1a  local spatial merge", merge_overlay(trace, **kw)),
               ("1b  key score + key set", key_overlay(trace, **kw))]
+    words = words_of(trace)
     if pl is not None:
         s2 = trace.stage2(pl)
-        panels.append((f"2  filter after layer {pl} (0-based):\n{s2['dropped']} of {s2['entering']} dropped",
+        what = "filter" if words.thresholds else words.label
+        panels.append((f"2  {what} after layer {pl} (0-based):\n{s2['dropped']} of {s2['entering']} dropped",
                        filter_overlay(trace, pl, **kw)))
     else:
-        panels.append(("2  dual-attention filter: off", base))
+        panels.append(("2  dual-attention filter: off" if words.thresholds else f"2  {words.label}: no drop in the LLM",
+                       base))
     panels.append((f"3  KV cache of layer {kv_layer} (0-based)", kv_overlay(trace, kv_layer, **kw)))
 
     def handles(pairs):
@@ -129,6 +135,9 @@ def _slide_figure(trace, image, vanilla, layer, gt_masks, view, crop=0, opacity=
     dots = Line2D([], [], ls="none", marker="s", ms=5, mfc="white", mec="0.2", label="centre dot: exact colour")
     short = {KEPT_BOTH: "kept: both high", KEPT_GLOBAL: "kept: global share", KEPT_INDIVIDUAL: "kept: individual max",
              KEPT_KEY: "kept: key token", DROPPED: "dropped here", NOT_ENTERING: "dropped earlier"}
+    if not words.thresholds:       # another method: its own status names
+        short = {**{k: mpl_text(words.status(k)) for k in sorted(words.statuses) if k in short},
+                 NOT_ENTERING: "dropped earlier"}
     score = lut(SCORE_CMAP)
     gt = []
     if kw["gt_masks"] is not None:
@@ -162,9 +171,9 @@ def _slide_figure(trace, image, vanilla, layer, gt_masks, view, crop=0, opacity=
     if vanilla is not None:
         ax.plot(range(L), vanilla.meta["vision_tokens_per_layer"], ":", color=np.array(GONE) / 255 * 1.6, lw=2.5,
                 label="vanilla")
-    ax.plot(range(L), trace.meta["vision_tokens_per_layer"], "-o", color="black", lw=3, label="MustDrop (prefill)")
+    ax.plot(range(L), trace.meta["vision_tokens_per_layer"], "-o", color="black", lw=3, label=f"{mpl_text(words.label)} (prefill)")
     ax.plot(range(L), trace.meta["kv"]["vision_entries_per_layer"], "--", color=np.array(GONE) / 255, lw=2.5,
-            label="MustDrop (KV cache)")
+            label=f"{mpl_text(words.label)} (KV cache)")
     for p in prune:
         ax.axvline(p, color=np.array(VERMILLION) / 255, ls=":", lw=1.5)
     if prune:
@@ -187,7 +196,7 @@ def _slide_figure(trace, image, vanilla, layer, gt_masks, view, crop=0, opacity=
     _fit_text(fig, ax, trace, vanilla, right)
     cfg = trace.meta["config"]
     prune_text = ", ".join(str(p) for p in prune) if prune else "none"
-    fig.suptitle(f"MustDrop on {trace.meta['model']['id'] or 'model'} — preset {cfg.get('preset')}, "
+    fig.suptitle(f"{words.label} on {trace.meta['model']['id'] or 'model'} — preset {cfg.get('preset')}, "
                  f"positions '{cfg['positions']}', prune layers {prune_text} (layers counted from 0)\n"
                  "equivalent tokens: authors' = printed convention, compute = mean vision tokens per layer; "
                  "FLOPs: 4nd²+2n²d+3ndm per layer", fontsize=16, parse_math=False)
@@ -216,6 +225,7 @@ def save_slides(trace, folder, image=None, vanilla=None, layer=None, gt_masks=No
 def main(argv=None) -> int:
     """python -m mustdrop.vis TRACE [--vanilla TRACE] [--image IMAGE] [--layer L] [--crop C] --out DIR"""
     import argparse
+    import sys
 
     from ..images import load_image
     from ..trace import Trace, TraceError
@@ -240,7 +250,7 @@ def main(argv=None) -> int:
         png, pdf = save_slides(t, a.out, image=img, vanilla=va, layer=a.layer, crop=a.crop,
                                opacity=check_opacity(a.opacity), image_name=a.image)
     except (TraceError, ValueError, OSError) as e:
-        print(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
         return 2
     print(png)
     print(pdf)
