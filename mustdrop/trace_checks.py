@@ -166,6 +166,26 @@ def _depth_bound(text: str) -> int:
 # ---------------------------------------------------------------- the metadata
 def check_meta(m: dict) -> dict:
     """Type and bound every field the readers use; return the sizes the arrays are checked against."""
+    G, L = _check_model(m)
+    _check_config(obj(field(m, "config", "config"), "config"))
+    processed = _check_input(m)
+    N, N0, S, T, crops = _check_sequence(m, G, L, processed)
+    window = _check_stages_1(m, G, N0)
+    stage2 = _check_stage2(m, L, N0)
+    entries = _check_counts(m, L, S, N0, T)
+    _check_generation(m)
+    if m.get("baseline") is not None:
+        _check_baseline(obj(m["baseline"], "baseline"), N)
+    if m.get("tokenizer") is not None:
+        tok = obj(m["tokenizer"], "tokenizer")
+        if tok.get("special_tokens") is not None:
+            items(tok["special_tokens"], "tokenizer.special_tokens", string, max_len=MAX_VOCAB)
+    return {"G": G, "L": L, "N": N, "N0": N0, "S": S, "T": T, "window": window, "crops": len(crops),
+            "stage2": stage2, "entries": entries}
+
+
+def _check_model(m: dict) -> tuple[int, int]:
+    """model: id, dtype, device, the vision tower and the LLM; (grid G, LLM layers L)."""
     model = obj(field(m, "model", "model"), "model")
     for k in ("id", "dtype", "device"):
         string(field(model, k, f"model.{k}"), f"model.{k}")
@@ -183,9 +203,11 @@ def check_meta(m: dict) -> dict:
     for k in ("hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim"):
         integer(field(llm, k, f"model.llm.{k}"), f"model.llm.{k}", 1, MAX_MODEL_DIM)
     integer(field(llm, "vocab_size", "model.llm.vocab_size"), "model.llm.vocab_size", 1, MAX_VOCAB)
+    return G, L
 
-    _check_config(obj(field(m, "config", "config"), "config"))
 
+def _check_input(m: dict) -> list[int]:
+    """input: question, prompt, the image's size and hash; the processed view's side(s)."""
     inp = obj(field(m, "input", "input"), "input")
     string(field(inp, "question", "input.question"), "input.question")
     for k in ("prompt", "input_hash"):
@@ -199,7 +221,11 @@ def check_meta(m: dict) -> dict:
         raise TraceError(f"input.image claims {w} x {h} pixels; runs accept at most {MAX_PIXELS:,}")
     string(field(image, "sha256", "input.image.sha256"), "input.image.sha256")
     processed = [_mapping(field(inp, "mapping", "input.mapping"), "input.mapping")]
+    return processed
 
+
+def _check_sequence(m: dict, G: int, L: int, processed: list[int]) -> tuple:
+    """crops and sequence: patch and token counts within what supported models produce; (N, N0, S, T, crops)."""
     crops = m.get("crops", [{}])
     if not isinstance(crops, list) or not crops:
         raise TraceError(f"crops must be a non-empty list, got {_got(crops)}")
@@ -229,7 +255,11 @@ def check_meta(m: dict) -> dict:
             items(crop["tile"], f"crops[{c}].tile", integer, n=2, lo=0, hi=MAX_CROPS)
     if sum(p * p for p in processed) > MAX_VIEW_PIXELS:
         raise TraceError(f"the crops' processed views total more than {MAX_VIEW_PIXELS:,} pixels")
+    return N, N0, S, T, crops
 
+
+def _check_stages_1(m: dict, G: int, N0: int) -> int:
+    """stage1a (merge) and stage1b (key set); the merge window."""
     s1a = obj(field(m, "stage1a", "stage1a"), "stage1a")
     boolean(field(s1a, "enabled", "stage1a.enabled"), "stage1a.enabled")
     window = integer(field(s1a, "window", "stage1a.window"), "stage1a.window", 1, G)
@@ -248,7 +278,11 @@ def check_meta(m: dict) -> dict:
         raise TraceError(f"stage1b.key_tokens must be a list of integers, got {_got(key_tokens)}")
     if any(x < 0 or x >= N0 for x in key_tokens):
         raise TraceError(f"stage1b.key_tokens holds indices outside 0..{N0 - 1}")
+    return window
 
+
+def _check_stage2(m: dict, L: int, N0: int) -> list:
+    """stage2: one record per prune layer, ascending."""
     stage2 = field(m, "stage2", "stage2")
     if not isinstance(stage2, list):
         raise TraceError(f"stage2 must be a list of prune-layer records, got {_got(stage2)}")
@@ -261,7 +295,11 @@ def check_meta(m: dict) -> dict:
         prev = layer
         for k in ("entering", "kept", "dropped"):
             integer(field(s, k, f"stage2[{i}].{k}"), f"stage2[{i}].{k}", 0, N0)
+    return stage2
 
+
+def _check_counts(m: dict, L: int, S: int, N0: int, T: int) -> list:
+    """vision_tokens_per_layer and kv: per-layer counts; the KV entries per layer."""
     items(field(m, "vision_tokens_per_layer", "vision_tokens_per_layer"), "vision_tokens_per_layer", integer,
           n=L, lo=0, hi=N0)
     kv = obj(field(m, "kv", "kv"), "kv")
@@ -270,7 +308,11 @@ def check_meta(m: dict) -> dict:
     items(field(kv, "vision_entries_per_layer", "kv.vision_entries_per_layer"), "kv.vision_entries_per_layer",
           integer, n=L, lo=0, hi=N0)
     integer(field(kv, "bytes_per_entry", "kv.bytes_per_entry"), "kv.bytes_per_entry", 1, MAX_BYTES_PER_ENTRY)
+    return entries
 
+
+def _check_generation(m: dict) -> None:
+    """generation and timings."""
     gen = obj(field(m, "generation", "generation"), "generation")
     ids = items(field(gen, "token_ids", "generation.token_ids"), "generation.token_ids", integer,
                 max_len=MAX_GENERATED, lo=0, hi=MAX_VOCAB)
@@ -289,15 +331,6 @@ def check_meta(m: dict) -> dict:
     timings = obj(field(m, "timings", "timings"), "timings")
     for k in ("vision_s", "prefill_s", "decode_s", "total_s"):
         number(field(timings, k, f"timings.{k}"), f"timings.{k}", lo=0.0)
-
-    if m.get("baseline") is not None:
-        _check_baseline(obj(m["baseline"], "baseline"), N)
-    if m.get("tokenizer") is not None:
-        tok = obj(m["tokenizer"], "tokenizer")
-        if tok.get("special_tokens") is not None:
-            items(tok["special_tokens"], "tokenizer.special_tokens", string, max_len=MAX_VOCAB)
-    return {"G": G, "L": L, "N": N, "N0": N0, "S": S, "T": T, "window": window, "crops": len(crops),
-            "stage2": stage2, "entries": entries}
 
 
 def _mapping(v, name: str) -> int:
