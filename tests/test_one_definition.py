@@ -135,3 +135,19 @@ def test_traces_pair_by_one_rule(tiny, image):
     assert not vc.same_input(md, deeper)
     with pytest.raises(TraceError, match="another image, question or model"):
         pair_traces([md, deeper])
+
+
+def test_run_keeps_its_parameters_while_the_panel_is_generated():
+    """/run's parameters are generated from the knob fields' short names: the same names, in the same
+    order, as when they were written out in app.py (the API contract), and the page's knobs are the
+    panel's inputs in KNOB_FIELDS order."""
+    from lens_app import app, engine
+
+    demo = app.build_app(engine.Lens("/nonexistent-model-folder"), examples=[])
+    info = demo.get_api_info(all_endpoints=True)["named_endpoints"]
+    assert [p["parameter_name"] for p in info["/run"]["parameters"]] == [
+        "image", "question", "preset", "window", "merge_thr", "key_rate", "prune", "gthr", "ithr", "positions",
+        "m1a", "m1b", "m2", "m3", "max_new", "mode", "temperature", "top_p", "seed", "show_gt"]
+    labels = [b.label for b in demo.blocks.values() if getattr(b, "label", None) in
+              ("window (w x w)", "merge threshold (cosine)", "prune layers (0-based)", "3 KV trim")]
+    assert labels == ["window (w x w)", "merge threshold (cosine)", "prune layers (0-based)", "3 KV trim"]
