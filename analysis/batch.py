@@ -58,6 +58,7 @@ from analysis.common import (TIMING_COLUMNS, baseline_columns, build_config, fol
                              load_runner, order_specs, safe_name, scene_items, shard, add_method_file_arg,
                              load_method_files)
 from analysis.evaluate import aggregate, trace_row
+from mustdrop.dataset.layout import item_image_ref, settings, write_settings
 
 SUMMARY = "summary"
 
@@ -85,7 +86,7 @@ class BatchStats:
 
 def run_batch(runner, items, configs, out, *, max_new_tokens: int = 8, baseline_layer: int | None = None,
               seed: int = 0, shard_spec: str | None = None, progress: bool = True, write: bool = True,
-              save_traces: bool = True):
+              save_traces: bool = True, dataset: dict | None = None, producer: str = "analysis.batch"):
     """Run every config on every item (of this shard); return (rows DataFrame, BatchStats).
 
     write=False writes nothing (tables returned only); save_traces=False writes the tables but no
@@ -98,6 +99,9 @@ def run_batch(runner, items, configs, out, *, max_new_tokens: int = 8, baseline_
     out = Path(out)
     specs = order_specs(list(configs))
     mine = shard(list(items), shard_spec)
+    if write:      # the run folder's settings (mustdrop.dataset.layout), before any row
+        write_settings(out, settings(producer, runner.model_id, [{"name": s.text} for s in specs],
+                                     dataset or {"kind": "items", "n": len(items)}))
     stats = BatchStats()
     rows = []
     bar = iter_progress(mine, total=len(mine), desc=f"batch {shard_spec or ''}".strip(), disable=not progress)
@@ -134,7 +138,8 @@ def run_batch(runner, items, configs, out, *, max_new_tokens: int = 8, baseline_
                 row = trace_row(trace, item, vanilla=traces.get("off"))
                 row.update(baseline_columns(trace))
                 row.update(base, status="ok", error="", wall_s=wall,
-                           trace=str(path.relative_to(out)) if write and save_traces else "")
+                           trace=str(path.relative_to(out)) if write and save_traces else "",
+                           image=item_image_ref(item, out, write))
             except Exception as e:  # noqa: BLE001 - one bad sample must not stop a batch
                 stats.failed += 1
                 msg = f"{type(e).__name__}: {e}"
@@ -293,6 +298,22 @@ def items_from_args(a):
     return scene_items(a.split, 50 if a.n is None else a.n, a.seed)
 
 
+def run_folder(a, items) -> tuple[Path, dict]:
+    """(--out, or runs/MODEL-SPLIT-nN for the scene world; the dataset record of run.json)."""
+    if a.images or a.questions:
+        dataset = {"kind": "folder", "images": str(a.images), "questions": str(a.questions)}
+    elif a.hf_dataset:
+        dataset = {"kind": "hf-dataset", "path": str(a.hf_dataset), "split": a.hf_split}
+    else:
+        dataset = {"kind": "scene", "split": a.split, "seed": a.seed}
+    dataset["n"] = len(items)
+    if a.out:
+        return Path(a.out), dataset
+    if dataset["kind"] != "scene":
+        raise SystemExit("--out is required for a folder or datasets input")
+    return Path("runs") / f"{Path(str(a.model).rstrip('/')).name}-{a.split}-n{len(items)}", dataset
+
+
 def add_input_args(ap):
     g = ap.add_argument_group("inputs (one kind)")
     g.add_argument("--split", default="test", choices=["train", "val", "test"], help="scene world split")
@@ -321,7 +342,7 @@ def main(argv=None) -> int:
         argv = argv[1:]
     ap = argparse.ArgumentParser(prog="python -m analysis.batch", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="assets/toy-llava")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", default=None, help="run folder (default runs/MODEL-SPLIT-nN for the scene world)")
     ap.add_argument("--configs", nargs="+", default=["off", "64"], help="config specs (see analysis.common)")
     ap.add_argument("--shard", default=None, help="i/n, or auto (accelerate / torchrun / Slurm array)")
     ap.add_argument("--max-new-tokens", type=int, default=8)
@@ -336,11 +357,12 @@ def main(argv=None) -> int:
     load_method_files(a.method_file)
     shard_spec, device = resolve_shard(a.shard)
     items = items_from_args(a)
+    out, dataset = run_folder(a, items)
     runner = load_runner(a.model, a.device or device, threads=a.threads)
-    df, stats = run_batch(runner, items, a.configs, a.out, max_new_tokens=a.max_new_tokens,
+    df, stats = run_batch(runner, items, a.configs, out, max_new_tokens=a.max_new_tokens,
                           baseline_layer=a.baseline_layer, seed=a.seed, shard_spec=shard_spec,
-                          save_traces=not a.no_traces)
-    print(json.dumps(stats.as_dict()))
+                          save_traces=not a.no_traces, dataset=dataset)
+    print(json.dumps(stats.as_dict() | {"run": str(out)}))
     if not shard_spec:
         print(config_table(df).to_string(index=False, float_format=lambda x: f"{x:.4g}"))
     return 0

@@ -37,7 +37,7 @@ import math
 import sys
 from pathlib import Path
 
-from analysis.batch import add_input_args, config_table, items_from_args, run_batch
+from analysis.batch import add_input_args, config_table, items_from_args, run_batch, run_folder
 from analysis.common import TOKEN_CONVENTIONS, add_method_file_arg, load_method_files, load_runner
 
 ABLATIONS = ("merge", "key_set", "filter", "kv_trim")
@@ -191,7 +191,8 @@ def main(argv=None) -> int:
     if a.kind == "compare":
         specs = [s for p in a.preset for s in compare_specs(p, ablations=not a.no_ablations)]
         df, stats = run_batch(runner, items, specs, a.out, max_new_tokens=a.max_new_tokens,
-                              baseline_layer=a.baseline_layer, seed=a.seed, save_traces=not a.no_traces)
+                              baseline_layer=a.baseline_layer, seed=a.seed, save_traces=not a.no_traces,
+                              dataset=run_folder(a, items)[1], producer="analysis.sweep compare")
         table = multi_compare_table(df, a.preset)
         table.to_csv(Path(a.out) / "compare.csv", index=False)
         caption = compare_caption(runner.model_id, "/".join(a.preset), len(items), a)

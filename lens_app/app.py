@@ -20,21 +20,23 @@ from .session import pair_traces  # noqa: F401 - its home before the split
 from .style import CSS, theme
 from .uploads import MAX_UPLOAD_BYTES, UploadGate
 from .views import all_views
+from .views.dataset import DatasetTab
 from .workdir import Workdir
 
 MAX_FILE_SIZE = MAX_UPLOAD_BYTES          # uploads (images, traces); traces are limited to 64 MB anyway
 
 
-def build_app(lens: Lens, examples=None) -> gr.Blocks:
+def build_app(lens: Lens, examples=None, runs_dir=None) -> gr.Blocks:
     examples = load_examples() if examples is None else examples
     offered = offer(examples, getattr(getattr(lens.runner, "processor", None), "tokenizer", None), lens.model_label)
     depth = lens.runner.num_layers if lens.runner is not None else 32   # a trace sets it when no model is loaded
     workdir = Workdir()
     gate = UploadGate([EXAMPLES_DIR, workdir.root], [e.image for e in examples])   # the files a request may name
     app = App(lens, [cls() for cls in all_views()], GroundTruthIndex(examples), workdir, gate)
+    app.tabs = [DatasetTab(runs_dir, workdir)]      # tabs of their own (not Session views): placed after the views' tabs
     api = AnalyzeEndpoint(lens, gate, workdir)
     with gr.Blocks(title="MustDrop Lens", delete_cache=(3600, 7200)) as demo:   # hourly: files older than 2 h
-        app.page = build_page(lens, app.views, offered, depth)
+        app.page = build_page(lens, app.views, offered, depth, app.tabs)
         api.build()
         events.wire(app)
         api.wire(app.page.image_in, app.page.question_in)

@@ -26,6 +26,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--host", default=env.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                     help="address to bind (default 127.0.0.1; a HuggingFace Space sets GRADIO_SERVER_NAME)")
     ap.add_argument("--port", type=int, default=int(env.get("GRADIO_SERVER_PORT", 7860)))
+    ap.add_argument("--runs", default=env.get("MUSTDROP_RUNS"),
+                    help="folder whose run folders (analysis.batch --out, lmms-eval output) the Dataset tab offers")
     ap.add_argument("--method-file", action="append", default=[], metavar="PATH",
                     help="a Python file declaring METHOD (see examples/methods/): its method joins the "
                          "'compare with' choice and /analyze's method argument; repeat for several")
@@ -52,4 +54,4 @@ def main(argv=None):
         lens.load()
     except user_errors() as e:
         log.warning("model not loaded (%s); the app still replays uploaded traces", e)
-    launch(build_app(lens), args.host, args.port)
+    launch(build_app(lens, runs_dir=args.runs), args.host, args.port)

@@ -65,3 +65,5 @@ def wire(app) -> None:
     p.preset_in.change(g(app.on_preset), stale_inputs(app), knobs + [p.stale_md, p.status], **QUIET)
     for k in knobs:
         k.input(g(app.on_knob), stale_inputs(app), [p.preset_in, p.stale_md, p.status], **QUIET)
+    for t in app.tabs:
+        t.wire(app)

@@ -43,6 +43,7 @@ class App:
 
     def __init__(self, lens, views, truth, workdir, gate):
         self.lens, self.views, self.truth, self.workdir, self.gate = lens, views, truth, workdir, gate
+        self.tabs = []            # tabs that are not Session views (the Dataset tab): built and wired after the views
         self.page = None          # the components, set by layout.build_page
 
     # ------------------------------------------------------------------ drawing (no model)

@@ -33,7 +33,7 @@ def header(lens) -> str:
             f"**3** KV trim. Model: {md_code(lens.model_label)}." + model_note)
 
 
-def build_page(lens, views, offered, depth: int) -> Page:
+def build_page(lens, views, offered, depth: int, tabs=()) -> Page:
     """Build the page inside an open gr.Blocks; the components events need, as a Page."""
     p = Page()
     p.state = gr.State(None, time_to_live=SESSION_TTL)      # the visitor's Session
@@ -44,7 +44,7 @@ def build_page(lens, views, offered, depth: int) -> Page:
         with gr.Column(scale=1, min_width=320):
             build_inputs(p, lens, views, offered)
         with gr.Column(scale=2, min_width=520, elem_id="results"):
-            build_results(p, views, depth)
+            build_results(p, views, depth, tabs)
     return p
 
 
@@ -83,7 +83,7 @@ def build_inputs(p: Page, lens, views, offered) -> None:
         v.build()
 
 
-def build_results(p: Page, views, depth: int) -> None:
+def build_results(p: Page, views, depth: int, extra_tabs=()) -> None:
     p.stale_md = gr.Markdown(elem_id="stale_md")
     for v in slot(views, "top"):
         v.build()
@@ -103,8 +103,11 @@ def build_results(p: Page, views, depth: int) -> None:
         for v in slot(views, "tab"):
             tabs.setdefault((v.tab, v.tab_id), []).append(v)
         for (name, elem_id), members in tabs.items():
-            with gr.Tab(name, elem_id=elem_id):
+            with gr.Tab(name, elem_id=elem_id, id=elem_id):
                 for v in members:
                     v.build()
+        for t in extra_tabs:                                # e.g. the Dataset tab (views/dataset.py)
+            with gr.Tab(t.tab, elem_id=t.tab_id, id=t.tab_id):
+                t.build()
     for v in slot(views, "below"):
         v.build()

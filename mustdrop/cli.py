@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-vanilla", action="store_true", help="skip the unpruned comparison run")
     s = sub.add_parser("show", help="print the summary of a saved trace")
     s.add_argument("trace")
+    from .dataset.report import add_parser as add_report
+    add_report(sub)
     m = sub.add_parser("methods", help="list the registered methods, one per line, name first")
     _method_file_arg(m)
     return p
@@ -157,6 +159,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "show":
         return show(args.trace)
+    if args.command == "report":          # the dataset lens: no model, no adapter import
+        from .dataset.report import main as report_main
+        return report_main(args)
     from . import methods
     from .adapters import ModelLoadError, Sampling, load_llava, make_runner
     from .images import ImageInputError

@@ -148,7 +148,7 @@ class MustDropLMMS(lmms):
             trace = self.runner.run(image, context, self.mustdrop_config, max_new_tokens=max_new,
                                     sampling=sampling).trace
             text = cut_at(trace.answer, until)
-            self._record(trace, text, task, doc_id)
+            self._record(trace, text, task, doc_id, image)
             out.append(text)
         self._publish()
         return out
@@ -170,17 +170,20 @@ class MustDropLMMS(lmms):
         return visuals[0]
 
     # ----------------------------------------------------------------- traces and accounting
-    def _record(self, trace, text, task, doc_id) -> None:
+    def _record(self, trace, text, task, doc_id, image=None) -> None:
         key = (task, doc_id)
         k = self._seen.get(key, 0)
         self._seen[key] = k + 1
         name = f"{_safe(str(doc_id))}{'' if k == 0 else f'.{k}'}.rank{self.rank}.safetensors"
         path = None
+        sample = f"{_safe(task)}-{_safe(str(doc_id))}{'' if k == 0 else f'.{k}'}"
         if self.root is not None and self.write_traces:
             path = trace.save(self.root / "traces" / _safe(task) / name)
         row = {"task": task, "doc_id": doc_id, "rank": self.rank, "response": text, "answer": trace.answer,
                "trace": None if path is None else str(path.relative_to(self.root))}
         row.update(accounting_row(trace))
+        if self.root is not None and self.write_traces:       # the run folder's columns (mustdrop.dataset)
+            row.update(run_columns(self.root, trace, text, sample, image))
         self.rows.append(row)
         if self.root is not None:
             if self._jsonl is None:
@@ -208,6 +211,21 @@ class MustDropLMMS(lmms):
                     avg_speed=overall["generated_tokens"] / overall["total_s"] if overall["total_s"] > 0 else 0.0,
                     additional_metrics={f"mustdrop_{k}": overall[k] for k in SUMMARY_KEYS})
         print(format_summary(summary), flush=True)
+
+
+def run_columns(root: Path, trace, text: str, sample: str, image) -> dict:
+    """The run-folder layout's columns of one row (mustdrop.dataset.layout), run.json written once;
+    the image is kept as a PNG copy in the folder (lmms-eval's datasets are not files we can point at).
+    No reference answer: lmms-eval scores the responses itself."""
+    from .dataset import layout
+
+    if not (root / layout.SETTINGS).is_file():
+        layout.write_settings(root, layout.settings("lmms-eval", trace.meta["model"]["id"],
+                                                    [{"name": trace.meta["config"].get("preset")}],
+                                                    {"kind": "lmms-eval"}, "samples.rank*.jsonl", vanilla=None))
+    return {"id": sample, "config": trace.meta["config"].get("preset"), "method": trace.meta["config"].get("method"),
+            "status": "ok", "question": trace.meta["input"]["question"], "prediction": text,
+            "image": None if image is None else json.dumps(layout.store_image(root, sample, image))}
 
 
 # --------------------------------------------------------------------- pure helpers (tested alone)

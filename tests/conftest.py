@@ -40,3 +40,20 @@ def tiny(tiny_dir):
 @pytest.fixture
 def image():
     return half_textured_image()
+
+
+DATASET_CONFIGS = ["64", "fastv@64", "fastervlm@64"]
+
+
+@pytest.fixture(scope="session")
+def dataset_run(tmp_path_factory):
+    """A small real run folder (mustdrop.dataset layout): 6 scene-world samples x vanilla, MustDrop 64
+    and two same-budget baselines of the shipped toy model, written by analysis.batch."""
+    from analysis.batch import run_batch
+    from analysis.common import load_runner, scene_items
+
+    out = tmp_path_factory.mktemp("runs") / "toy6"
+    runner = load_runner("assets/toy-llava", threads=1)
+    run_batch(runner, scene_items("test", 6, 0), DATASET_CONFIGS, out, progress=False,
+              dataset={"kind": "scene", "split": "test", "seed": 0, "n": 6})
+    return out

@@ -188,6 +188,25 @@ def test_eight_traces_land_and_replay_in_the_app(run, reference):
         demo.close()
 
 
+def test_the_output_folder_opens_as_a_run(run):
+    """OUTPUT/mustdrop is a run folder (mustdrop.dataset.layout): run.json, the layout's columns, and a
+    stored copy of each image whose pixels are the ones its trace recorded."""
+    from mustdrop.dataset import TraceSet
+    from mustdrop.dataset import aggregate as A
+
+    out, _, samples = run
+    ts = TraceSet.open(out / "mustdrop")
+    assert ts.kind == "run" and ts.settings["producer"] == "lmms-eval" and ts.configs == [PRESET]
+    assert sorted(ts.rows["id"]) == sorted(f"{TASK}-{k}" for k in range(N))
+    by_doc = {s["doc_id"]: s for s in samples}
+    for k in range(N):
+        sid = f"{TASK}-{k}"
+        t = ts.trace(sid, PRESET)
+        assert ts.image_ref(sid)["kind"] == "stored" and ts.image(sid, t) is not None
+        assert ts.rows.set_index("id").loc[sid, "prediction"] == response(by_doc[k])
+    assert A.config_summary(ts)[PRESET]["n_samples"] == N and len(ts.index.traces) == N
+
+
 def test_accounting_is_the_mean_of_the_traces_and_sits_beside_the_scores(run):
     from mustdrop.accounting import summarize
     from mustdrop.trace import Trace

@@ -210,7 +210,8 @@ def test_the_layer_slider_of_a_one_layer_model_is_fixed():
 
 # ----------------------------------------------------------------------------- static: every sink escaped
 SAFE_CALLS = {"md_text", "md_code", "md_value", "html_text", "skip"}   # escapers, and gr.skip()
-VIS_MODULES = {"vis", "vc", "vis_compare"}        # mustdrop.vis builders: their output is tested above
+VIS_MODULES = {"vis", "vc", "vis_compare"}
+STATUS_METHODS = {"show_session": 2}              # App methods writing an argument into the status line        # mustdrop.vis builders: their output is tested above
 ALLOWED = {"offered.note": "examples.offer: the model label through md_code (test_app's photo-note tests)"}
 
 
@@ -227,8 +228,8 @@ class SinkChecker:
         self.parents = {c: p for p in ast.walk(self.tree) for c in ast.iter_child_nodes(p)}
         self.markup = {ast.unparse(t) for n in ast.walk(self.tree) if isinstance(n, ast.Assign)
                        and self._is_markup_ctor(n.value) for t in n.targets}
-        # components built as markup in another module of the app (page.status, self.text ...): a key
-        # ending in such an attribute is a markup sink here too
+        # components built as markup on the page in another module of the app (page.status ...): a key
+        # ending in such an attribute of anything but self is a markup sink here too
         self.markup_attrs = set(markup_attrs)
         self.funcs = {n.name: n for n in ast.walk(self.tree) if isinstance(n, ast.FunctionDef)}
         self.imported = {a.asname or a.name: n.module for n in ast.walk(self.tree)
@@ -237,7 +238,8 @@ class SinkChecker:
 
     def is_markup(self, key) -> bool:
         a = self.ast
-        return a.unparse(key) in self.markup or (isinstance(key, a.Attribute) and key.attr in self.markup_attrs)
+        return a.unparse(key) in self.markup or (isinstance(key, a.Attribute) and key.attr in self.markup_attrs
+                                                 and a.unparse(key.value) != "self")
 
     def follow_import(self, name, seen) -> bool:
         """Check the returns of a function imported from another module of the app (from .stale import ...)."""
@@ -274,6 +276,12 @@ class SinkChecker:
             elif self._is_markup_ctor(n):
                 yield from n.args[:1]
                 yield from (k.value for k in n.keywords if k.arg == "value")
+            elif isinstance(n, a.Call) and isinstance(n.func, a.Attribute) and n.func.attr in STATUS_METHODS \
+                    and a.unparse(n.func.value) != "self":
+                # another module hands the status line's text to lens_app.handlers.App
+                i = STATUS_METHODS[n.func.attr]
+                yield from n.args[i:i + 1]
+                yield from (k.value for k in n.keywords if k.arg == "message")
 
     def run(self) -> list[str]:
         for s in self.sinks():
@@ -363,15 +371,16 @@ def app_modules():
 
 
 def markup_attributes() -> set[str]:
-    """Attribute names the app's modules give gr.Markdown / gr.HTML components (page.status = ...,
-    self.text = ...): a module that writes ``page.status`` is checked even though another built it."""
+    """Attribute names the app's modules give gr.Markdown / gr.HTML components on a shared object
+    (page.status = ...; a view's own self.text is matched within its module): a module that writes
+    ``page.status`` is checked even though another built it."""
     import ast
 
     out = set()
     for path in app_modules():
         c = SinkChecker(path.read_text())
         out |= {t.attr for n in ast.walk(c.tree) if isinstance(n, ast.Assign) and c._is_markup_ctor(n.value)
-                for t in n.targets if isinstance(t, ast.Attribute)}
+                for t in n.targets if isinstance(t, ast.Attribute) and ast.unparse(t.value) != "self"}
     return out
 
 

@@ -240,6 +240,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=".", help="folder for <model>-<preset>-<image>-L<layer>.png / .pdf")
     ap.add_argument("--opacity", type=float, default=DEFAULT_OPACITY,
                     help=f"how strongly the category colours tint the image, 0..1 (default {DEFAULT_OPACITY})")
+    ap.add_argument("--animate", default=None, metavar="OUT.gif|OUT.mp4",
+                    help="instead of the slide: step the sample through the LLM layers (mustdrop.vis.animate)")
+    ap.add_argument("--fps", type=float, default=1.0, help="--animate: frames per second (default 1)")
     a = ap.parse_args(argv)
     try:
         t = Trace.load(a.trace)
@@ -247,6 +250,10 @@ def main(argv=None) -> int:
         img = load_image(a.image) if a.image else None
         if not 0 <= a.crop < t.n_crops:
             raise ValueError(f"--crop {a.crop}: the trace holds {t.n_crops} crop(s)")
+        if a.animate:
+            from .animate import save_animation
+            print(save_animation(t, a.animate, image=img, crop=a.crop, fps=a.fps, opacity=check_opacity(a.opacity)))
+            return 0
         png, pdf = save_slides(t, a.out, image=img, vanilla=va, layer=a.layer, crop=a.crop,
                                opacity=check_opacity(a.opacity), image_name=a.image)
     except (TraceError, ValueError, OSError) as e:
