@@ -47,7 +47,7 @@ class Session:
 
     @property
     def geometry(self) -> vis.Geometry:
-        return vis.geometry(self.trace, CANVAS)
+        return vis.geometry(self.trace, CANVAS, crop=self.crop)
 
     def canvas(self) -> np.ndarray:
         """The dimmed background of the crop shown, built once per crop (every redraw paints on it)."""

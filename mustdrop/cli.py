@@ -163,9 +163,11 @@ def main(argv=None) -> int:
         from .dataset.report import main as report_main
         return report_main(args)
     from . import methods
-    from .adapters import ModelLoadError, Sampling, load_llava, make_runner
+    from .adapters import make_runner
     from .images import ImageInputError
+    from .loading import ModelLoadError, load_llava
     from .question import check_question
+    from .run.decode import Sampling
     from .trace import TraceError
 
     try:

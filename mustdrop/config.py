@@ -176,7 +176,7 @@ class MustDropConfig:
             raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")
         d = defaults or ModelDefaults()
         base = cls(window=d.window, merge_threshold=d.merge_threshold, key_keep_rate=d.key_keep_rate,
-                   prune_layers=d.prune_layers, preset=name)
+                   prune_layers=d.prune_layers, positions=d.positions, preset=name)
         if name == "off":
             return base.replace(merge=False, key_set=False, filter=False, kv_trim=False)
         g, i = d.presets[name]
@@ -357,6 +357,7 @@ class ModelDefaults:
     prune_layers: tuple[int, ...] = REFERENCE_PRUNE_LAYERS
     presets: dict = field(default_factory=lambda: dict(REFERENCE_PRESETS))
     source: str = "reference (LLaVA-1.5-7B)"
+    positions: str = "reference"      # a family whose positions cannot be compacted ships "original"
 
     @classmethod
     def load(cls, model_path_or_id: str | None, num_llm_layers: int | None = None) -> "ModelDefaults":
@@ -392,12 +393,19 @@ class ModelDefaults:
         return cls(window=int(raw.get("window", 3)), merge_threshold=float(raw.get("merge_threshold", 0.8)),
                    key_keep_rate=float(raw.get("key_keep_rate", 0.08)),
                    prune_layers=tuple(int(x) for x in raw.get("prune_layers", REFERENCE_PRUNE_LAYERS)),
-                   presets=presets, source=source)
+                   presets=presets, source=source, positions=_positions(raw.get("positions", "reference"), path))
 
     def to_json(self) -> dict:
         return {"schema": DEFAULTS_SCHEMA, "window": self.window, "merge_threshold": self.merge_threshold,
                 "key_keep_rate": self.key_keep_rate, "prune_layers": list(self.prune_layers),
-                "presets": {k: {"global_thr": g, "individual_thr": i} for k, (g, i) in self.presets.items()}}
+                "presets": {k: {"global_thr": g, "individual_thr": i} for k, (g, i) in self.presets.items()},
+                **({} if self.positions == "reference" else {"positions": self.positions})}
+
+
+def _positions(value, path) -> str:
+    if value not in POSITION_MODES:
+        raise ValueError(f"{path}: positions must be one of {POSITION_MODES}, got {value!r}")
+    return value
 
 
 def check_flag(v, name: str) -> bool:

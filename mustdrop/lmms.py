@@ -85,7 +85,8 @@ class MustDropLMMS(lmms):
             methods.load_file(str(method_file))
         from accelerate import Accelerator
 
-        from .adapters import load_llava, make_runner
+        from .adapters import make_runner
+        from .loading import load_llava
 
         self.accelerator = Accelerator()
         n_proc = self.accelerator.num_processes
@@ -260,8 +261,7 @@ def build_config(runner, preset="64", method="mustdrop", budget=None, layer=None
 
 def generation_settings(gen_kwargs: dict | None, task: str):
     """(max_new_tokens, Sampling, until) from a task's generation kwargs; beam search is refused."""
-    from .adapters import Sampling
-    from .adapters.llava import MAX_NEW_TOKENS_LIMIT
+    from .run.decode import MAX_NEW_TOKENS_LIMIT, Sampling
 
     g = dict(gen_kwargs or {})
     if int(g.get("num_beams", 1) or 1) > 1:

@@ -26,15 +26,16 @@ def run_budget(trace) -> float:
     return vision_tokens.layer_average(trace.meta["vision_tokens_per_layer"])
 
 
-def auto_baseline_layer(runner, budget: float) -> int:
+def auto_baseline_layer(runner, budget: float, n_tokens: int | None = None) -> int:
     """FastV / random drop layer K when none is given: the model's first prune layer (FastV's K = 2
     on LLaVA-1.5-7B), moved earlier when the layers up to K alone already average more vision tokens
     than the budget (a shallow model at a small budget); 0 when even that is too many (the adapter
     then drops the remainder before the LLM: stages.plan_single_drop).
 
-    ``runner`` needs ``defaults.prune_layers``, ``grid`` and ``num_layers`` (an adapter)."""
+    ``runner`` needs ``defaults.prune_layers``, ``grid`` and ``num_layers`` (an adapter); a model whose
+    grid is per image (``grid`` None: Qwen-VL's dynamic resolution) gives its vision tokens as ``n_tokens``."""
     first = runner.defaults.prune_layers[0] if runner.defaults.prune_layers else 2
-    n, L = runner.grid * runner.grid, runner.num_layers
+    n, L = (runner.grid * runner.grid if runner.grid else int(n_tokens)), runner.num_layers
     deepest = math.floor(budget * L / n + 1e-9) - 1          # (K + 1) n / L <= budget
     return int(max(0, min(first, deepest, L - 2)))
 
@@ -56,7 +57,9 @@ def matched_config(runner, method: str, trace, *, seed: int = 0, layer: int | No
     if budget >= trace.meta["sequence"]["N"] - 1e-9:
         raise ValueError(f"the run of preset {cfg.get('preset')!r} keeps every vision token (budget {budget:g}): "
                          "a same-budget comparison needs a run that prunes; choose a preset other than off")
-    k = layer if layer is not None else auto_baseline_layer(runner, budget)
+    n_tokens = None if runner.grid else sum(r * c // int(crop.get("token_patches", 1)) for crop in trace.meta["crops"]
+                                            for r, c in [crop["grid"]])
+    k = layer if layer is not None else auto_baseline_layer(runner, budget, n_tokens)
     out = MustDropConfig.baseline(method, budget, layer=k, seed=seed,
                                   positions=positions or cfg.get("positions", "reference"))
     return out.replace(preset=f"{method}@{cfg.get('preset', 'custom')}")

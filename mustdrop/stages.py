@@ -26,10 +26,10 @@ import torch
 
 from . import vision_tokens
 
-# Status codes of each vision token entering a prune layer (stage 2): defined once, in the trace
-# schema (numpy only, so a trace reads without torch); re-exported here where the filter sets them.
-from .trace import (DROPPED, KEPT_BOTH, KEPT_GLOBAL, KEPT_INDIVIDUAL, KEPT_KEY,  # noqa: E402,F401
-                    KEPT_PROTECTED, STATUS_NAMES)
+# Status codes of each vision token entering a prune layer (stage 2): defined once, in a leaf
+# module the trace also reads; re-exported here where the filter sets them.
+from .statuses import (DROPPED, KEPT_BOTH, KEPT_GLOBAL, KEPT_INDIVIDUAL, KEPT_KEY,  # noqa: E402,F401
+                       KEPT_PROTECTED, STATUS_NAMES)
 
 
 def check_grid(grid: int, window: int) -> None:

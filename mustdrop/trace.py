@@ -6,19 +6,25 @@ the JSON document under the key "mustdrop_trace". Read it without our code:
     from safetensors.numpy import load_file; from safetensors import safe_open; import json
     meta = json.loads(safe_open(path, "np").metadata()["mustdrop_trace"]); arrays = load_file(path)
 
-JSON document (``meta``), schema "mustdrop-trace/1":
+JSON document (``meta``), schema "mustdrop-trace/2" (files of "mustdrop-trace/1" are read too,
+converted on load: see GEOMETRY below):
   model       id, dtype, device, vision {image_size, patch_size, grid, num_layers, has_cls},
               llm {num_layers, hidden_size, intermediate_size, num_heads, num_kv_heads, head_dim, vocab_size}
   config      the MustDropConfig of the run (see mustdrop.config)
   input       question, prompt, image {width, height, sha256}, input_hash,
               mapping {kind, scale, resized [w, h], offset [x, y], processed}: processed pixel
               (u, v) = original pixel (x, y) * scale + offset (resize then centre crop, or pad)
-  sequence    S (tokens before the image), T (tokens after it), N (patches, G*G), N0 (vision
-              tokens entering the LLM after stage 1a)
+  sequence    S (tokens before the image), T (tokens after it), N (patches of every crop, the sum
+              of rows * cols), N0 (vision tokens entering the LLM after stage 1a)
   stage1a     enabled, window, threshold, merged_windows (most similar first)
   stage1b     enabled, keep_rate, score (which score ranks the key set), key_tokens (ids in the
               merged numbering 0..N0-1)
-  crops       per crop: name, mapping (as input.mapping, for that crop), merged_windows
+  crops       per crop: name, grid [rows, cols] (its patch grid, not assumed square), mapping (as
+              input.mapping, for that crop; processed is one side, or [width, height]), merged_windows;
+              optional window_patches (a stage 1a window's side in patches when it is not stage1a.window,
+              e.g. 2w under Qwen-VL's 2 x 2 merger; patches of no whole window get similarity NaN);
+              optional token_patches (patches one unmerged token covers, 4 under a 2 x 2 merger; default
+              1): patch.merged marks the tokens that cover more patches than that
   stage2      one entry per prune layer: layer, entering, kept, dropped
   vision_tokens_per_layer   vision tokens each LLM layer processed in prefill
   kv          entries_per_layer and vision_entries_per_layer after the trim, bytes_per_entry (K+V)
@@ -36,6 +42,10 @@ JSON document (``meta``), schema "mustdrop-trace/1":
 
 Arrays. "Token ids" are the merged numbering 0..N0-1 (the order the LLM sees the vision block).
   tokens.groups              (N0, k) int64: original patches each vision token covers, -1 padded
+  tokens.weights             (N0, k) float32: each covered patch's share of the token (0 on padding;
+                             a row sums to 1): 1 for one patch, 1/k each for a merged window of k,
+                             1/4 each under a 2 x 2 patch merger, interpolation weights for an
+                             interpolated grid
   stage1a.similarity         (G/w, G/w) float32 window similarity (when stage 1a ran)
   stage1b.key_score          (N0,) float32 the score that ranked the key set (when stage 1b ran):
                              head-mean CLS attention, or the substitute meta["stage1b"]["score"]
@@ -54,9 +64,15 @@ Arrays. "Token ids" are the merged numbering 0..N0-1 (the order the LLM sees the
   patch.vision_score (float32, when baseline.vision_score is present).
   A patch with patch.token -1 reaches the LLM in no token (a LLaVA-NeXT tile's unpadded border).
 Several crops (LLaVA-NeXT: base image + any-res tiles): meta "crops" lists each crop's name,
-mapping and merged windows; tokens.groups then holds global ids crop * G*G + patch; crop 0's maps
-are patch.*, crop c's are patch.c{c}.*; stage1a.c{c}.similarity per crop; tokens.newline (N0,)
-uint8 marks the newline-row tokens (never dropped, cover no patch).
+grid, mapping and merged windows; tokens.groups then holds global ids offset(crop) + row * cols + col
+(offset: the patches of the crops before it); crop 0's maps are patch.*, crop c's are patch.c{c}.*,
+each (rows, cols) of its crop (kv_cached: (num_layers, rows, cols)); stage1a.c{c}.similarity per
+crop; tokens.newline (N0,) uint8 marks the newline-row tokens (never dropped, cover no patch).
+
+GEOMETRY. Version 2 makes the geometry explicit: crops[c].grid and tokens.weights. A version-1 file
+(every crop a G x G grid, model.vision.grid; one patch per token, merged tokens their window) is
+converted on load: each crop gets grid [G, G], tokens.weights 1/k over each token's k patches, and
+meta["upgraded_from"] names the version read. Every reader draws from the explicit geometry.
 
 Loading treats the file as untrusted (traces are shared): mustdrop.trace_checks bounds every size
 the header claims by what a supported model produces and types every field above, before any
@@ -77,7 +93,9 @@ import numpy as np
 from . import trace_checks as checks
 from .trace_checks import TraceError
 
-SCHEMA_VERSION = "mustdrop-trace/1"
+SCHEMA_VERSION = "mustdrop-trace/2"
+V1 = "mustdrop-trace/1"
+READABLE_VERSIONS = (V1, SCHEMA_VERSION)
 METADATA_KEY = "mustdrop_trace"
 MAX_TRACE_BYTES = 64 * 1024 * 1024
 
@@ -113,6 +131,8 @@ class Trace:
     def build(cls, meta: dict, arrays: dict) -> "Trace":
         """Add the original-patch maps to a run's decisions and validate the whole."""
         t = cls(meta, dict(arrays))
+        if "tokens.weights" not in t.arrays and "tokens.groups" in t.arrays:
+            t.arrays["tokens.weights"] = equal_weights(t.arrays["tokens.groups"])
         t.arrays.update(patch_maps(t))
         t.validate()
         return t
@@ -120,7 +140,18 @@ class Trace:
     # ---------------------------------------------------------------- accessors
     @property
     def grid(self) -> int:
-        return int(self.meta["model"]["vision"]["grid"])
+        """The side of crop 0's grid, for the views that draw square grids (LLaVA-1.5 and NeXT
+        crops are square); ``crop_grid`` gives any crop's (rows, cols)."""
+        return self.crop_grid(0)[0]
+
+    def crop_grid(self, crop: int = 0) -> tuple[int, int]:
+        """(rows, cols) of one crop's patch grid."""
+        r, c = self.meta["crops"][crop]["grid"]
+        return int(r), int(c)
+
+    def crop_offset(self, crop: int = 0) -> int:
+        """Global id of a crop's first patch: the patches of the crops before it."""
+        return sum(r * c for r, c in (self.crop_grid(i) for i in range(crop)))
 
     @property
     def num_layers(self) -> int:
@@ -253,6 +284,9 @@ class Trace:
                 if METADATA_KEY not in header:
                     raise TraceError(f"no '{METADATA_KEY}' metadata: not a MustDrop trace")
                 meta = checks.parse_meta(header[METADATA_KEY])
+                upgraded = meta.get("schema") == V1
+                if upgraded:
+                    meta = meta_from_v1(meta)
                 # Every claimed size is checked before an array is read or a map is built from it.
                 claims = cls(meta, {})._check_meta()
                 for k in f.keys():                # stored maps are rebuilt below, not read; shapes still checked
@@ -267,6 +301,9 @@ class Trace:
         for old, new in RENAMED_ARRAYS.items():
             if old in arrays and new not in arrays:
                 arrays[new] = arrays.pop(old)
+        groups = arrays.get("tokens.groups")
+        if upgraded and isinstance(groups, np.ndarray) and groups.ndim == 2 and groups.dtype == np.int64:
+            arrays["tokens.weights"] = equal_weights(groups)
         t = cls(meta, arrays)
         try:
             checks.check_arrays(arrays, claims)
@@ -295,14 +332,21 @@ class Trace:
             raise TraceError("trace metadata must be a JSON object")
         if m.get("schema") != SCHEMA_VERSION:
             v = m.get("schema")
+            if v in READABLE_VERSIONS:
+                raise TraceError(f"a {v!r} trace must be converted first (Trace.load does)")
             shown = repr(v) if isinstance(v, str) and re.fullmatch(r"[\w./-]{1,40}", v) else checks._got(v)
-            raise TraceError(f"unknown trace schema {shown}; this version reads {SCHEMA_VERSION!r}")
+            raise TraceError(f"unknown trace schema {shown}; this version reads "
+                             f"{' and '.join(repr(x) for x in READABLE_VERSIONS)}")
         return checks.check_meta(m)
 
 
 def _check_patch_shape(name: str, shape: tuple, claims: dict) -> None:
-    G, L = claims["G"], claims["L"]
-    want = (L, G, G) if name.endswith("kv_cached") else (G, G)
+    grids, L = claims["grids"], claims["L"]
+    part = name.split(".")[1] if name.count(".") else ""
+    c = int(part[1:]) if name.startswith("patch.c") and part[1:].isdigit() else 0
+    if c >= len(grids):
+        raise TraceError(f"{name} names crop {c}; the trace has {len(grids)}")
+    want = (L, *grids[c]) if name.endswith("kv_cached") else tuple(grids[c])
     if tuple(shape) != want:
         raise TraceError(f"{name} has shape {tuple(shape)}, expected {want}")
 
@@ -315,9 +359,8 @@ def crop_prefix(c: int) -> str:
 def patch_maps(t: Trace) -> dict:
     """Every decision in original-patch coordinates (G x G per crop), from the token-level records."""
     m, a = t.meta, t.arrays
-    G, L = t.grid, t.num_layers
+    L = t.num_layers
     S, N0, N = m["sequence"]["S"], m["sequence"]["N0"], m["sequence"]["N"]
-    n_crops = N // (G * G)
     groups = a["tokens.groups"]
     token_of_patch = np.full(N, -1, dtype=np.int64)
     for tok, row in enumerate(groups):
@@ -331,8 +374,12 @@ def patch_maps(t: Trace) -> dict:
         res[have] = np.asarray(values)[token_of_patch[have]]
         return res
 
+    unit = np.ones(N, dtype=np.int64)      # patches one unmerged token covers (4 under a 2 x 2 merger)
+    for c in range(t.n_crops):
+        R, C = t.crop_grid(c)
+        unit[t.crop_offset(c):t.crop_offset(c) + R * C] = int(m["crops"][c].get("token_patches") or 1)
     maps = {"token": token_of_patch,
-            "merged": (have & (sizes[np.maximum(token_of_patch, 0)] > 1)).astype(np.uint8)}
+            "merged": (have & (sizes[np.maximum(token_of_patch, 0)] > unit)).astype(np.uint8)}
     is_key = np.zeros(N0, dtype=np.uint8)
     is_key[m["stage1b"]["key_tokens"]] = 1
     maps["key"] = spread(is_key, 0, np.uint8)
@@ -364,13 +411,47 @@ def patch_maps(t: Trace) -> dict:
         in_cache[tok] = 1
         cached[layer] = spread(in_cache, 0, np.uint8)
     w = m["stage1a"]["window"]
-    rows, cols = np.divmod(np.arange(G * G), G)
-    for c in range(n_crops):
-        pre, sl = crop_prefix(c), slice(c * G * G, (c + 1) * G * G)
+    for c in range(t.n_crops):
+        R, C = t.crop_grid(c)
+        start = t.crop_offset(c)
+        pre, sl = crop_prefix(c), slice(start, start + R * C)
         for name, v in maps.items():
-            out[f"{pre}{name}"] = v[sl].reshape(G, G)
-        out[f"{pre}kv_cached"] = cached[:, sl].reshape(L, G, G)
+            out[f"{pre}{name}"] = v[sl].reshape(R, C)
+        out[f"{pre}kv_cached"] = cached[:, sl].reshape(L, R, C)
         sim = a.get("stage1a.similarity" if c == 0 else f"stage1a.c{c}.similarity")
-        if sim is not None:
-            out[f"{pre}similarity"] = sim[rows // w, cols // w].astype(np.float32).reshape(G, G)
+        if sim is not None:       # windows of window_patches patches a side (2w under a 2 x 2 merger);
+            wp = int(m["crops"][c].get("window_patches") or w)                # validated by trace_checks
+            rows, cols = np.divmod(np.arange(R * C), C)
+            wr, wc = rows // wp, cols // wp
+            inside = (wr < sim.shape[0]) & (wc < sim.shape[1])   # border patches of no window: NaN
+            vals = np.full(R * C, np.nan, np.float32)
+            vals[inside] = sim[wr[inside], wc[inside]]
+            out[f"{pre}similarity"] = vals.reshape(R, C)
     return out
+
+
+def equal_weights(groups: np.ndarray) -> np.ndarray:
+    """(N0, k) float32: each token's k covered patches share it equally (1/k), 0 on padding: the
+    weights of every LLaVA token (one patch, or a merged window averaged)."""
+    real = groups >= 0
+    k = np.maximum(real.sum(1, keepdims=True), 1).astype(np.float32)
+    return np.where(real, np.float32(1) / k, np.float32(0)).astype(np.float32)
+
+
+def meta_from_v1(meta: dict) -> dict:
+    """A version-1 header in version 2's form: every crop a G x G grid (model.vision.grid); the
+    tokens' equal weights are added with the arrays. G is checked here (it sizes the crops' grids);
+    everything else is left for the checks of version 2 to name."""
+    try:
+        G = meta["model"]["vision"]["grid"]
+    except (KeyError, TypeError):
+        return meta                     # the checks name the missing field
+    checks.integer(G, "model.vision.grid", 1, checks.MAX_GRID)
+    crops = meta.get("crops")
+    if crops is None:                   # the oldest files: one crop, described by input and stage1a
+        inp, s1a = meta.get("input"), meta.get("stage1a")
+        crops = [{"name": "image", "mapping": inp.get("mapping") if isinstance(inp, dict) else None,
+                  "merged_windows": s1a.get("merged_windows", []) if isinstance(s1a, dict) else []}]
+    if isinstance(crops, list):
+        crops = [dict(c, grid=[G, G]) if isinstance(c, dict) else c for c in crops]
+    return dict(meta, schema=SCHEMA_VERSION, upgraded_from=V1, crops=crops)

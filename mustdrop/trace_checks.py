@@ -21,26 +21,28 @@ class TraceError(ValueError):
 
 
 # ---------------------------------------------------------------- bounds from the models we support
-# Patch-grid side of one crop: CLIP-L/14 at 336 px gives 24, SigLIP-so400m/14 at 384 px 27; headroom
-# for Qwen2-VL's dynamic grid, whose default max_pixels (12,845,056 = 16,384 patches of 14 px) is a
-# 128 x 128 grid when square.
-MAX_GRID = 128
+# Patch-grid side of one crop: CLIP-L/14 at 336 px gives 24, SigLIP-so400m/14 at 384 px 27; Qwen2-VL's
+# dynamic grid at its default max_pixels (12,845,056 px = 65,536 patches of 14 px, 256 x 256 when
+# square) reaches 56 x 1120 patches at the 20:1 aspect ratio images.py accepts. What a grid costs is
+# its patches, which MAX_PATCHES bounds over all crops; this only bounds one side.
+MAX_GRID = 1152
 # Crops the vision tower sees: LLaVA-1.5 1, LLaVA-NeXT base + up to 4 any-res tiles (5); headroom for
 # LLaVA-OneVision anyres_max_9, which encodes base + up to a 6 x 6 tile grid (37) before it
 # interpolates the features down to 9 tiles' worth.
 MAX_CROPS = 37
-# Patches over all crops (N): NeXT 5 x 576 = 2,880, OneVision 37 x 729 = 26,973, Qwen2-VL 16,384.
+# Patches over all crops (N): NeXT 5 x 576 = 2,880, OneVision 37 x 729 = 26,973, Qwen2-VL 65,536.
 MAX_PATCHES = 65_536
 # LLM depth: Vicuna-7B 32, -13B 40, Yi-34B 60, Qwen2-72B 80.
 MAX_LLM_LAYERS = 128
 # Vision tower depth: CLIP-L 24, SigLIP-so400m 27, Qwen2-VL's ViT 32.
 MAX_VISION_LAYERS = 64
 # Patches x LLM layers (the per-layer KV maps, the largest thing built from a trace): OneVision-72B
-# 26,973 x 80 = 2.2 M, Qwen2-VL-72B 16,384 x 80 = 1.3 M. 4 M keeps every map under ~40 MB.
-MAX_PATCH_LAYERS = 4 * 1024 * 1024
-# Side of a processed crop (pixels the vision tower sees): CLIP 336, SigLIP 384, Qwen2-VL at most
-# 3,584 on its long side; and all crops' views together (the app keeps one RGB view per crop).
-MAX_PROCESSED_SIDE = 4096
+# 26,973 x 80 = 2.2 M, Qwen2-VL-72B 65,536 x 80 = 5.2 M. 8 M keeps every map under ~70 MB.
+MAX_PATCH_LAYERS = 8 * 1024 * 1024
+# Side of a processed crop (pixels the vision tower sees): CLIP 336, SigLIP 384, Qwen2-VL up to
+# 15,680 on its long side at 20:1; and all crops' views together (the app keeps one RGB view per
+# crop), which is what bounds the memory.
+MAX_PROCESSED_SIDE = 16_384
 MAX_VIEW_PIXELS = 1 << 24                  # 37 crops of 384 px are 5.5 M
 MAX_PATCH_SIZE = 64                        # 14 (CLIP, SigLIP, Qwen2-VL), 16, 32
 # Text tokens before / after the image (S, T): Vicuna's context is 4,096, Qwen2's 32,768 (128 K with YaRN).
@@ -166,26 +168,6 @@ def _depth_bound(text: str) -> int:
 # ---------------------------------------------------------------- the metadata
 def check_meta(m: dict) -> dict:
     """Type and bound every field the readers use; return the sizes the arrays are checked against."""
-    G, L = _check_model(m)
-    _check_config(obj(field(m, "config", "config"), "config"))
-    processed = _check_input(m)
-    N, N0, S, T, crops = _check_sequence(m, G, L, processed)
-    window = _check_stages_1(m, G, N0)
-    stage2 = _check_stage2(m, L, N0)
-    entries = _check_counts(m, L, S, N0, T)
-    _check_generation(m)
-    if m.get("baseline") is not None:
-        _check_baseline(obj(m["baseline"], "baseline"), N)
-    if m.get("tokenizer") is not None:
-        tok = obj(m["tokenizer"], "tokenizer")
-        if tok.get("special_tokens") is not None:
-            items(tok["special_tokens"], "tokenizer.special_tokens", string, max_len=MAX_VOCAB)
-    return {"G": G, "L": L, "N": N, "N0": N0, "S": S, "T": T, "window": window, "crops": len(crops),
-            "stage2": stage2, "entries": entries}
-
-
-def _check_model(m: dict) -> tuple[int, int]:
-    """model: id, dtype, device, the vision tower and the LLM; (grid G, LLM layers L)."""
     model = obj(field(m, "model", "model"), "model")
     for k in ("id", "dtype", "device"):
         string(field(model, k, f"model.{k}"), f"model.{k}")
@@ -203,11 +185,9 @@ def _check_model(m: dict) -> tuple[int, int]:
     for k in ("hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim"):
         integer(field(llm, k, f"model.llm.{k}"), f"model.llm.{k}", 1, MAX_MODEL_DIM)
     integer(field(llm, "vocab_size", "model.llm.vocab_size"), "model.llm.vocab_size", 1, MAX_VOCAB)
-    return G, L
 
+    _check_config(obj(field(m, "config", "config"), "config"))
 
-def _check_input(m: dict) -> list[int]:
-    """input: question, prompt, the image's size and hash; the processed view's side(s)."""
     inp = obj(field(m, "input", "input"), "input")
     string(field(inp, "question", "input.question"), "input.question")
     for k in ("prompt", "input_hash"):
@@ -221,52 +201,52 @@ def _check_input(m: dict) -> list[int]:
         raise TraceError(f"input.image claims {w} x {h} pixels; runs accept at most {MAX_PIXELS:,}")
     string(field(image, "sha256", "input.image.sha256"), "input.image.sha256")
     processed = [_mapping(field(inp, "mapping", "input.mapping"), "input.mapping")]
-    return processed
 
-
-def _check_sequence(m: dict, G: int, L: int, processed: list[int]) -> tuple:
-    """crops and sequence: patch and token counts within what supported models produce; (N, N0, S, T, crops)."""
-    crops = m.get("crops", [{}])
+    crops = field(m, "crops", "crops")
     if not isinstance(crops, list) or not crops:
         raise TraceError(f"crops must be a non-empty list, got {_got(crops)}")
     if len(crops) > MAX_CROPS:
         raise TraceError(f"crops lists {len(crops)} crops; supported models encode at most {MAX_CROPS}")
+    grids = [_grid(obj(crop, f"crops[{c}]"), f"crops[{c}].grid") for c, crop in enumerate(crops)]
     seq = obj(field(m, "sequence", "sequence"), "sequence")
     N = integer(field(seq, "N", "sequence.N"), "sequence.N", 1, MAX_PATCHES)
-    if N != G * G * len(crops):
-        raise TraceError(f"sequence.N = {N} does not match {len(crops)} crop(s) of a {G} x {G} grid")
+    total = sum(r * c for r, c in grids)
+    if total > MAX_PATCHES:
+        raise TraceError(f"the crops' grids hold {total:,} patches; supported models encode at most {MAX_PATCHES:,}")
+    if N != total:
+        raise TraceError(f"sequence.N = {N} does not match the {total} patches of the crops' grids")
     if N * L > MAX_PATCH_LAYERS:
         raise TraceError(f"{N} patches x {L} LLM layers exceed what supported models produce ({MAX_PATCH_LAYERS:,})")
     # LLaVA-NeXT's stock packing adds an image_newline token after each row of a crop's grid, so the
     # vision block may hold up to one more token per grid row than there are patches.
-    N0 = integer(field(seq, "N0", "sequence.N0"), "sequence.N0", 0, N + G * len(crops))
+    N0 = integer(field(seq, "N0", "sequence.N0"), "sequence.N0", 0, N + sum(r for r, _ in grids))
     S = integer(field(seq, "S", "sequence.S"), "sequence.S", 0, MAX_TEXT_TOKENS)
     T = integer(field(seq, "T", "sequence.T"), "sequence.T", 0, MAX_TEXT_TOKENS)
     for c, crop in enumerate(crops):
-        if crop == {} and "crops" not in m:
-            continue
-        obj(crop, f"crops[{c}]")
         if crop.get("name") is not None:
             string(crop["name"], f"crops[{c}].name")
         if crop.get("mapping") is not None:
             processed.append(_mapping(crop["mapping"], f"crops[{c}].mapping"))
-        items(crop.get("merged_windows", []), f"crops[{c}].merged_windows", integer, max_len=G * G, lo=0, hi=G * G - 1)
+        n = grids[c][0] * grids[c][1]
+        items(crop.get("merged_windows", []), f"crops[{c}].merged_windows", integer, max_len=n, lo=0, hi=n - 1)
         if crop.get("tile") is not None:
             items(crop["tile"], f"crops[{c}].tile", integer, n=2, lo=0, hi=MAX_CROPS)
-    if sum(p * p for p in processed) > MAX_VIEW_PIXELS:
+        if crop.get("window_patches") is not None:      # a window's side in patches (2w under a 2 x 2 merger)
+            integer(crop["window_patches"], f"crops[{c}].window_patches", 1, MAX_GRID)
+        if crop.get("token_patches") is not None:       # patches one unmerged token covers (4 under the merger)
+            integer(crop["token_patches"], f"crops[{c}].token_patches", 1, 64)
+    if sum(processed) > MAX_VIEW_PIXELS:
         raise TraceError(f"the crops' processed views total more than {MAX_VIEW_PIXELS:,} pixels")
-    return N, N0, S, T, crops
 
-
-def _check_stages_1(m: dict, G: int, N0: int) -> int:
-    """stage1a (merge) and stage1b (key set); the merge window."""
     s1a = obj(field(m, "stage1a", "stage1a"), "stage1a")
     boolean(field(s1a, "enabled", "stage1a.enabled"), "stage1a.enabled")
-    window = integer(field(s1a, "window", "stage1a.window"), "stage1a.window", 1, G)
+    window = integer(field(s1a, "window", "stage1a.window"), "stage1a.window", 1,
+                     max(G, *(max(g) for g in grids)))
     if s1a.get("threshold") is not None:
         number(s1a["threshold"], "stage1a.threshold")
+    n = grids[0][0] * grids[0][1]
     items(field(s1a, "merged_windows", "stage1a.merged_windows"), "stage1a.merged_windows", integer,
-          max_len=G * G, lo=0, hi=G * G - 1)
+          max_len=n, lo=0, hi=n - 1)
     s1b = obj(field(m, "stage1b", "stage1b"), "stage1b")
     boolean(field(s1b, "enabled", "stage1b.enabled"), "stage1b.enabled")
     if s1b.get("keep_rate") is not None:
@@ -278,7 +258,19 @@ def _check_stages_1(m: dict, G: int, N0: int) -> int:
         raise TraceError(f"stage1b.key_tokens must be a list of integers, got {_got(key_tokens)}")
     if any(x < 0 or x >= N0 for x in key_tokens):
         raise TraceError(f"stage1b.key_tokens holds indices outside 0..{N0 - 1}")
-    return window
+
+    stage2 = _check_stage2(m, L, N0)
+    entries = _check_counts(m, L, S, N0, T)
+    _check_generation(m)
+    if m.get("baseline") is not None:
+        _check_baseline(obj(m["baseline"], "baseline"), N)
+    if m.get("tokenizer") is not None:
+        tok = obj(m["tokenizer"], "tokenizer")
+        if tok.get("special_tokens") is not None:
+            items(tok["special_tokens"], "tokenizer.special_tokens", string, max_len=MAX_VOCAB)
+    return {"G": G, "L": L, "N": N, "N0": N0, "S": S, "T": T, "window": window, "crops": len(crops),
+            "grids": grids, "stage2": stage2, "entries": entries,
+            "window_patches": [crop.get("window_patches") for crop in crops]}
 
 
 def _check_stage2(m: dict, L: int, N0: int) -> list:
@@ -333,8 +325,16 @@ def _check_generation(m: dict) -> None:
         number(field(timings, k, f"timings.{k}"), f"timings.{k}", lo=0.0)
 
 
+def _grid(crop: dict, name: str) -> tuple[int, int]:
+    """A crop's patch grid [rows, cols] (version 2: not assumed square)."""
+    g = field(crop, "grid", name)
+    items(g, name, integer, n=2, lo=1, hi=MAX_GRID)
+    return g[0], g[1]
+
+
 def _mapping(v, name: str) -> int:
-    """A crop's mapping record (processed = original * scale + offset); returns its processed side."""
+    """A crop's mapping record (processed = original * scale + offset); returns the pixels of its
+    processed view (``processed``: one side of a square, or [width, height])."""
     m = obj(v, name)
     if m.get("kind") is not None:
         string(m["kind"], f"{name}.kind")
@@ -345,7 +345,11 @@ def _mapping(v, name: str) -> int:
     for k in ("resized", "canvas"):
         if m.get(k) is not None:
             items(m[k], f"{name}.{k}", integer, n=2, lo=0, hi=1 << 24)
-    return integer(m.get("processed", 1), f"{name}.processed", 1, MAX_PROCESSED_SIDE)
+    p = m.get("processed", 1)
+    if isinstance(p, list):
+        w, h = items(p, f"{name}.processed", integer, n=2, lo=1, hi=MAX_PROCESSED_SIDE)
+        return w * h
+    return integer(p, f"{name}.processed", 1, MAX_PROCESSED_SIDE) ** 2
 
 
 def _check_config(c: dict) -> None:
@@ -429,20 +433,27 @@ def check_arrays(a: dict, c: dict) -> None:
     groups = array(a, "tokens.groups", np.int64, (N0, None), " (N0 rows)")
     if groups.size and (groups.max() >= N or groups.min() < -1):
         raise TraceError(f"tokens.groups holds patch ids outside the grid 0..{N - 1}")
+    weights = array(a, "tokens.weights", np.float32, groups.shape, " (the shape of tokens.groups)")
+    if not np.isfinite(weights).all() or (weights < 0).any() or (weights > 1).any():
+        raise TraceError("tokens.weights must be finite shares in [0, 1]")
+    if (weights[groups < 0] != 0).any():
+        raise TraceError("tokens.weights gives weight to a padding entry of tokens.groups")
     if "tokens.newline" in a:
         nl = array(a, "tokens.newline", np.uint8, (N0,), " (N0)")
         if nl.size and nl.max() > 1:
             raise TraceError("tokens.newline must hold 0 or 1")
-    side = -(-G // w)
-    for cr in range(c["crops"]):
+    for cr, (rows, cols) in enumerate(c["grids"]):
         name = "stage1a.similarity" if cr == 0 else f"stage1a.c{cr}.similarity"
         if name in a:
-            array(a, name, np.float32, (side, side), f" (grid {G} / window {w})")
+            grid = f"grid {rows}" if rows == cols else f"grid {rows} x {cols}"
+            wp = c.get("window_patches", [None] * (cr + 1))[cr]
+            shape = (rows // wp, cols // wp) if wp else (-(-rows // w), -(-cols // w))   # wp: whole windows only
+            array(a, name, np.float32, shape, f" ({grid} / window {wp or w})")
     if "stage1b.key_score" in a:
         array(a, "stage1b.key_score", np.float32, (N0,), " (N0)")
     if "baseline.vision_score" in a:
         array(a, "baseline.vision_score", np.float32, (N,), " (N)")
-    from .trace import STATUS_NAMES
+    from .statuses import STATUS_NAMES
 
     codes = np.array(sorted(STATUS_NAMES), np.int8)
     for i, s in enumerate(c["stage2"]):

@@ -179,14 +179,14 @@ def test_fault_inside_a_hook_leaves_the_model_clean(tiny, tiny_dir, image, monke
     """An exception mid-run reaches the caller, every hook is removed, and the next run on the same
     loaded model equals a run on a freshly loaded model."""
     from mustdrop.adapters import LlavaMustDrop, load_llava
-    from mustdrop.adapters import llava as llava_module
+    from mustdrop.run import decode as decode_module
     before = count_hooks(tiny.model)
     assert before == 0
 
     def boom(*a, **k):
         raise RuntimeError(f"injected fault in {where}")
     if where == "decode":
-        monkeypatch.setattr(llava_module, "_choose", boom)
+        monkeypatch.setattr(decode_module, "_choose", boom)
     else:
         monkeypatch.setattr(stages, where, boom)
     with pytest.raises(RuntimeError, match="injected fault"):
@@ -264,7 +264,7 @@ def test_text_row_scores_equal_eager_attention_rows(eager, image):
     def grab(module, args, kwargs, output):
         keys = kwargs["past_key_values"].layers[module.layer_idx].keys
         got["ours"] = text_rows_attention(module, kwargs["hidden_states"], kwargs["position_embeddings"], keys,
-                                          10, eager._rope)
+                                          10, eager.host._rope)
         got["eager"] = output[1]
     h = layer.register_forward_hook(grab, with_kwargs=True)
     try:

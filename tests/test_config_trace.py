@@ -82,7 +82,7 @@ def test_trace_readable_without_our_code(trace, tmp_path):
     path = trace.save(tmp_path / "t.safetensors")
     with safe_open(str(path), "np") as f:
         meta = json.loads(f.metadata()["mustdrop_trace"])
-    assert meta["schema"] == "mustdrop-trace/1"
+    assert meta["schema"] == "mustdrop-trace/2"
     assert load_file(str(path))["patch.kv_cached"].shape == (trace.num_layers, 24, 24)
 
 

@@ -116,7 +116,7 @@ def test_bounds_leave_room_for_the_supported_models():
     at 80 LLM layers all fit; a 512 or 1024 grid does not."""
     from mustdrop import trace_checks
 
-    assert 27 <= trace_checks.MAX_GRID < 512
+    assert 27 <= trace_checks.MAX_GRID and 512 * 512 > trace_checks.MAX_PATCHES
     assert 37 * 27 * 27 <= trace_checks.MAX_PATCHES
     assert 37 * 27 * 27 * 80 <= trace_checks.MAX_PATCH_LAYERS
     assert 37 * 384 * 384 <= trace_checks.MAX_VIEW_PIXELS

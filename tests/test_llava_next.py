@@ -65,8 +65,8 @@ def test_stock_no_drop_is_bitwise_unhooked(stock, wide_image):
 def test_packed_provenance_equals_transformers_packing(stock, wide_image):
     proc = stock.processor
     inputs = proc(images=wide_image, text="<image>", return_tensors="pt")
-    crops = stock._pixel_crops(inputs)
-    ids = stock._packed_patch_ids(inputs, crops.shape[0])
+    crops = stock.host._pixel_crops(inputs)
+    ids = stock.host._packed_patch_ids(inputs, crops.shape[0])
     with torch.no_grad():
         packed = stock.model.model.get_image_features(pixel_values=inputs["pixel_values"],
                                                       image_sizes=inputs["image_sizes"]).pooler_output[0]
@@ -156,7 +156,7 @@ def assert_marker_in_base_and_one_tile(stock, w, h, x0, y0):
     img = marker_image(w, h, x0, y0)
     t = stock.run(img, QUESTION, stock.config_for("off"), max_new_tokens=1).trace
     inputs = stock.processor(images=img, text="<image>", return_tensors="pt")
-    crops = stock._pixel_crops(inputs)
+    crops = stock.host._pixel_crops(inputs)
     hits = 0
     for c, crop in enumerate(t.meta["crops"]):
         m = crop["mapping"]

@@ -1,11 +1,14 @@
-"""One module per host model family: how MustDrop is attached to it by hooks."""
+"""The public entry points: load a model, wrap it in a runner. A compatibility layer over
+``mustdrop.hosts`` (one module per model family) and ``mustdrop.run`` (the shared machinery)."""
 
+from ..hosts import host_for
+from ..run.runner import MustDropRunner
 from .llava import LlavaMustDrop, RunResult, Sampling, VisionResult
 from .llava_next import LlavaNextMustDrop
-from .loading import ModelLoadError, load_llava
+from ..loading import ModelLoadError, load_llava
 
 __all__ = ["LlavaMustDrop", "LlavaNextMustDrop", "RunResult", "Sampling", "VisionResult", "ModelLoadError",
-           "load_llava", "make_runner"]
+           "MustDropRunner", "load_llava", "make_runner"]
 
 
 def make_runner(model, processor, model_id: str = "", layout: str = "stock", defaults_from: str | None = None):
@@ -18,6 +21,4 @@ def make_runner(model, processor, model_id: str = "", layout: str = "stock", def
     defaults = None
     if defaults_from is not None:
         defaults = ModelDefaults.load(defaults_from, model.config.text_config.num_hidden_layers)
-    if model.config.model_type == "llava_next":
-        return LlavaNextMustDrop(model, processor, model_id, defaults, layout=layout)
-    return LlavaMustDrop(model, processor, model_id, defaults)
+    return MustDropRunner(host_for(model, processor, layout=layout), model_id, defaults)

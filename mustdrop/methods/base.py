@@ -26,8 +26,8 @@ import math
 from dataclasses import dataclass, field, replace
 
 # Stage-2 status codes (trace schema); a method may name them in its own words.
-from ..trace import (DROPPED, KEPT_BOTH, KEPT_GLOBAL, KEPT_INDIVIDUAL, KEPT_KEY, KEPT_PROTECTED,  # noqa: F401
-                     STATUS_NAMES)
+from ..statuses import (DROPPED, KEPT_BOTH, KEPT_GLOBAL, KEPT_INDIVIDUAL, KEPT_KEY, KEPT_PROTECTED,  # noqa: F401
+                        STATUS_NAMES)
 
 SCORE_ARRAYS = ("global_share", "individual_max")   # the generic per-layer score arrays of a trace
 STAGES = ("vision", "llm", "kv_trim", "merge", "key_set")   # the last two: MustDrop's stage 1, in the host

@@ -15,7 +15,7 @@ import numpy as np
 
 from .. import accounting
 from ..trace import TraceError
-from .geometry import Geometry, geometry, outline, paint
+from .geometry import geometry, geometry_of_canvas, outline, paint
 from .palette import (COMPARE_BOTH, COMPARE_BOTH_LABEL, COMPARE_NEITHER, COMPARE_NEITHER_LABEL,
                       COMPARE_ONLY_MUSTDROP, COMPARE_ONLY_MUSTDROP_LABEL, COMPARE_ONLY_OTHER,
                       COMPARE_ONLY_OTHER_LABEL, DEFAULT_OPACITY, WEIGHT_KEPT, WEIGHT_REMOVED, WHITE,
@@ -54,7 +54,8 @@ def same_input(a, b) -> bool:
     """Whether two traces are runs of the same image and question on the same model geometry (the
     pairing rule of every pair of traces: a vanilla or a comparison trace with its MustDrop trace)."""
     same = a.meta["input"].get("input_hash") == b.meta["input"].get("input_hash")
-    return same and a.grid == b.grid and a.n_crops == b.n_crops and a.num_layers == b.num_layers
+    same_grids = a.n_crops == b.n_crops and all(a.crop_grid(c) == b.crop_grid(c) for c in range(a.n_crops))
+    return same and same_grids and a.num_layers == b.num_layers
 
 
 def check_pair(md, other) -> None:
@@ -95,8 +96,7 @@ def _draw(trace, codes, colours, base, selected, gt_masks, crop, opacity=DEFAULT
 
     o = check_opacity(opacity)
     geom, base = _prepare(trace, None, base, crop)
-    G = trace.grid
-    rgb = np.zeros((G, G, 3), np.uint8)
+    rgb = np.zeros(geom.shape + (3,), np.uint8)
     for code, c in colours.items():
         rgb[codes == code] = c
     alpha = (np.where(codes == NEITHER, WEIGHT_REMOVED, WEIGHT_KEPT) * o).astype(np.float32)
@@ -110,7 +110,7 @@ def kept_overlay(trace, layer: int, side: str = "other", *, base=None, selected=
     img = _draw(trace, np.where(kept, KEPT, NOT_KEPT), kept_colours(side), base, None, None, crop, opacity)
     from .overlays import _finish
 
-    geom = Geometry(trace.grid, max(1, img.shape[0] // trace.grid))
+    geom = geometry_of_canvas(trace, img, crop)
     img = outline(img, geom, kept & shared_token(trace, crop), SHARED_OUTLINE, width=1)
     return _finish(img, geom, selected, gt_masks)
 

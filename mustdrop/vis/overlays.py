@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .geometry import Geometry, base_canvas, geometry, outline, paint
+from .geometry import Geometry, base_canvas, geometry, geometry_of_canvas, outline, paint
 from .palette import (BLACK, DEFAULT_OPACITY, GT_OUTLINE, GT_TARGET, HEATMAPS, KEPT_STATUSES, KEY_OUTLINE,
                       KV_ABSENT, KV_CACHED, KV_COLOURS, KV_TRIMMED, NAN_COLOUR, NO_TOKEN, NO_TOKEN_CODE, SELECT_OUTLINE,
                       STATUS_COLOURS, UNMERGED_DOT, WEIGHT_KEPT, WEIGHT_REMOVED, WEIGHT_UNTOUCHED,
@@ -69,8 +69,8 @@ def _select(img, geom, selected):
     if selected is None:
         return img
     r, c = selected
-    cells = np.zeros((geom.grid, geom.grid), bool)
-    if 0 <= r < geom.grid and 0 <= c < geom.grid:
+    cells = np.zeros(geom.shape, bool)
+    if 0 <= r < geom.rows and 0 <= c < geom.cols:
         cells[r, c] = True
     img = outline(img, geom, cells, SELECT_OUTLINE, width=3)
     return outline(img, geom, cells, BLACK, width=1, inset=3)
@@ -110,12 +110,12 @@ def _gt_rings(geom: Geometry, masks: np.ndarray, thick: bool = False):
         return _GT_CACHE[key]
     if masks.ndim == 2:
         masks = masks[None]
-    dark = np.zeros((geom.size, geom.size), np.uint8)
+    dark = np.zeros((geom.size, geom.width), np.uint8)
     light = np.zeros_like(dark)
     for m in masks:
         m = np.asarray(m, np.float32)
-        m = cv2.resize((m > (0.25 if m.shape[0] == geom.grid else 0.5)).astype(np.uint8) * 255,
-                       (geom.size, geom.size), interpolation=cv2.INTER_NEAREST)
+        m = cv2.resize((m > (0.25 if m.shape[0] == geom.rows else 0.5)).astype(np.uint8) * 255,
+                       (geom.width, geom.size), interpolation=cv2.INTER_NEAREST)
         contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         cv2.drawContours(dark, contours, -1, 1, wd)
         cv2.drawContours(light, contours, -1, 1, wl)
@@ -128,8 +128,8 @@ def _gt_rings(geom: Geometry, masks: np.ndarray, thick: bool = False):
 def _prepare(trace, image, base, crop=0):
     """Geometry and background: from a ready canvas (its size sets the cell) or from the image."""
     if base is not None:
-        return Geometry(trace.grid, max(1, base.shape[0] // trace.grid)), base
-    geom = geometry(trace)
+        return geometry_of_canvas(trace, base, crop), base
+    geom = geometry(trace, crop=crop)
     return geom, base_canvas(image, trace, geom, crop=crop)
 
 
@@ -144,15 +144,15 @@ def merge_overlay(trace, image=None, *, selected=None, gt_masks=None, base=None,
     the window's checkerboard square; exact colour dot); unmerged patches keep the image and a white dot."""
     o = check_opacity(opacity)
     geom, base = _prepare(trace, image, base, crop)
-    G = trace.grid
+    side = max(geom.shape)     # window_shade numbers patches on a square grid: any (rows, cols) fits in it
     token = trace.patch("token", crop)
     merged = trace.patch("merged", crop).astype(bool)
-    w = int(trace.meta["stage1a"].get("window") or 1)
-    colours = np.empty((G, G, 3), np.uint8)
+    w = int(trace.meta["crops"][crop].get("window_patches") or trace.meta["stage1a"].get("window") or 1)
+    colours = np.empty(geom.shape + (3,), np.uint8)
     colours[:] = UNMERGED_DOT
     rows, cols = np.nonzero(merged)
     for r, c in zip(rows, cols):
-        colours[r, c] = group_colour(int(token[r, c]), window_shade(r * G + c, G, w))
+        colours[r, c] = group_colour(int(token[r, c]), window_shade(r * side + c, side, w))
     colours[token < 0] = NO_TOKEN
     alpha = np.where(merged | (token < 0), WEIGHT_REMOVED, WEIGHT_UNTOUCHED) * o
     return _finish(paint(base, geom, colours, alpha.astype(np.float32)), geom, selected, gt_masks)
@@ -166,9 +166,8 @@ def heatmap_overlay(trace, name: str, image=None, layer: int | None = None, *, s
     o = check_opacity(opacity)
     geom, base = _prepare(trace, image, base, crop)
     values = heatmap_values(trace, name, layer, crop)
-    G = trace.grid
     if values is None:
-        colours = np.full((G, G, 3), NAN_COLOUR, np.uint8)
+        colours = np.full(geom.shape + (3,), NAN_COLOUR, np.uint8)
         img = paint(base, geom, colours, o * WEIGHT_KEPT)
     else:
         _, cmap, log, _ = HEATMAPS[name]
@@ -221,8 +220,8 @@ def kv_overlay(trace, layer: int, image=None, *, selected=None, gt_masks=None, b
     return _finish(paint(base, geom, colours, alpha), geom, selected, gt_masks)
 
 
-def blank_overlay(trace, base: np.ndarray, opacity: float = DEFAULT_OPACITY) -> np.ndarray:
+def blank_overlay(trace, base: np.ndarray, opacity: float = DEFAULT_OPACITY, crop: int = 0) -> np.ndarray:
     """A view of a stage that did not run: every cell 'no value' grey."""
-    geom = Geometry(trace.grid, max(1, base.shape[0] // trace.grid))
-    return paint(base, geom, np.full((trace.grid, trace.grid, 3), NAN_COLOUR, np.uint8),
+    geom = geometry_of_canvas(trace, base, crop)
+    return paint(base, geom, np.full(geom.shape + (3,), NAN_COLOUR, np.uint8),
                  check_opacity(opacity) * WEIGHT_KEPT)

@@ -63,13 +63,13 @@ def _ranges(xs):
 # ----------------------------------------------------------------------------- one patch
 def patch_lifecycle(trace, row: int, col: int, crop: int = 0) -> dict:
     """Everything the trace knows about one original patch, stage by stage (plain data)."""
-    G = trace.grid
     if not (isinstance(row, (int, np.integer)) and isinstance(col, (int, np.integer))):
         raise ValueError(f"row and column must be integers, got {row!r}, {col!r}")
-    if not (0 <= row < G and 0 <= col < G):
-        raise ValueError(f"patch ({row}, {col}) is outside the {G} x {G} grid (rows and columns 0..{G - 1})")
     if not 0 <= crop < trace.n_crops:
         raise ValueError(f"crop {crop} is outside the trace's {trace.n_crops} crop(s)")
+    R, C = trace.crop_grid(crop)
+    if not (0 <= row < R and 0 <= col < C):
+        raise ValueError(f"patch ({row}, {col}) is outside the {R} x {C} grid (rows 0..{R - 1}, columns 0..{C - 1})")
 
     def at(name):
         return trace.patch(name, crop)[row, col]
@@ -77,7 +77,7 @@ def patch_lifecycle(trace, row: int, col: int, crop: int = 0) -> dict:
     tok = int(at("token"))
     groups = trace.arrays["tokens.groups"]
     members = [int(x) for x in groups[tok] if x >= 0] if 0 <= tok < len(groups) else []
-    out = {"patch": int(crop * G * G + row * G + col), "row": int(row), "col": int(col), "crop": int(crop),
+    out = {"patch": int(trace.crop_offset(crop) + row * C + col), "row": int(row), "col": int(col), "crop": int(crop),
            "crop_name": trace.crop_name(crop), "token": tok,
            "merged": bool(at("merged")), "group": members, "key": bool(at("key")),
            "dropped_after_layer": int(at("dropped_after_layer"))}
@@ -174,7 +174,7 @@ def object_coverage(trace, gt, layer: int, crop: int = 0) -> dict | None:
     if not isinstance(gt, GroundTruth) or not gt.targets:
         return None
     masks = np.asarray(gt.masks)
-    if masks.ndim != 3 or masks.shape[1:] != (trace.grid, trace.grid):
+    if masks.ndim != 3 or masks.shape[1:] != trace.crop_grid(crop):
         return None
     ids = [int(i) for i in gt.targets if 0 <= int(i) < len(masks)]
     if not ids:

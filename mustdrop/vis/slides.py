@@ -101,14 +101,14 @@ def _slide_figure(trace, image, vanilla, layer, gt_masks, view, crop=0, opacity=
     from matplotlib.patches import Patch
 
     o = check_opacity(opacity)
-    geom = geometry(trace, target=336)
+    geom = geometry(trace, target=336, crop=crop)
     base = base_canvas(image, trace, geom, view=view, crop=crop)
     clean = None                    # the image as the model saw it, undimmed, nothing drawn on it
     if view is not None or image is not None:
         import cv2
 
-        v = view if view is not None else model_view(image, trace, geom.size, crop)
-        clean = cv2.resize(np.ascontiguousarray(v[:, :, :3]).astype(np.uint8), (geom.size, geom.size),
+        v = view if view is not None else model_view(image, trace, geom.width, crop)
+        clean = cv2.resize(np.ascontiguousarray(v[:, :, :3]).astype(np.uint8), (geom.width, geom.size),
                            interpolation=cv2.INTER_AREA if v.shape[0] > geom.size else cv2.INTER_LINEAR)
     prune = trace.prune_layers
     pl = trace.stage2_layer_for(layer)
