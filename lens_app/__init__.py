@@ -8,8 +8,13 @@
     views/        one module per view, each building its components and drawing from a Session
     app.py        layout and events (their outputs derived from the views' registry), ``launch``
     cli.py        ``python viz_app.py`` (arguments, environment variables of a Space)
+    cache_files.py  Gradio's cached image copies written atomically (installed on import)
 """
 
 import os
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+from . import cache_files  # noqa: E402  (after the environment: gradio reads it on import)
+
+cache_files.install()

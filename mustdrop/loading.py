@@ -88,11 +88,13 @@ def load_llava(model: str, device: str | None = None, dtype: str | None = None):
 
 def _load(model, torch_dtype, device, local_files_only: bool, offline: bool, local: bool):
     from transformers import (AutoConfig, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration,
-                              Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration)
+                              LlavaOnevisionForConditionalGeneration, Qwen2_5_VLForConditionalGeneration,
+                              Qwen2VLForConditionalGeneration)
 
     from mustdrop.adapters.processors import load_processor
 
     classes = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration,
+               "llava_onevision": LlavaOnevisionForConditionalGeneration,
                "qwen2_vl": Qwen2VLForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}
     hub = {"local_files_only": True} if local_files_only else {}
     try:
@@ -102,11 +104,6 @@ def _load(model, torch_dtype, device, local_files_only: bool, offline: bool, loc
         hint = (" The model hub cannot be reached from here (offline): pass a local folder such as "
                 "assets/toy-llava, or run on a machine with internet access." if offline or not local else "")
         raise ModelLoadError(f"cannot load model {model!r}: {str(e).splitlines()[0]}.{hint}") from None
-    if getattr(config, "model_type", None) == "llava_onevision":
-        raise ModelLoadError(f"{model!r} is a LLaVA-OneVision checkpoint, which MustDrop Lens does not run yet: its "
-                             "packing interpolates the tiles of large images, so a token covers a region of "
-                             "patches rather than one (see README, Models and layouts); use "
-                             "llava-hf/llava-interleave-qwen-0.5b-hf for a small SigLIP + Qwen model")
     if getattr(config, "model_type", None) not in classes:
         raise ModelLoadError(f"{model!r} is a {getattr(config, 'model_type', 'unknown')!r} model; MustDrop Lens "
                              "runs model types " + ", ".join(repr(t) for t in classes))

@@ -46,6 +46,9 @@ Arrays. "Token ids" are the merged numbering 0..N0-1 (the order the LLM sees the
                              a row sums to 1): 1 for one patch, 1/k each for a merged window of k,
                              1/4 each under a 2 x 2 patch merger, interpolation weights for an
                              interpolated grid
+  tokens.merged              (N0,) uint8, optional: 1 for the tokens stage 1a built (without it: the tokens
+                             covering more patches than token_patches; a host whose tokens mix patches
+                             unmerged writes it)
   stage1a.similarity         (G/w, G/w) float32 window similarity (when stage 1a ran)
   stage1b.key_score          (N0,) float32 the score that ranked the key set (when stage 1b ran):
                              head-mean CLS attention, or the substitute meta["stage1b"]["score"]
@@ -91,6 +94,9 @@ from pathlib import Path
 import numpy as np
 
 from . import trace_checks as checks
+# Stage-2 status codes (stage2.L{l}.status) are defined once, in the leaf module statuses.py.
+from .statuses import (DROPPED, KEPT_BOTH, KEPT_CODES, KEPT_GLOBAL, KEPT_INDIVIDUAL, KEPT_KEY,  # noqa: F401
+                       KEPT_PROTECTED, NOT_ENTERING, STATUS_NAMES)
 from .trace_checks import TraceError
 
 SCHEMA_VERSION = "mustdrop-trace/2"
@@ -98,24 +104,6 @@ V1 = "mustdrop-trace/1"
 READABLE_VERSIONS = (V1, SCHEMA_VERSION)
 METADATA_KEY = "mustdrop_trace"
 MAX_TRACE_BYTES = 64 * 1024 * 1024
-
-# Stage-2 status codes: why a token entering a prune layer was kept or dropped (stage2.L{l}.status).
-KEPT_BOTH = 0          # global share and individual max both at/above their thresholds
-KEPT_GLOBAL = 1        # only the global share is at/above its threshold
-KEPT_INDIVIDUAL = 2    # only the individual max is at/above its threshold
-KEPT_KEY = 3           # both conditions said drop, but it is in the key token set
-DROPPED = 4            # both conditions held: dropped
-KEPT_PROTECTED = 5     # a layout marker that is never dropped (LLaVA-NeXT newline row)
-NOT_ENTERING = -1      # patch maps only: the patch's token was dropped at an earlier prune layer
-STATUS_NAMES = {
-    KEPT_BOTH: "kept: both scores above threshold",
-    KEPT_GLOBAL: "kept: global share above threshold",
-    KEPT_INDIVIDUAL: "kept: individual max above threshold",
-    KEPT_KEY: "kept: key token (both scores below threshold)",
-    DROPPED: "dropped: global share AND individual max below threshold",
-    KEPT_PROTECTED: "kept: newline row marker (never dropped)",
-}
-KEPT_CODES = (KEPT_BOTH, KEPT_GLOBAL, KEPT_INDIVIDUAL, KEPT_KEY, KEPT_PROTECTED)
 
 # Array names of older files, read under today's names.
 RENAMED_ARRAYS = {"stage1b.cls_attention": "stage1b.key_score"}
@@ -363,8 +351,14 @@ def patch_maps(t: Trace) -> dict:
     S, N0, N = m["sequence"]["S"], m["sequence"]["N0"], m["sequence"]["N"]
     groups = a["tokens.groups"]
     token_of_patch = np.full(N, -1, dtype=np.int64)
-    for tok, row in enumerate(groups):
-        token_of_patch[row[row >= 0]] = tok
+    # a patch several tokens cover (an interpolated grid) is drawn as the token with the largest share
+    # of it (ties: the later token, as when every patch had one token)
+    tok, k = np.nonzero(groups >= 0)
+    patch = groups[tok, k]
+    share = a["tokens.weights"][tok, k] if "tokens.weights" in a else np.ones(patch.size, np.float32)
+    order = np.lexsort((tok, share, patch))
+    last = np.r_[patch[order][1:] != patch[order][:-1], True]
+    token_of_patch[patch[order][last]] = tok[order][last]
     sizes = (groups >= 0).sum(1)
     have = token_of_patch >= 0
     out = {}
@@ -378,8 +372,13 @@ def patch_maps(t: Trace) -> dict:
     for c in range(t.n_crops):
         R, C = t.crop_grid(c)
         unit[t.crop_offset(c):t.crop_offset(c) + R * C] = int(m["crops"][c].get("token_patches") or 1)
+    # stage 1a's tokens: as the trace records them (tokens.merged), else those covering more patches
+    # than one unmerged token does
+    tok_of = np.maximum(token_of_patch, 0)
+    merged_of_patch = (a["tokens.merged"].astype(bool)[tok_of] if "tokens.merged" in a
+                       else sizes[tok_of] > unit)
     maps = {"token": token_of_patch,
-            "merged": (have & (sizes[np.maximum(token_of_patch, 0)] > unit)).astype(np.uint8)}
+            "merged": (have & merged_of_patch).astype(np.uint8)}
     is_key = np.zeros(N0, dtype=np.uint8)
     is_key[m["stage1b"]["key_tokens"]] = 1
     maps["key"] = spread(is_key, 0, np.uint8)

@@ -438,10 +438,11 @@ def check_arrays(a: dict, c: dict) -> None:
         raise TraceError("tokens.weights must be finite shares in [0, 1]")
     if (weights[groups < 0] != 0).any():
         raise TraceError("tokens.weights gives weight to a padding entry of tokens.groups")
-    if "tokens.newline" in a:
-        nl = array(a, "tokens.newline", np.uint8, (N0,), " (N0)")
-        if nl.size and nl.max() > 1:
-            raise TraceError("tokens.newline must hold 0 or 1")
+    for flag in ("tokens.newline", "tokens.merged"):
+        if flag in a:
+            nl = array(a, flag, np.uint8, (N0,), " (N0)")
+            if nl.size and nl.max() > 1:
+                raise TraceError(f"{flag} must hold 0 or 1")
     for cr, (rows, cols) in enumerate(c["grids"]):
         name = "stage1a.similarity" if cr == 0 else f"stage1a.c{cr}.similarity"
         if name in a:

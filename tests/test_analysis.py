@@ -75,7 +75,8 @@ def test_batch_writes_traces_and_tables(single):
         Trace.load(single / p)
     cfgs = pd.read_csv(single / "configs.csv")
     assert list(cfgs["config"]) == ["off", "64", "fastv@64"]
-    allowed = {"traces", "summary.csv", "summary.jsonl", "configs.csv", "failed"}
+    assert (single / "run.json").is_file()             # the run folder's settings (mustdrop/dataset/layout.py)
+    allowed = {"traces", "summary.csv", "summary.jsonl", "configs.csv", "failed", "run.json"}
     if (single / "summary.parquet").exists():         # written when pyarrow is installed (the lmms extra brings it)
         allowed.add("summary.parquet")
         assert pd.read_parquet(single / "summary.parquet").shape[0] == 6

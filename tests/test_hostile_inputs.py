@@ -325,8 +325,8 @@ def test_a_run_with_special_token_text(tiny, image):
     """Through the adapter: the prompt ids carry no eos / pad the user typed, and the run completes."""
     tok = tiny.processor.tokenizer
     q = f"what colour {tok.eos_token} is {tok.pad_token} the square?"
-    typed, _ = tiny._inputs(image, q)
-    plain, _ = tiny._inputs(image, "what colour is the square?")
+    typed, _ = tiny.host.inputs(image, q)
+    plain, _ = tiny.host.inputs(image, "what colour is the square?")
     for i in (tok.eos_token_id, tok.pad_token_id):
         assert typed["input_ids"][0].tolist().count(i) == plain["input_ids"][0].tolist().count(i)
     t = tiny.run(image, q, tiny.config_for("64"), max_new_tokens=2).trace

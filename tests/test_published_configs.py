@@ -238,12 +238,16 @@ def test_parameter_count_of_llava_15_7b():
     assert FL.read_config("analysis/configs/llava-1.5-7b.json")["params"]["total"] == 7_063_427_072
 
 
-def test_onevision_is_refused_with_the_reason(tmp_path):
+def test_other_model_types_are_refused_with_the_families_we_run(tmp_path):
+    """No published family of issue 27 is refused any more (OneVision: tests/test_llava_onevision.py,
+    Qwen-VL: tests/test_qwen_vl_host.py); a model type of no host is, naming every one that runs."""
     from mustdrop.adapters import ModelLoadError, load_llava
-    from transformers import LlavaOnevisionConfig
-    LlavaOnevisionConfig().save_pretrained(tmp_path)
-    with pytest.raises(ModelLoadError, match="LLaVA-OneVision .* interpolates the tiles"):
+    from transformers import GPT2Config
+    GPT2Config().save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match="'gpt2' model; ") as e:
         load_llava(str(tmp_path))
+    for model_type in ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl"):
+        assert repr(model_type) in str(e.value)
 
 
 def test_shipped_defaults_by_hub_id_and_precedence(tmp_path):

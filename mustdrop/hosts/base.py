@@ -62,6 +62,8 @@ class VisionResult:
     similarity: list                       # per crop: (rows/w, cols/w) window similarity or None
     baseline: dict | None = None           # a same-budget baseline's plan, parameters and scores
     weights: torch.Tensor | None = None    # (N0, k) float32 share of each covered patch; None: 1/k each
+    merged: torch.Tensor | None = None     # (N0,) bool: the tokens stage 1a built; None: those covering several
+                                           # patches (wrong where one token mixes patches unmerged: set it there)
 
 
 class Host(ABC):

@@ -117,6 +117,22 @@ class LlavaHost(Host):
         return VisionResult(features, groups, key_tokens, key_score, torch.zeros(0, dtype=torch.long),
                             [self.image_crop(img, merged)], [similarity])
 
+    def packed_features(self, inputs, config):
+        """The tower run of an any-res host (NeXT stock, OneVision): transformers' packed features
+        (n_packed, D), with vision layer 0's output captured for stage 1a and the last layer's q / k
+        for stage 1b when those stages are on. Returns (features, {"h": layer-0 states}, {"q", "k"})."""
+        hooks, layer0, qk = HookSet(), {}, {}
+        if config.merge:
+            def capture(module, args, kwargs):
+                layer0["h"] = hidden_states_of(args, kwargs).detach()
+            hooks.pre("vision.layer1.capture_layer0", self.vision_layers[1], capture)
+        if config.key_set:
+            self.hook_qk(hooks, qk)
+        with attached(hooks):
+            out = self.model.model.get_image_features(pixel_values=inputs["pixel_values"],
+                                                      image_sizes=inputs["image_sizes"])
+        return torch.cat(list(out.pooler_output), dim=0), layer0, qk
+
     def hook_qk(self, hooks, qk, layer=None, name="vision.last"):
         """Keep the q_proj / k_proj outputs of a vision layer (default the last) in ``qk``."""
         attn = (self.vision_layers[-1] if layer is None else layer).self_attn

@@ -93,17 +93,7 @@ class LlavaNextHost(LlavaHost):
     # ------------------------------------------------------------------ stock layout
     def _encode_stock(self, inputs, img, config) -> VisionResult:
         G, G2 = self.grid, self.grid * self.grid
-        hooks, layer0, qk = HookSet(), {}, {}
-        if config.merge:
-            def capture(module, args, kwargs):
-                layer0["h"] = hidden_states_of(args, kwargs).detach()
-            hooks.pre("vision.layer1.capture_layer0", self.vision_layers[1], capture)
-        if config.key_set:
-            self.hook_qk(hooks, qk)
-        with attached(hooks):
-            out = self.model.model.get_image_features(pixel_values=inputs["pixel_values"],
-                                                      image_sizes=inputs["image_sizes"])
-        features = torch.cat(list(out.pooler_output), dim=0)                  # (n_packed, D)
+        features, layer0, qk = self.packed_features(inputs, config)
         n_crops = self._pixel_crops(inputs).shape[0]
         ids = self._packed_patch_ids(inputs, n_crops).to(features.device)    # global patch id, -1 = newline
         crops = self._crops(img, n_crops)

@@ -106,7 +106,12 @@ class LayerInputs:
     V vision tokens alive (a softmax over every key, causal within the text rows); the last row is
     the last instruction token. ``keep``: how many tokens the budget plan keeps here (None where the
     method has no plan, MustDrop). ``protected``: positions the run keeps whatever the method says
-    (LLaVA-NeXT newline rows). ``drop``: which drop this is (0 for the first).
+    (LLaVA-NeXT and OneVision newline rows). ``drop``: which drop this is (0 for the first).
+
+    Protected positions count toward a plan's ``keep``: where some are alive, a method with a plan is
+    asked a second time with the other tokens only (their attention columns, ``keep`` minus the
+    protected, none protected); its first answer gives the scores the trace records, its second the
+    kept tokens (run/decisions.py). ``pre_llm`` likewise chooses among the non-protected tokens.
     """
 
     def __init__(self, attn, layer: int, drop: int, keep, config, state):

@@ -74,6 +74,8 @@ def _fetch(vision: VisionResult, state, gen) -> dict:
         want["key_score"] = vision.key_score
     if vision.weights is not None:
         want["weights"] = vision.weights
+    if vision.merged is not None:
+        want["merged_tokens"] = vision.merged
     for c, crop in enumerate(vision.crops):
         if isinstance(crop["merged_windows"], torch.Tensor):
             want[f"merged{c}"] = crop["merged_windows"]
@@ -93,6 +95,8 @@ def _vision_arrays(vision: VisionResult, fetched: dict, N0: int):
     arrays: dict[str, np.ndarray] = {"tokens.groups": groups}
     if "weights" in fetched:
         arrays["tokens.weights"] = fetched["weights"].astype(np.float32)
+    if "merged_tokens" in fetched:
+        arrays["tokens.merged"] = fetched["merged_tokens"].astype(np.uint8)
     for c, sim in enumerate(vision.similarity):
         if sim is not None:
             arrays["stage1a.similarity" if c == 0 else f"stage1a.c{c}.similarity"] = \
