@@ -33,7 +33,9 @@ from typing import Callable, Iterator
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-STAGES = ("merge", "key_set", "filter", "kv_trim")
+from mustdrop.config import STAGE_FIELDS, ConfigSpec, parse_spec  # noqa: E402,F401 - parse_spec: analysis' API
+
+STAGES = STAGE_FIELDS
 TIMING_COLUMNS = ("vision_s", "prefill_s", "decode_s", "total_s", "wall_s")
 TOKEN_CONVENTIONS = ("authors' convention: (p0 N0 + (p1-p0) N1 + ... + (L-p_last) Nk) / L, as the paper "
                      "prints and quotes its budgets; compute convention: mean over layers of the vision "
@@ -185,70 +187,9 @@ def shard(items: list[Item], spec: str | None) -> list[Item]:
 
 
 # --------------------------------------------------------------------------- configs
-@dataclass(frozen=True)
-class Spec:
-    """A parsed config spec. ``match`` names the spec whose run sets a baseline's budget."""
-
-    text: str
-    base: str                     # preset name, or baseline method
-    off_stage: str | None = None
-    budget: float | None = None
-    match: str | None = None
-    overrides: tuple = ()
-
-    @property
-    def needs(self) -> list[str]:
-        return [self.match] if self.match else []
-
-
-def parse_spec(text: str) -> Spec:
-    from mustdrop.config import PRESET_NAMES
-
-    head, *over = str(text).strip().split("+")
-    overrides = []
-    for o in over:
-        if "=" not in o:
-            raise ValueError(f"config spec {text!r}: override {o!r} must be key=value")
-        k, v = o.split("=", 1)
-        overrides.append((k.strip(), v.strip()))
-    from mustdrop import methods
-
-    baselines = methods.baselines()
-    m = re.fullmatch(rf"({'|'.join(map(re.escape, baselines))})(@|=)(.+)", head)
-    if m:
-        method, how, arg = m.groups()
-        if how == "@":
-            parse_spec(arg)
-            return Spec(text, method, match=arg, overrides=tuple(overrides))
-        return Spec(text, method, budget=float(arg), overrides=tuple(overrides))
-    m = re.fullmatch(r"(off|192|128|64)(?:-no-(merge|key_set|filter|kv_trim))?", head)
-    if not m:
-        raise ValueError(f"unknown config spec {text!r}: use a preset ({', '.join(PRESET_NAMES)}), PRESET-no-STAGE, "
-                         f"METHOD@SPEC or METHOD=BUDGET for a baseline METHOD in {', '.join(baselines)}, "
-                         f"each optionally +key=value")
-    return Spec(text, m.group(1), off_stage=m.group(2), overrides=tuple(overrides))
-
-
-def _coerce(key: str, value: str):
-    from dataclasses import fields
-
-    from mustdrop.config import MustDropConfig
-
-    types = {f.name: f.type for f in fields(MustDropConfig)}
-    if key not in types:
-        raise ValueError(f"unknown MustDrop config key {key!r}; known: {sorted(types)}")
-    t = str(types[key])
-    if key == "prune_layers":
-        return tuple(int(x) for x in value.replace(";", ",").split(",") if x.strip() != "")
-    if "bool" in t:
-        if value.lower() not in ("true", "false", "1", "0"):
-            raise ValueError(f"{key} must be true or false, got {value!r}")
-        return value.lower() in ("true", "1")
-    if "int" in t and "float" not in t:
-        return int(value)
-    if "float" in t:
-        return float(value)
-    return value
+# Specs are parsed by the library's one parser of configs from text (mustdrop.config.parse_spec; its
+# overrides by parse_field), which the app's advanced panel and the lmms-eval model args use too.
+Spec = ConfigSpec
 
 
 def build_config(runner, spec: Spec, budget: float | None = None, baseline_layer: int | None = None, seed: int = 0):
@@ -267,7 +208,7 @@ def build_config(runner, spec: Spec, budget: float | None = None, baseline_layer
         if spec.off_stage:
             cfg = cfg.replace(**{spec.off_stage: False})
     if spec.overrides:
-        cfg = cfg.replace(**{k: _coerce(k, v) for k, v in spec.overrides})
+        cfg = cfg.replace(**spec.changes())
     return cfg.replace(preset=spec.text)
 
 

@@ -42,6 +42,7 @@ import sys
 from pathlib import Path
 
 from mustdrop.accounting import equivalent_tokens, kv_bytes_per_token, layer_flops
+from mustdrop.vision_tokens import layer_average, per_layer
 
 # Published average vision-token budgets per 576-token image (MustDrop's presets).
 PUBLISHED_BUDGETS = {"192": 192, "128": 128, "64": 64}
@@ -116,13 +117,9 @@ def vision_flops(vision: dict, crops: int = 1) -> float:
 
 
 def per_layer_counts(counts, prune_layers, num_layers: int) -> list[int]:
-    """Vision tokens each layer processes: N0 up to and including the first prune layer, then N1, ..."""
-    out, k, p = [], 0, list(prune_layers)
-    for layer in range(num_layers):
-        out.append(counts[k])
-        if k < len(p) and p[k] == layer:
-            k += 1
-    return out
+    """Vision tokens each layer processes: N0 up to and including the first prune layer, then N1, ...
+    (mustdrop.vision_tokens, the count traces record)."""
+    return per_layer(counts[0], zip(prune_layers, counts[1:]), num_layers)
 
 
 def kv_vision_entries(counts, prune_layers, num_layers: int) -> list[int]:
@@ -171,7 +168,7 @@ def report(cfg: dict, tokens: int | None = None, crops: int | None = None, prese
         kv_vis = kv_vision_entries(counts, prune_layers, L)
         pruned = {"kind": "exact (per-stage counts given)", "counts": counts, "prune_layers": prune_layers,
                   "eq_tokens_authors": equivalent_tokens(counts, prune_layers, L, "authors"),
-                  "eq_tokens_compute": sum(per_layer) / L, "flops": flops(per_layer),
+                  "eq_tokens_compute": layer_average(per_layer), "flops": flops(per_layer),
                   "kv_vision_bytes": sum(kv_vis) * per_tok / L,
                   "kv_total_bytes": sum(S + n + T for n in kv_vis) * per_tok / L}
     elif preset is not None:

@@ -8,17 +8,14 @@ rule ``analysis.sweep compare`` uses).
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
-
 from mustdrop import methods
-from mustdrop.config import PRESET_NAMES, MustDropConfig
-from mustdrop.images import ImageInputError, load_image
+from mustdrop.config import PRESET_NAMES, MustDropConfig, config_from_text
+from mustdrop.images import ImageInputError, load_image, pixel_sha256
 from mustdrop.trace import TraceError
 
 try:  # HuggingFace ZeroGPU Spaces: run the model under spaces.GPU when the package exists
@@ -157,7 +154,7 @@ class Lens:
         if preset == "custom":
             if not custom:
                 raise ValueError("preset 'custom' needs the knobs of the advanced panel")
-            return runner.config_for("64").replace(preset="custom", **custom)
+            return config_from_text(runner.config_for, "64", **custom).replace(preset="custom")
         if preset not in PRESET_NAMES:
             raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
         return runner.config_for(preset)
@@ -176,7 +173,7 @@ class Lens:
         runner = self.load()
         sampling = sampling or Sampling()
         img = load_image(image)
-        sha = hashlib.sha256(np.asarray(img).tobytes()).hexdigest()
+        sha = pixel_sha256(img)
         q = question.strip() if isinstance(question, str) else question
         key = (self.model_id, sha, q, int(max_new_tokens), float(sampling.temperature), float(sampling.top_p),
                int(sampling.seed))

@@ -23,7 +23,6 @@ model is offered every question, the photos' first.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mustdrop.images import load_image
+from mustdrop.images import load_image, pixel_sha256
 from mustdrop.vis import GroundTruth
 from mustdrop.vis.text import md_code
 
@@ -120,7 +119,7 @@ def _add(out: dict, entry, folder: Path) -> None:
 def image_sha(path_or_image) -> str | None:
     """The pixel hash a trace records for its image (None when it cannot be read)."""
     try:
-        return hashlib.sha256(np.asarray(load_image(path_or_image)).tobytes()).hexdigest()
+        return pixel_sha256(load_image(path_or_image))
     except Exception:  # noqa: BLE001 - an unreadable example has no ground truth
         return None
 

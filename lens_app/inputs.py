@@ -7,46 +7,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from mustdrop.config import POSITION_MODES
+from mustdrop.config import KNOB_FIELDS, parse_flag, parse_int_list, parse_knobs, parse_number
 
 
 def number(v, name, kind=float):
-    """A number from a form field or an API payload. Whole numbers never pass through float (a seed of
-    2**53 + 1 stays itself); booleans are not numbers."""
-    if v is None or (isinstance(v, str) and not v.strip()):
-        raise ValueError(f"{name} is empty: enter a number")
-    if isinstance(v, (bool, np.bool_)):
-        raise ValueError(f"{name} must be a number, got {v!r}")
-    if kind is int and isinstance(v, (int, np.integer)):
-        return int(v)
-    if kind is int and isinstance(v, str):
-        try:
-            return int(v.strip())
-        except ValueError:
-            pass
-    try:
-        x = float(v)
-    except (TypeError, ValueError, OverflowError):
-        raise ValueError(f"{name} must be a number, got {v!r}") from None
-    if not np.isfinite(x):
-        raise ValueError(f"{name} must be a finite number, got {v!r}")
-    if kind is int:
-        if x != int(x):
-            raise ValueError(f"{name} must be a whole number, got {v!r}")
-        if abs(x) > 2 ** 53:
-            raise ValueError(f"{name} {v!r} is too large to be exact: send it as an integer")
-        return int(x)
-    return x
+    """A number from a form field or an API payload (mustdrop.config.parse_number, the library's parser:
+    whole numbers never pass through float; booleans are not numbers)."""
+    return parse_number(v, name, kind)
 
 
 def flag(v, name) -> bool:
-    """A checkbox: true or false (also the strings 'true' / 'false'); anything else is refused, since
-    bool('false') is True."""
-    if isinstance(v, (bool, np.bool_)):
-        return bool(v)
-    if isinstance(v, str) and v.strip().lower() in ("true", "false"):
-        return v.strip().lower() == "true"
-    raise ValueError(f"{name} must be true or false, got {v!r}")
+    """A checkbox (mustdrop.config.parse_flag): true or false, also the strings 'true' / 'false'."""
+    return parse_flag(v, name)
 
 
 def preset_name(v, allowed) -> str:
@@ -59,31 +31,16 @@ def preset_name(v, allowed) -> str:
 
 
 def parse_prune_layers(text) -> tuple[int, ...]:
-    if isinstance(text, (list, tuple)):
-        items = list(text)
-    else:
-        items = [t for t in str(text or "").replace(";", ",").replace(" ", ",").split(",") if t.strip()]
-    out = []
-    for t in items:
-        try:
-            out.append(int(str(t).strip()))
-        except ValueError:
-            raise ValueError(f"prune layers must be whole numbers separated by commas, got {t!r}") from None
-    return tuple(out)
+    return parse_int_list(text, "prune layers")
 
 
-def custom_knobs(window, merge_threshold, key_keep_rate, prune_layers, global_thr, individual_thr, positions,
-                 merge, key_set, filt, kv_trim) -> dict:
-    """The advanced panel as MustDropConfig fields (the config checks the ranges)."""
-    layers = parse_prune_layers(prune_layers)
-    if flag(filt, "2 filter") and not layers:
+def custom_knobs(*values) -> dict:
+    """The advanced panel's values (in KNOB_FIELDS order) as MustDropConfig fields, each parsed by the
+    config's own parser under its knob name (the config checks the ranges)."""
+    knobs = parse_knobs(dict(zip(KNOB_FIELDS, values, strict=True)))
+    if knobs["filter"] and not knobs["prune_layers"]:
         raise ValueError("stage 2 needs at least one prune layer: list them, or switch '2 filter' off")
-    return dict(window=number(window, "window", int), merge_threshold=number(merge_threshold, "merge threshold"),
-                key_keep_rate=number(key_keep_rate, "key keep rate"), prune_layers=layers,
-                global_thr=number(global_thr, "global threshold"),
-                individual_thr=number(individual_thr, "individual threshold"),
-                positions=_choice(positions, "positions", POSITION_MODES), merge=flag(merge, "1a merge"),
-                key_set=flag(key_set, "1b key set"), filter=flag(filt, "2 filter"), kv_trim=flag(kv_trim, "3 KV trim"))
+    return knobs
 
 
 def _choice(v, name, allowed):
@@ -94,9 +51,8 @@ def _choice(v, name, allowed):
 
 def knob_values(config) -> tuple:
     """The advanced panel's values for a config, in the order custom_knobs takes them."""
-    return (config.window, config.merge_threshold, config.key_keep_rate,
-            ", ".join(str(x) for x in config.prune_layers), config.global_thr, config.individual_thr,
-            config.positions, config.merge, config.key_set, config.filter, config.kv_trim)
+    return tuple(", ".join(str(x) for x in v) if isinstance(v, tuple) else v
+                 for v in (getattr(config, k) for k in KNOB_FIELDS))
 
 
 def same_knobs(config: dict, knobs: dict) -> bool:

@@ -103,6 +103,20 @@ def split_comparison(traces: list[Trace]) -> tuple[list[Trace], Trace | None]:
     return [t for t in traces if t is not others[0]], others[0]
 
 
+def pair_traces(traces: list[Trace]) -> tuple[Trace, Trace | None]:
+    """(MustDrop trace, vanilla trace or None) of one or two uploaded traces of the same input."""
+    if len(traces) > 2:
+        raise TraceError("upload one MustDrop trace, optionally with its vanilla trace (two files at most)")
+    vanilla = [t.is_vanilla for t in traces]
+    if len(traces) == 2 and vanilla[0] == vanilla[1]:
+        raise TraceError("two traces of the same kind: upload one MustDrop trace and one vanilla trace")
+    md = next((t for t, v in zip(traces, vanilla) if not v), traces[0])
+    va = next((t for t, v in zip(traces, vanilla) if v), None)
+    if va is not None and not vis_compare.same_input(md, va):
+        raise TraceError("the vanilla trace is of another image, question or model than the MustDrop trace")
+    return md, va
+
+
 def save_comparison(compare: Trace | None, beside: str) -> list[str]:
     """The comparison trace as a file to download, in the folder of the run's other traces."""
     if compare is None:

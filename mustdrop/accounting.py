@@ -16,7 +16,7 @@ Vision-encoder FLOPs are not counted by any of them.
 
 from __future__ import annotations
 
-from . import stages
+from . import stages, vision_tokens
 
 FLOPS_FORMULA = "4 n d^2 + 2 n^2 d + 3 n d m per LLM layer (multiply-adds; PDrop/FastV convention)"
 
@@ -70,7 +70,7 @@ def summarize(trace) -> dict:
                           "per_layer": per_layer},
         "equivalent_tokens": {
             "authors": equivalent_tokens(counts, prune, L, "authors"),
-            "compute": sum(per_layer) / L,
+            "compute": vision_tokens.layer_average(per_layer) if per_layer else 0.0,
             "authors_formula": _formula(prune, L, "authors"),
             "compute_formula": _formula(prune, L, "compute"),
         },

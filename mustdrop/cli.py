@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import PRESET_NAMES
+from .config import POSITION_MODES, PRESET_NAMES, config_from_text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--layer", type=int, default=None,
                    help="drop layer K of one-drop methods (FastV ...); default: mustdrop.matched.auto_baseline_layer")
     _method_file_arg(r)
-    r.add_argument("--positions", choices=("reference", "original"), default=None,
+    r.add_argument("--positions", choices=POSITION_MODES, default=None,
                    help="RoPE positions after dropping (default: reference, as the authors' code)")
     r.add_argument("--layout", choices=("stock", "reference"), default="stock",
                    help="LLaVA-NeXT only: transformers' packing (stock) or the authors' flat crops (reference)")
@@ -182,9 +182,7 @@ def main(argv=None) -> int:
         sampling = Sampling(args.temperature, args.top_p, args.seed)
         model, processor = load_llava(args.model, args.device, args.dtype)
         runner = make_runner(model, processor, args.model, layout=args.layout)
-        config = runner.config_for(args.preset)
-        if args.positions:
-            config = config.replace(positions=args.positions)
+        config = config_from_text(runner.config_for, args.preset, positions=args.positions or None)
         if method.name != methods.DEFAULT:
             config = _method_config(runner, method.name, args, config, sampling)
         result = runner.run(args.image, args.question, config, args.max_new_tokens, sampling)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -34,6 +35,17 @@ POSITION_MODES = ("reference", "original")
 SEED_MAX = 2 ** 53 - 1
 
 
+def knob(name: str, label: str | None = None, short: str | None = None, *, row: str | None = None,
+         interval: tuple | None = None, choices: tuple | None = None) -> dict:
+    """Field metadata of a knob a user sets (the app's advanced panel, analysis specs, lmms-eval model
+    args): ``name`` is what messages call it, ``label`` what the panel shows (default: the name),
+    ``short`` its parameter of the app's /run endpoint (default: the name), knobs of one ``row`` share
+    a line of the panel, ``interval`` the closed range its value is checked against, ``choices`` its
+    allowed values. Written here once: the app builds its panel and /run's parameters from it."""
+    return {"knob": {"name": name, "label": label or name, "short": short or name, "row": row, "interval": interval,
+                     "choices": choices}}
+
+
 @dataclass(frozen=True)
 class MustDropConfig:
     """All MustDrop settings of one run.
@@ -47,17 +59,22 @@ class MustDropConfig:
         a run is then exactly the unpruned model with the dropped tokens masked out.
     """
 
-    window: int = 3
-    merge_threshold: float = 0.8
-    key_keep_rate: float = 0.08
-    prune_layers: tuple[int, ...] = REFERENCE_PRUNE_LAYERS
-    global_thr: float = 1.0          # with individual_thr 0.0: stage 2 drops nothing
-    individual_thr: float = 0.0
-    positions: str = "reference"
-    merge: bool = True               # stage 1a
-    key_set: bool = True             # stage 1b
-    filter: bool = True              # stage 2
-    kv_trim: bool = True             # stage 3
+    window: int = field(default=3, metadata=knob("window", "window (w x w)", row="stage 1"))
+    merge_threshold: float = field(default=0.8, metadata=knob(
+        "merge threshold", "merge threshold (cosine)", "merge_thr", row="stage 1", interval=(-1.0, 1.0)))
+    key_keep_rate: float = field(default=0.08, metadata=knob(
+        "key keep rate", short="key_rate", row="stage 1", interval=(0.0, 1.0)))
+    prune_layers: tuple[int, ...] = field(default=REFERENCE_PRUNE_LAYERS, metadata=knob(
+        "prune layers", "prune layers (0-based)", "prune"))
+    global_thr: float = field(default=1.0, metadata=knob(        # with individual_thr 0.0: stage 2 drops nothing
+        "global threshold", short="gthr", row="thresholds", interval=(0.0, 1.0)))
+    individual_thr: float = field(default=0.0, metadata=knob(
+        "individual threshold", short="ithr", row="thresholds", interval=(0.0, 1.0)))
+    positions: str = field(default="reference", metadata=knob("positions", choices=POSITION_MODES))
+    merge: bool = field(default=True, metadata=knob("1a merge", short="m1a", row="stages"))       # stage 1a
+    key_set: bool = field(default=True, metadata=knob("1b key set", short="m1b", row="stages"))   # stage 1b
+    filter: bool = field(default=True, metadata=knob("2 filter", short="m2", row="stages"))       # stage 2
+    kv_trim: bool = field(default=True, metadata=knob("3 KV trim", short="m3", row="stages"))     # stage 3
     preset: str = "custom"           # the name this config came from, for captions
     method: str = "mustdrop"         # or any other registered method (mustdrop.methods), see MustDropConfig.baseline
     budget: float | None = None      # baselines: layer-averaged vision tokens (compute convention)
@@ -80,9 +97,9 @@ class MustDropConfig:
                 raise ValueError(f"{name} must be a finite number, got {v!r}")
         if not -1.0 <= float(self.merge_threshold) <= 1.0 + 1e-9 and self.merge:
             raise ValueError(f"merge threshold is a cosine similarity in [-1, 1], got {self.merge_threshold!r}")
-        stages.check_unit_interval("key keep rate", self.key_keep_rate)
-        stages.check_unit_interval("global threshold", self.global_thr)
-        stages.check_unit_interval("individual threshold", self.individual_thr)
+        for f in fields(self):       # the rates and thresholds: key keep rate, global and individual threshold
+            if knob_info(f.name).get("interval") == (0.0, 1.0):
+                stages.check_unit_interval(knob_info(f.name)["name"], getattr(self, f.name))
         method = methods.get(self.method)           # the registry: built-ins and loaded plug-ins
         if self.method != methods.DEFAULT:
             method.check_config(self)
@@ -169,6 +186,165 @@ class MustDropConfig:
     def for_model(cls, model_path_or_id: str | None, preset: str = "64",
                   num_llm_layers: int | None = None) -> "MustDropConfig":
         return cls.preset_for(preset, ModelDefaults.load(model_path_or_id, num_llm_layers))
+
+
+KNOB_FIELDS = tuple(f.name for f in fields(MustDropConfig) if "knob" in f.metadata)   # in panel order
+_FIELD_TYPES = {f.name: str(f.type) for f in fields(MustDropConfig)}
+
+
+def knob_info(key: str) -> dict:
+    """A field's knob metadata (name, label, row, interval, choices); {} for a field that is no knob."""
+    f = MustDropConfig.__dataclass_fields__.get(key)
+    return dict(f.metadata.get("knob", {})) if f is not None else {}
+
+
+# --------------------------------------------------------------------------- text -> config
+# The one place a config is read from what a person typed: the app's advanced panel, analysis config
+# specs (below), lmms-eval model args and the command line all parse their values with these.
+
+def parse_number(v, name: str, kind=float):
+    """A number from a form field, an API payload, a command line or a spec; ``kind`` int asks for a
+    whole number. Whole numbers never pass through float (a seed of 2**53 + 1 stays itself); booleans
+    are not numbers."""
+    import numpy as np
+
+    if v is None or (isinstance(v, str) and not v.strip()):
+        raise ValueError(f"{name} is empty: enter a number")
+    if isinstance(v, (bool, np.bool_)):
+        raise ValueError(f"{name} must be a number, got {v!r}")
+    if kind is int and isinstance(v, (int, np.integer)):
+        return int(v)
+    if kind is int and isinstance(v, str):
+        try:
+            return int(v.strip())
+        except ValueError:
+            pass
+    try:
+        x = float(v)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{name} must be a number, got {v!r}") from None
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be a finite number, got {v!r}")
+    if kind is int:
+        if x != int(x):
+            raise ValueError(f"{name} must be a whole number, got {v!r}")
+        if abs(x) > 2 ** 53:
+            raise ValueError(f"{name} {v!r} is too large to be exact: send it as an integer")
+        return int(x)
+    return x
+
+
+def parse_int_list(v, name: str) -> tuple[int, ...]:
+    """Whole numbers given as a list, or as text separated by commas, semicolons or spaces ("2, 6;10 14";
+    lmms-eval model args quote them and use ';', since ',' separates the args)."""
+    if isinstance(v, (list, tuple)):
+        items = list(v)
+    else:
+        items = [t for t in re.split(r"[;,\s]+", str(v or "").strip("\"' ")) if t.strip()]
+    out = []
+    for t in items:
+        try:
+            out.append(int(str(t).strip()))
+        except ValueError:
+            raise ValueError(f"{name} must be whole numbers separated by commas, got {t!r}") from None
+    return tuple(out)
+
+
+def parse_flag(v, name: str) -> bool:
+    """A stage switch: a bool (numpy's too), or the text true / false; anything else is refused, since
+    bool('false') is True."""
+    if isinstance(v, bool) or type(v).__name__ in ("bool_", "bool"):
+        return bool(v)
+    if isinstance(v, str) and v.strip().lower() in ("true", "false"):
+        return v.strip().lower() == "true"
+    raise ValueError(f"{name} must be true or false, got {v!r}")
+
+
+def parse_field(key: str, value, name: str | None = None):
+    """One MustDropConfig field's value from text (or a form's value), by the field's type; messages
+    call it ``name`` (default: the key). The config checks ranges and combinations when it is made."""
+    if key not in _FIELD_TYPES:
+        raise ValueError(f"unknown MustDrop config key {key!r}; known: {sorted(_FIELD_TYPES)}")
+    name = name or key
+    t = _FIELD_TYPES[key]
+    if "None" in t and (value is None or (isinstance(value, str) and value.strip().lower() in ("", "none"))):
+        return None
+    if t.startswith("tuple"):
+        return parse_int_list(value, name)
+    if t == "bool":
+        return parse_flag(value, name)
+    if t.startswith("int"):
+        return parse_number(value, name, int)
+    if t.startswith("float"):
+        return parse_number(value, name)
+    choices = knob_info(key).get("choices")
+    if choices is not None and value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return str(value)
+
+
+def config_from_text(config_for, preset: str, **fields) -> "MustDropConfig":
+    """A named preset's config (``config_for``: a runner's, for its model's own defaults) with fields
+    given as text or form values, each read by parse_field; a field given as None keeps the preset's."""
+    cfg = config_for(str(preset))
+    changes = {k: parse_field(k, v) for k, v in fields.items() if v is not None}
+    return cfg.replace(**changes) if changes else cfg
+
+
+def parse_knobs(values: dict, names: bool = True) -> dict:
+    """Knob values by field key (a form, model args), each parsed; messages name each by its knob name
+    (``names``) or by its key."""
+    return {k: parse_field(k, v, knob_info(k).get("name") if names else None) for k, v in values.items()}
+
+
+@dataclass(frozen=True)
+class ConfigSpec:
+    """A parsed config spec (analysis specs, see parse_spec). ``match`` names the spec whose run sets a
+    baseline's budget."""
+
+    text: str
+    base: str                     # preset name, or baseline method
+    off_stage: str | None = None
+    budget: float | None = None
+    match: str | None = None
+    overrides: tuple = ()
+
+    @property
+    def needs(self) -> list[str]:
+        return [self.match] if self.match else []
+
+    def changes(self) -> dict:
+        """The +key=value overrides as MustDropConfig field values."""
+        return {k: parse_field(k, v) for k, v in self.overrides}
+
+
+STAGE_FIELDS = ("merge", "key_set", "filter", "kv_trim")
+
+
+def parse_spec(text: str) -> ConfigSpec:
+    """A config spec: PRESET, PRESET-no-STAGE, METHOD@SPEC (a baseline at the budget of SPEC's run),
+    METHOD=BUDGET, each optionally +key=value (any field, parsed by parse_field)."""
+    head, *over = str(text).strip().split("+")
+    overrides = []
+    for o in over:
+        if "=" not in o:
+            raise ValueError(f"config spec {text!r}: override {o!r} must be key=value")
+        k, v = o.split("=", 1)
+        overrides.append((k.strip(), v.strip()))
+    baselines = methods.baselines()        # any registered method but MustDrop, plug-ins included
+    m = re.fullmatch(rf"({'|'.join(map(re.escape, baselines))})(@|=)(.+)", head)
+    if m:
+        method, how, arg = m.groups()
+        if how == "@":
+            parse_spec(arg)
+            return ConfigSpec(text, method, match=arg, overrides=tuple(overrides))
+        return ConfigSpec(text, method, budget=float(arg), overrides=tuple(overrides))
+    m = re.fullmatch(rf"({'|'.join(PRESET_NAMES)})(?:-no-({'|'.join(STAGE_FIELDS)}))?", head)
+    if not m:
+        raise ValueError(f"unknown config spec {text!r}: use a preset ({', '.join(PRESET_NAMES)}), PRESET-no-STAGE, "
+                         f"METHOD@SPEC or METHOD=BUDGET for a baseline METHOD in {', '.join(baselines)}, "
+                         f"each optionally +key=value")
+    return ConfigSpec(text, m.group(1), off_stage=m.group(2), overrides=tuple(overrides))
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ CLIP's shortest-edge resize makes it 336 x 16,800,000 pixels (gigabytes).
 
 from __future__ import annotations
 
+import hashlib
 import io
 from pathlib import Path
 
@@ -26,6 +27,13 @@ MAX_ASPECT = 20
 # image), 2.3 M (CLIP-336 at 20:1); Qwen2-VL's published max_pixels is 12,845,056. 16 M pixels are
 # 200 MB as float32: a processor setting we have not met cannot take the machine.
 MAX_PROCESSED_PIXELS = 16_777_216
+
+
+def pixel_sha256(img) -> str:
+    """The hash a trace records for its image: SHA-256 of the decoded RGB pixels (the image as
+    load_image returns it), so the same picture matches whatever file format or metadata it came in.
+    The one definition: traces, the app's vanilla cache and the examples' ground truth all use it."""
+    return hashlib.sha256(np.asarray(img).tobytes()).hexdigest()
 
 
 class ImageInputError(ValueError):

@@ -43,7 +43,6 @@ loop generates and records; it does not score a given continuation.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import sys
@@ -54,14 +53,15 @@ from lmms_eval.api.model import lmms
 
 from .accounting import summarize
 from . import methods
-from .config import MustDropConfig
+from .config import KNOB_FIELDS, MustDropConfig, parse_field, parse_flag, parse_number
 
 MODEL_NAME = "mustdrop"
 CLASS_PATH = "mustdrop.lmms.MustDropLMMS"
 SUMMARY_KEYS = ("eq_tokens_authors", "eq_tokens_compute", "flops_ratio_image", "flops_ratio_full", "kv_ratio",
                 "final_tokens", "kv_bytes")
-KNOBS = {"global_thr": float, "individual_thr": float, "merge_threshold": float, "key_keep_rate": float,
-         "window": int, "merge": bool, "key_set": bool, "filter": bool, "kv_trim": bool}
+# Model args that set one knob of the preset (prune_layers and positions are named arguments of their own);
+# read with the config's own parser (mustdrop.config.parse_field), as the app and analysis specs are.
+KNOBS = tuple(k for k in KNOB_FIELDS if k not in ("prune_layers", "positions"))
 
 
 def manifest():
@@ -250,16 +250,11 @@ def build_config(runner, preset="64", method="mustdrop", budget=None, layer=None
         if budget is None:
             raise ValueError(f"mustdrop: method={method} needs budget=N, the layer-averaged vision tokens it must meet "
                              "(e.g. budget=64)")
-        b = _number(budget, "budget")
-        k = runner.defaults.prune_layers[0] if layer is None else int(_number(layer, "layer"))
-        cfg = MustDropConfig.baseline(method, b, layer=k, seed=int(_number(seed, "seed")))
-    changes = {"positions": str(positions)}
-    if prune_layers is not None:
-        changes["prune_layers"] = tuple(int(x) for x in re.split(r"[;,\s]+", str(prune_layers).strip("\"' "))
-                                        if x != "")
-    for key, value in knobs.items():
-        changes[key] = _as_bool(value, key) if KNOBS[key] is bool else KNOBS[key](_number(value, key))
-    cfg = cfg.replace(**changes)
+        b = _parsed(parse_number, budget, "budget")
+        k = runner.defaults.prune_layers[0] if layer is None else _parsed(parse_number, layer, "layer", int)
+        cfg = MustDropConfig.baseline(method, b, layer=k, seed=_parsed(parse_field, "seed", seed))
+    args = dict(knobs, positions=positions) | ({} if prune_layers is None else {"prune_layers": prune_layers})
+    cfg = cfg.replace(**{key: _parsed(parse_field, key, value) for key, value in args.items()})
     cfg.validate_for(runner.grid, runner.num_layers)
     return cfg
 
@@ -366,24 +361,16 @@ def _output_path_from_argv(argv=None) -> str | None:
     return None
 
 
-def _number(v, name):
+def _parsed(parse, *args):
+    """A model arg read by the config's parser; its message says it comes from the mustdrop model."""
     try:
-        x = float(v)
-    except (TypeError, ValueError):
-        raise ValueError(f"mustdrop: {name} must be a number, got {v!r}") from None
-    if not math.isfinite(x):
-        raise ValueError(f"mustdrop: {name} must be finite, got {v!r}")
-    return x
+        return parse(*args)
+    except ValueError as e:
+        raise ValueError(f"mustdrop: {e}") from None
 
 
 def _as_bool(v, name) -> bool:
-    if isinstance(v, bool):
-        return v
-    if str(v).lower() in ("true", "1", "yes"):
-        return True
-    if str(v).lower() in ("false", "0", "no"):
-        return False
-    raise ValueError(f"mustdrop: {name} must be true or false, got {v!r}")
+    return _parsed(parse_flag, v, name)
 
 
 def _safe(text: str) -> str:

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import math
 
-from . import methods
+from . import methods, vision_tokens
 from .config import MustDropConfig
 
 
 def run_budget(trace) -> float:
     """The budget a run sets for a matched baseline: its layer-averaged vision tokens (compute
     convention, ``accounting.summarize(trace)["equivalent_tokens"]["compute"]``)."""
-    return float(sum(trace.meta["vision_tokens_per_layer"]) / trace.num_layers)
+    return vision_tokens.layer_average(trace.meta["vision_tokens_per_layer"])
 
 
 def auto_baseline_layer(runner, budget: float, n_tokens: int | None = None) -> int:

@@ -24,6 +24,8 @@ from functools import lru_cache
 
 import torch
 
+from . import vision_tokens
+
 # Status codes of each vision token entering a prune layer (stage 2): defined once, in a leaf
 # module the trace also reads; re-exported here where the filter sets them.
 from .statuses import (DROPPED, KEPT_BOTH, KEPT_GLOBAL, KEPT_INDIVIDUAL, KEPT_KEY,  # noqa: E402,F401
@@ -500,14 +502,10 @@ class BudgetPlan:
     rule: str = ""
 
     def tokens_per_layer(self, num_layers: int) -> list[int]:
-        out, n, drops = [], self.pre_keep, dict(zip(self.layers, self.keep))
-        for layer in range(num_layers):
-            out.append(n)
-            n = drops.get(layer, n)
-        return out
+        return vision_tokens.per_layer(self.pre_keep, zip(self.layers, self.keep), num_layers)
 
     def layer_average(self, num_layers: int) -> float:
-        return sum(self.tokens_per_layer(num_layers)) / num_layers
+        return vision_tokens.layer_average(self.tokens_per_layer(num_layers))
 
     def to_dict(self) -> dict:
         return {"method": self.method, "budget": self.budget, "n0": self.n0, "pre_keep": self.pre_keep,

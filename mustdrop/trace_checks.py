@@ -259,6 +259,22 @@ def check_meta(m: dict) -> dict:
     if any(x < 0 or x >= N0 for x in key_tokens):
         raise TraceError(f"stage1b.key_tokens holds indices outside 0..{N0 - 1}")
 
+    stage2 = _check_stage2(m, L, N0)
+    entries = _check_counts(m, L, S, N0, T)
+    _check_generation(m)
+    if m.get("baseline") is not None:
+        _check_baseline(obj(m["baseline"], "baseline"), N)
+    if m.get("tokenizer") is not None:
+        tok = obj(m["tokenizer"], "tokenizer")
+        if tok.get("special_tokens") is not None:
+            items(tok["special_tokens"], "tokenizer.special_tokens", string, max_len=MAX_VOCAB)
+    return {"G": G, "L": L, "N": N, "N0": N0, "S": S, "T": T, "window": window, "crops": len(crops),
+            "grids": grids, "stage2": stage2, "entries": entries,
+            "window_patches": [crop.get("window_patches") for crop in crops]}
+
+
+def _check_stage2(m: dict, L: int, N0: int) -> list:
+    """stage2: one record per prune layer, ascending."""
     stage2 = field(m, "stage2", "stage2")
     if not isinstance(stage2, list):
         raise TraceError(f"stage2 must be a list of prune-layer records, got {_got(stage2)}")
@@ -271,7 +287,11 @@ def check_meta(m: dict) -> dict:
         prev = layer
         for k in ("entering", "kept", "dropped"):
             integer(field(s, k, f"stage2[{i}].{k}"), f"stage2[{i}].{k}", 0, N0)
+    return stage2
 
+
+def _check_counts(m: dict, L: int, S: int, N0: int, T: int) -> list:
+    """vision_tokens_per_layer and kv: per-layer counts; the KV entries per layer."""
     items(field(m, "vision_tokens_per_layer", "vision_tokens_per_layer"), "vision_tokens_per_layer", integer,
           n=L, lo=0, hi=N0)
     kv = obj(field(m, "kv", "kv"), "kv")
@@ -280,7 +300,11 @@ def check_meta(m: dict) -> dict:
     items(field(kv, "vision_entries_per_layer", "kv.vision_entries_per_layer"), "kv.vision_entries_per_layer",
           integer, n=L, lo=0, hi=N0)
     integer(field(kv, "bytes_per_entry", "kv.bytes_per_entry"), "kv.bytes_per_entry", 1, MAX_BYTES_PER_ENTRY)
+    return entries
 
+
+def _check_generation(m: dict) -> None:
+    """generation and timings."""
     gen = obj(field(m, "generation", "generation"), "generation")
     ids = items(field(gen, "token_ids", "generation.token_ids"), "generation.token_ids", integer,
                 max_len=MAX_GENERATED, lo=0, hi=MAX_VOCAB)
@@ -299,16 +323,6 @@ def check_meta(m: dict) -> dict:
     timings = obj(field(m, "timings", "timings"), "timings")
     for k in ("vision_s", "prefill_s", "decode_s", "total_s"):
         number(field(timings, k, f"timings.{k}"), f"timings.{k}", lo=0.0)
-
-    if m.get("baseline") is not None:
-        _check_baseline(obj(m["baseline"], "baseline"), N)
-    if m.get("tokenizer") is not None:
-        tok = obj(m["tokenizer"], "tokenizer")
-        if tok.get("special_tokens") is not None:
-            items(tok["special_tokens"], "tokenizer.special_tokens", string, max_len=MAX_VOCAB)
-    return {"G": G, "L": L, "N": N, "N0": N0, "S": S, "T": T, "window": window, "crops": len(crops),
-            "grids": grids, "stage2": stage2, "entries": entries,
-            "window_patches": [crop.get("window_patches") for crop in crops]}
 
 
 def _grid(crop: dict, name: str) -> tuple[int, int]:

@@ -109,6 +109,6 @@ def test_the_app_installs_the_sigterm_exit(monkeypatch):
     seen = []
     monkeypatch.setattr("lens_app.workdir.remove_on_sigterm", lambda: seen.append(1))
     monkeypatch.setattr("lens_app.app.launch", lambda *a, **k: None)
-    monkeypatch.setattr("lens_app.app.build_app", lambda lens: None)
+    monkeypatch.setattr("lens_app.app.build_app", lambda lens, **kw: None)   # kw: runs_dir (the Dataset tab)
     cli.main(["--model", "/nonexistent-model"])
     assert seen == [1]

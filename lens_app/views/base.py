@@ -7,10 +7,12 @@ SLOTS = ("sidebar", "top", "caption", "tab", "below")
 
 # What a redraw can change; a view redraws on the changes it names (and always for a new session).
 LAYER, SELECTION, CROP, GT = "layer", "selection", "crop", "gt"
+NO_SESSION = "run an analysis or upload a trace first"     # an event on a page with nothing shown yet
 
 
 class View:
-    """One view: components built in ``build``, drawn by ``draw``.
+    """One view: components built in ``build``, drawn by ``draw``; its own run inputs built in
+    ``build_inputs`` and its own events attached in ``wire``.
 
     slot     where app.py places it: "sidebar" (under the inputs), "top" (above the layer controls),
              "caption" (under them), "tab" (in the tab named ``tab``), "below" (under the tabs)
@@ -40,6 +42,21 @@ class View:
 
     def draw(self, session, frame) -> dict:
         raise NotImplementedError
+
+    def build_inputs(self) -> dict:
+        """Inputs this view places among the run inputs (under the preset choice), by role, e.g.
+        {"compare": dropdown}: the stale note reads them. The app reads roles, never view classes."""
+        return {}
+
+    @property
+    def run_inputs(self) -> dict:
+        """Values this view feeds to a Run, by role: /run passes them to Lens.analyze as keywords."""
+        return {}
+
+    def wire(self, app) -> None:
+        """Attach this view's own events (inside the page's gr.Blocks). ``app`` (lens_app.handlers.App)
+        holds the page's components (app.page), the session callbacks and ``guarded``; lens_app.events
+        the shared inputs and outputs."""
 
 
 def view(cls: type[View]) -> type[View]:

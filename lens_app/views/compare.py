@@ -9,6 +9,8 @@ import gradio as gr
 from mustdrop.vis import compare as vc
 
 from ..engine import COMPARE_NONE, compare_choices
+from ..events import QUIET
+from ..stale import stale_note
 from .base import CROP, GT, LAYER, SELECTION, View, image_output, view
 
 NONE_NOTE = ("**No comparison in this session.** Choose a method under **Compare with** and press "
@@ -21,11 +23,27 @@ class CompareView(View):
     tab, tab_id, order = "Compare", "tab_compare", 45
     depends = frozenset({LAYER, SELECTION, CROP, GT})
 
-    def choice_input(self):
-        """The "compare with" choice; app.py places it among the run inputs."""
+    def build_inputs(self):
+        """The "compare with" choice, placed among the run inputs, and the choice held server-side for
+        the next Run (so /run keeps its parameters)."""
         self.choice = gr.Dropdown(compare_choices(), value=COMPARE_NONE, elem_id="compare_in",
                                   label="Compare with (runs it at the MustDrop run's budget, same image)")
-        return self.choice
+        self.held = gr.State(COMPARE_NONE)
+        return {"compare": self.choice}
+
+    @property
+    def run_inputs(self):
+        return {"compare": self.held}
+
+    def wire(self, app):
+        p = app.page
+
+        def on_compare(session, compare, preset, *knob_values):
+            """The comparison choice, kept for the next Run; the results are stale when it differs."""
+            return {self.held: compare, p.stale_md: stale_note(session, preset, knob_values, compare)}
+
+        self.choice.change(app.guarded(on_compare), [p.state, self.choice, p.preset_in] + p.knobs.inputs,
+                           [self.held, p.stale_md, p.status], **QUIET)
 
     def build(self):
         with gr.Row():

@@ -2,9 +2,9 @@
 in the per-image views.
 
 Not a registered View: it draws from a run (mustdrop.dataset.TraceSet), not from the Session the
-other views share, and it makes that Session when a row is clicked (app.py wires the click to the
-same outputs a replay has). The runs offered are the folders under ``--runs DIR`` by name; the
-browser names a folder from that list, never a path. A run can also be uploaded as a zip, which
+other views share, and it makes that Session when a row is clicked (``wire`` sends the click to the
+same outputs a replay has; app.py places the tab after the views' tabs). The runs offered are the
+folders under ``--runs DIR`` by name; the browser names a folder from that list, never a path. A run can also be uploaded as a zip, which
 is checked member by member (mustdrop.dataset.archive) and unpacked inside the app's work folder.
 Nothing here calls the model: every redraw reads the run's index and traces.
 """
@@ -70,6 +70,10 @@ def figure_array(make, *args) -> np.ndarray:
 
 
 class DatasetTab:
+    """The tab: built by the layout after the views' tabs, its events attached by ``wire``."""
+
+    tab, tab_id = "Dataset", "tab_dataset"
+
     def __init__(self, runs_dir, workdir):
         import matplotlib
 
@@ -120,6 +124,28 @@ class DatasetTab:
         return key
 
     # ------------------------------------------------------------------ layout
+    def wire(self, app) -> None:
+        """The tab's events: open a run, filter its table, open a row in the per-image tabs (no model
+        call; a row opens as a new Session, with the outputs and follow-ups of a replay)."""
+        from ..events import QUIET, after_new_session, session_outputs
+
+        p, g = app.page, app.guarded
+
+        def on_dataset_row(key, a, b, show_gt, evt: gr.SelectData):
+            session, what = self.sample_session(key, evt.row_value, a, b)
+            return app.show_session(session, bool(show_gt), f"**Opened** {md_text(what)}") \
+                | {p.tabs: gr.Tabs(selected="tab_2")}
+
+        outputs = self.run_outputs + [p.status]
+        self.run_in.input(g(lambda name: self.show_run(f"runs:{name}")), [self.run_in], outputs, **QUIET)
+        self.zip_in.upload(g(lambda f: self.show_run(self.upload(app.gate.payload(f)))), [self.zip_in], outputs,
+                           api_visibility="undocumented", preprocess=False, concurrency_limit=1)
+        for c in self.filters[1:]:
+            c.input(g(lambda *v: {self.table: self.rows(*v)}), self.filters, [self.table, p.status], **QUIET)
+        self.maps_cfg.input(g(self.show_maps), [self.state, self.maps_cfg], self.maps_outputs + [p.status], **QUIET)
+        after_new_session(app, self.table.select(g(on_dataset_row), [self.state, self.cmp_a, self.cmp_b, p.show_gt],
+                                                 session_outputs(app) + [p.tabs], **QUIET))
+
     def build(self):
         names = list(run_folders(self.runs_dir))
         self.state = gr.State(None, time_to_live=3 * 3600)

@@ -1,4 +1,4 @@
-"""Trace files to download, traces to upload and replay, the slide export."""
+"""Trace files to download, traces to upload and replay (the /replay endpoint), the slide export."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import gradio as gr
 
 from mustdrop import vis
 
-from .base import View, view
+from ..session import Frame
+from .base import NO_SESSION, View, view
 
 
 @view
@@ -30,6 +31,25 @@ class FilesView(View):
 
     def draw(self, s, f):
         return {self.downloads: s.files}
+
+    def wire(self, app):
+        from ..events import after_new_session, session_outputs
+
+        p = app.page
+        after_new_session(app, self.upload.upload(
+            app.guarded(app.on_upload), [self.upload, p.image_in, p.show_gt], session_outputs(app), api_name="replay",
+            api_visibility="undocumented", preprocess=False, concurrency_limit=2, concurrency_id="replay"))
+
+        def on_slides(session, layer, show_gt):
+            if not session:
+                return app.warn(NO_SESSION)
+            out = self.export(session, Frame.of(session, layer, None, show_gt), app.workdir)
+            out[p.status] = "**Done:** slides exported (PNG and PDF)"
+            return out
+
+        self.slides_button.click(app.guarded(on_slides), [p.state, p.layer_slider, p.show_gt],
+                                 [self.slides, self.preview, p.status], api_visibility="undocumented",
+                                 concurrency_limit=2)
 
     def export(self, s, f, workdir) -> dict:
         """The slide of the crop and layer shown, as PNG + PDF files and a preview."""

@@ -7,7 +7,8 @@ import gradio as gr
 
 from mustdrop import vis
 
-from .base import CROP, SELECTION, View, view
+from .. import inputs
+from .base import CROP, NO_SESSION, SELECTION, View, view
 
 PROMPT = "Click a patch on any overlay (or enter row / column) to see its lifecycle."
 
@@ -25,6 +26,21 @@ class Inspector(View):
                 self.col = gr.Number(0, label="column", precision=0, elem_id="col_in")
                 self.button = gr.Button("Inspect", elem_id="inspect_btn", scale=0, min_width=110)
             self.text = gr.Markdown(elem_id="inspect_md")
+
+    def wire(self, app):
+        from ..events import after_select, select_outputs
+
+        p = app.page
+
+        def on_inspect(session, layer, row, col, show_gt):
+            if not session:
+                return app.warn(NO_SESSION)
+            rc = (inputs.number(row, "row", int), inputs.number(col, "column", int))
+            vis.patch_lifecycle(session.trace, *rc, crop=session.crop)        # validates the range, clear message
+            return app.select(session, layer, rc, show_gt)
+
+        after_select(self.button.click(app.guarded(on_inspect), [p.state, p.layer_slider, self.row, self.col, p.show_gt],
+                                       select_outputs(app), api_visibility="undocumented", queue=False))
 
     @property
     def outputs(self):

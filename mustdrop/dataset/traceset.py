@@ -407,7 +407,10 @@ def _load_ref(ts: TraceSet, ref: dict | None):
 
 
 def _pixel_sha(img) -> str:
-    return hashlib.sha256(np.asarray(img.convert("RGB")).tobytes()).hexdigest()
+    """The hash a trace records for its image (mustdrop.images.pixel_sha256), of the image as RGB."""
+    from ..images import pixel_sha256
+
+    return pixel_sha256(img.convert("RGB"))
 
 
 # ---------------------------------------------------------------------- index building

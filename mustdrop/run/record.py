@@ -4,13 +4,13 @@ crop's (rows, cols) grid; the patches each LLM token covers, with weights)."""
 
 from __future__ import annotations
 
-import hashlib
 
 import numpy as np
 import torch
 
-from .. import stages
+from .. import stages, vision_tokens
 from ..hosts.base import VisionResult
+from ..images import pixel_sha256
 from ..trace import SCHEMA_VERSION, Trace
 from .decisions import _record_baseline
 from .prompt import input_hash
@@ -32,7 +32,6 @@ def build_trace(runner, img, question, prompt, config, sampling, max_new_tokens,
         entries.append(int(idx.size))
         vision_entries.append(int(((idx >= S) & (idx < S + N0)).sum()))
     llm, bytes_per_entry = _llm_meta(host)
-    pixels = np.asarray(img)
     n_patches = sum(int(c["grid"][0]) * int(c["grid"][1]) for c in crops)
     meta = {
         "schema": SCHEMA_VERSION,
@@ -44,7 +43,7 @@ def build_trace(runner, img, question, prompt, config, sampling, max_new_tokens,
         "defaults_source": runner.defaults.source,
         "input": {"question": question, "prompt": prompt,
                   "image": {"width": img.width, "height": img.height,
-                            "sha256": hashlib.sha256(pixels.tobytes()).hexdigest()},
+                            "sha256": pixel_sha256(img)},
                   "mapping": vision.crops[0]["mapping"]},
         "crops": crops,
         "sequence": {"S": S, "T": T, "N": n_patches, "N0": N0},
@@ -131,14 +130,7 @@ def _stage2_arrays(state, fetched: dict, alive: list, arrays: dict, num_layers: 
             arrays[f"{p}.status"] = np.zeros(0, np.int8)
             kept_n, dropped_n = 0, 0
         stage2.append({"layer": layer, "entering": V, "kept": kept_n, "dropped": dropped_n})
-    vision_per_layer, n = [], state.N0
-    kept_iter = iter(stage2)
-    nxt = next(kept_iter, None)
-    for layer in range(num_layers):
-        vision_per_layer.append(n)
-        if nxt is not None and nxt["layer"] == layer:
-            n = nxt["kept"]
-            nxt = next(kept_iter, None)
+    vision_per_layer = vision_tokens.per_layer(state.N0, [(s["layer"], s["kept"]) for s in stage2], num_layers)
     return stage2, vision_per_layer
 
 

@@ -50,13 +50,19 @@ def is_baseline(trace) -> bool:
     return (trace.meta.get("config") or {}).get("method", "mustdrop") != "mustdrop"
 
 
+def same_input(a, b) -> bool:
+    """Whether two traces are runs of the same image and question on the same model geometry (the
+    pairing rule of every pair of traces: a vanilla or a comparison trace with its MustDrop trace)."""
+    same = a.meta["input"].get("input_hash") == b.meta["input"].get("input_hash")
+    same_grids = a.n_crops == b.n_crops and all(a.crop_grid(c) == b.crop_grid(c) for c in range(a.n_crops))
+    return same and same_grids and a.num_layers == b.num_layers
+
+
 def check_pair(md, other) -> None:
     """Refuse a comparison of traces that are not of the same input and model (clear message)."""
     if not is_baseline(other):
         raise TraceError("the comparison trace is not a same-budget baseline (its config method is 'mustdrop')")
-    same_input = md.meta["input"].get("input_hash") == other.meta["input"].get("input_hash")
-    same_grids = md.n_crops == other.n_crops and all(md.crop_grid(c) == other.crop_grid(c) for c in range(md.n_crops))
-    if not same_input or not same_grids or md.num_layers != other.num_layers:
+    if not same_input(md, other):
         raise TraceError("the comparison trace is of another image, question or model than the MustDrop trace")
 
 
