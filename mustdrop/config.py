@@ -115,7 +115,7 @@ class MustDropConfig:
     def baseline(cls, method: str, budget: float, layer: int = 2, seed: int = 0,
                  positions: str = "reference", layers=None) -> "MustDropConfig":
         """A same-budget baseline through the same adapter and trace format: any registered method
-        but MustDrop (``Method.make_config``). ``budget`` is the layer-averaged count of vision
+        but MustDrop (``Method.config_fields``). ``budget`` is the layer-averaged count of vision
         tokens (compute convention) the baseline must meet; how each built-in meets it (its module
         in mustdrop/methods/ says it, recorded in the trace under "baseline"):
 
@@ -133,7 +133,8 @@ class MustDropConfig:
         """
         if method not in methods.baselines():
             raise ValueError(f"baseline method must be one of {', '.join(methods.baselines())}, got {method!r}")
-        return methods.get(method).make_config(budget, layer=layer, seed=seed, positions=positions, layers=layers)
+        return cls(**methods.get(method).config_fields(budget, layer=layer, seed=seed, positions=positions,
+                                                       layers=layers))
 
     @property
     def enabled(self) -> bool:

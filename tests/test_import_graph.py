@@ -13,13 +13,9 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-# Known, left to the methods registry's owner: MustDropConfig validates its method through the
-# registry (config -> methods), and Method.make_config builds a MustDropConfig with an import inside
-# the function (methods.base -> config). Any other circle fails the tests below.
-KNOWN = {("mustdrop.methods.base", "mustdrop.config")}
 
 
-def import_graph(drop_known: bool = True) -> dict:
+def import_graph() -> dict:
     modules = {_module_name(p): p for p in PKG.rglob("*.py")}
     graph = {m: set() for m in modules}
     for name, path in modules.items():
@@ -40,8 +36,6 @@ def import_graph(drop_known: bool = True) -> dict:
                     t = t.rpartition(".")[0]
                 if t and t != name and not name.startswith(t + "."):   # a package's own __init__ is not a dependency
                     graph[name].add(t)
-    for a, b in KNOWN if drop_known else ():
-        graph[a].discard(b)
     return graph
 
 
@@ -70,30 +64,3 @@ def test_no_module_of_the_package_is_on_a_circle():
     graph = import_graph()
     circles = [" -> ".join(c) for m in sorted(graph) if (c := cycle_through(graph, m))]
     assert not circles, circles
-
-
-def test_the_known_exception_is_still_there():
-    """When the registry stops importing the config inside make_config, drop KNOWN."""
-    a, b = next(iter(KNOWN))
-    assert b in import_graph(drop_known=False)[a]
-
-
-def test_status_codes_live_in_a_leaf_module():
-    assert import_graph()["mustdrop.statuses"] == set()
-
-
-def test_the_shared_run_machinery_knows_no_model_family():
-    """mustdrop/run/ reaches a family only through the Host interface: none of its modules imports a
-    host module other than hosts.base (a new family is one host module, no edit here)."""
-    graph = import_graph()
-    for name, deps in graph.items():
-        if name.startswith("mustdrop.run"):
-            families = {d for d in deps if d.startswith("mustdrop.hosts.") and d != "mustdrop.hosts.base"}
-            assert not families, (name, families)
-            assert not any(d.startswith("mustdrop.adapters") for d in deps), name
-
-
-def test_a_host_module_needs_only_the_interface_and_the_pure_stages():
-    graph = import_graph()
-    for name in ("mustdrop.hosts.llava", "mustdrop.hosts.llava_next"):
-        assert not any(d.startswith(("mustdrop.run", "mustdrop.adapters")) for d in graph[name]), graph[name]

@@ -205,16 +205,16 @@ class Method:
         return "vision" in self.stages
 
     # ------------------------------------------------------------ configuration
-    def make_config(self, budget: float, *, layer: int = 2, seed: int = 0, positions: str = "reference",
-                    layers=None):
-        """The config of a run of this method at a layer-averaged budget (compute convention)."""
-        from ..config import MustDropConfig
-
+    def config_fields(self, budget: float, *, layer: int = 2, seed: int = 0, positions: str = "reference",
+                      layers=None) -> dict:
+        """The MustDropConfig fields of a run of this method at a layer-averaged budget (compute
+        convention); ``MustDropConfig.baseline`` builds the config from them (so the methods need
+        not import the config, which imports the registry)."""
         prune = (int(layer),) if "llm" in self.stages and self.takes_layer else \
             tuple(int(x) for x in (layers or ())) if "llm" in self.stages else ()
-        return MustDropConfig(method=self.name, budget=float(budget), seed=int(seed), merge=False, key_set=False,
-                              filter="llm" in self.stages, kv_trim="kv_trim" in self.stages, prune_layers=prune,
-                              positions=positions, preset=f"{self.name}@{float(budget):g}")
+        return dict(method=self.name, budget=float(budget), seed=int(seed), merge=False, key_set=False,
+                    filter="llm" in self.stages, kv_trim="kv_trim" in self.stages, prune_layers=prune,
+                    positions=positions, preset=f"{self.name}@{float(budget):g}")
 
     def check_config(self, config) -> None:
         """Refuse a config this method cannot run (raise ValueError naming the knob)."""

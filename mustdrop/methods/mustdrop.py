@@ -27,7 +27,7 @@ class MustDrop(Method):
     thresholds = True
     recount_protected = False      # the protected positions are in its key set: the count is the filter's own
 
-    def make_config(self, budget, **kw):
+    def config_fields(self, budget, **kw):
         raise ValueError("MustDrop is not run at a given budget: its preset's thresholds decide how many tokens go "
                          "(use MustDropConfig.preset_for)")
 
