@@ -4,7 +4,8 @@ Words (design.md): lost = the vanilla run answered right and this config wrong; 
 reverse; both only where the sample has a reference answer and a vanilla row. Frequencies are the
 share of a config's traces (of a chosen subset of samples) in which a patch had a property, on the
 image grid of each crop kind ("image" for one-grid models; LLaVA-NeXT's base image and its tiles).
-Coverage of the asked objects comes from the scene world's masks (0 where a sample has none).
+Coverage of the asked objects comes from the rows' object_boxes / object_mask, else the scene world's
+masks (0 where a sample has none; mustdrop.dataset.objects).
 """
 
 from __future__ import annotations

@@ -19,6 +19,16 @@
                                      agrees_vanilla, eq_tokens_authors, eq_tokens_compute,
                                      flops_ratio_image, flops_ratio_full, kv_bytes, kv_ratio,
                                      trace (path relative to RUN), image (see below)
+                                   optional, where the dataset locates the asked objects (read by
+                                   mustdrop.dataset.objects for the recall and the failure attribution;
+                                   a sample's first row that gives them counts; else the scene world's):
+                                     object_boxes  [[x0, y0, x1, y1], ...] in the original image's pixels
+                                                   (finite numbers, x0 < x1, y0 < y1; clipped to the
+                                                   image; at most 256 boxes)
+                                     object_mask   path relative to RUN of a PNG of the original image's
+                                                   size, nonzero where the asked objects are
+                                   (both given: their union; an unusable value: no mask for the sample,
+                                   named in TraceSet.problems)
       traces/<config>/<id>.safetensors   one Trace per (sample, config)
       images/<id>.png              stored copies of the images that cannot be regenerated
 

@@ -61,7 +61,7 @@ class Index:
     "num_layers", "prune_layers", "vision_tokens_per_layer", "global_thr", "individual_thr",
     "has_mask"}; arrays over all patches P: has_token, merged, key (uint8), drop_layer (int16, -1
     never), drop_score (int8, SCORE_*), fate (int8, FATE), kv (P, ceil(Lmax/8)) uint8 bit-packed
-    kv_cached per LLM layer, target (float32 coverage of the asked objects, 0 without a mask)."""
+    kv_cached per LLM layer, target (float32 coverage of the asked objects on crop 0, 0 without a mask)."""
 
     traces: list
     arrays: dict
@@ -251,6 +251,10 @@ class TraceSet:
             h.update(f"{p.name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
         for sid, cfg, p, size, mtime in entries:
             h.update(f"{sid}|{cfg}|{p}|{size}|{mtime}\n".encode())
+        for rel in sorted({v for v in self.rows.get("object_mask", []) if isinstance(v, str)}):
+            p = self.path_of(rel)          # the rows' mask files feed the index's coverage too
+            st = os.stat(p) if p is not None and p.is_file() else None
+            h.update(f"{rel}|{st and st.st_size}|{st and st.st_mtime_ns}\n".encode())
         return h.hexdigest()
 
 
@@ -511,7 +515,20 @@ def build_index(ts: TraceSet, entries, progress=None) -> Index:
 
 
 def _target_mask(ts: TraceSet, sid: str, trace: Trace) -> np.ndarray | None:
-    """Patch coverage of the asked objects: scene-world samples whose image is the trace's."""
+    """Patch coverage of the asked objects: the boxes or mask the sample's row gives (see
+    mustdrop.dataset.objects; a row that gives unusable ones is named in ``ts.problems``), else the
+    scene world's masks for scene-world samples whose image is the trace's."""
+    from . import objects
+
+    hit = ts.rows[ts.rows["id"] == str(sid)]
+    for row in hit.to_dict("records"):
+        try:
+            cov = objects.row_coverage(ts, row, trace)
+        except objects.ObjectsError as e:
+            ts.problems.append(f"{sid}: {e}; no object mask for this sample")
+            return None
+        if cov is not None:
+            return cov
     ref = ts.image_ref(sid)
     if not ref or ref.get("kind") != "scene":
         return None
