@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from test_browser import CHROMIUM, CHROMIUM_ARGS, SERVER_ERRORS, free_port, image_pixels, new_page, wait_status  # noqa: F401
+from test_browser import CHROMIUM, CHROMIUM_ARGS, SERVER_ERRORS, browser, free_port, image_pixels, new_page, wait_status  # noqa: F401
 from test_browser import no_server_errors, watch_server  # noqa: F401 - the autouse fixtures apply here too
 
 from lens_app.app import build_app, launch
@@ -31,16 +31,6 @@ def dataset_app(dataset_run, tmp_path_factory):
     launch(demo, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{port}/", runs / "toy6"
     demo.close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 def open_run(page, name):

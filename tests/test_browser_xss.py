@@ -6,7 +6,7 @@ Run: pytest -m browser tests/test_browser_xss.py
 
 import pytest
 
-from test_browser import CHROMIUM, CHROMIUM_ARGS, new_page, no_server_errors, start, wait_status, watch_server  # noqa: F401
+from test_browser import browser, new_page, no_server_errors, start, wait_status, watch_server  # noqa: F401
 from test_xss import IMG, SCRIPT, traces  # noqa: F401
 
 from lens_app.engine import Lens
@@ -19,16 +19,6 @@ def app(tiny):
     demo, url = start(Lens(runner=tiny), [])
     yield url
     demo.close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 def test_an_uploaded_hostile_trace_runs_no_script_and_shows_its_text(app, browser, traces):
