@@ -34,6 +34,7 @@ from typing import Callable, Iterator
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from mustdrop.config import STAGE_FIELDS, ConfigSpec, parse_spec  # noqa: E402,F401 - parse_spec: analysis' API
+from mustdrop.jsonfile import write_json_atomic  # noqa: E402,F401 - analysis' API
 
 STAGES = STAGE_FIELDS
 TIMING_COLUMNS = ("vision_s", "prefill_s", "decode_s", "total_s", "wall_s")
@@ -305,34 +306,6 @@ def load_runner(model: str, device: str | None = None, dtype: str | None = None,
         torch.set_num_threads(int(threads))
     m, p = load_llava(model, device, dtype)
     return LlavaMustDrop(m, p, str(model))
-
-
-def write_json_atomic(path: str | Path, obj) -> Path:
-    """Write JSON through a temporary file in the same folder, then rename (never half a file)."""
-    import tempfile
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, allow_nan=False, default=_json_default)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def _json_default(o):
-    import numpy as np
-
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 def clean_for_json(obj):

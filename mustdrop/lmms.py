@@ -43,7 +43,6 @@ loop generates and records; it does not score a given continuation.
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -54,6 +53,7 @@ from lmms_eval.api.model import lmms
 from .accounting import summarize
 from . import methods
 from .config import KNOB_FIELDS, MustDropConfig, parse_field, parse_flag, parse_number
+from .jsonfile import write_json_atomic
 
 MODEL_NAME = "mustdrop"
 CLASS_PATH = "mustdrop.lmms.MustDropLMMS"
@@ -204,7 +204,7 @@ class MustDropLMMS(lmms):
             return
         summary = run_summary(rows, self.mustdrop_config, self.pretrained, self.world_size)
         if self.root is not None:
-            _write_json(self.root / "summary.json", summary)
+            write_json_atomic(self.root / "summary.json", summary)
         from lmms_eval.models.model_utils.gen_metrics import log_metrics
 
         overall = summary["all"]
@@ -375,13 +375,6 @@ def _as_bool(v, name) -> bool:
 
 def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "x"
-
-
-def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, allow_nan=False) + "\n")
-    os.replace(tmp, path)
 
 
 __all__ = ["MustDropLMMS", "manifest", "build_config", "generation_settings", "clean_context", "cut_at",

@@ -45,12 +45,12 @@ the image) and an lmms-eval output folder (OUTPUT/mustdrop/ with samples.rank*.j
 from __future__ import annotations
 
 import json
-import os
 import platform
 import re
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
+
+from ..jsonfile import write_json_atomic
 
 RUN_SCHEMA = "mustdrop-run/1"
 SETTINGS = "run.json"
@@ -94,17 +94,7 @@ def write_settings(out, doc: dict) -> Path:
             doc = dict(doc, configs=old.get("configs", []) + [c for c in doc["configs"] if c["name"] not in have])
         except (OSError, ValueError, TypeError, AttributeError):
             pass
-    out.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".run.", suffix=".tmp", dir=out)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return write_json_atomic(path, doc)
 
 
 def scene_ref(split: str, index: int) -> dict:
