@@ -5,9 +5,10 @@ Gradio 6.31 names the copy of a returned image by the hash of its bytes and rewr
 get the same overlay at once (the same example, the same shared trace) then race: one download reads
 the file while the other request truncates and rewrites it, and the client gets "peer closed
 connection without sending complete message body". The copy is content-addressed, so an existing
-file already holds these bytes: it is only touched (``delete_cache`` ages files by their time), and a
-new one is written under a temporary name and renamed into place, as Gradio already does for files
-(``processing_utils.save_file_to_cache``).
+file that holds these bytes is only touched (``delete_cache`` ages files by their time); anything else
+at that path (a copy cut short by a process killed mid-write, in a cache folder shared by every
+Gradio process of the machine) is replaced, and every new copy is written under a temporary name
+and renamed into place, as Gradio already does for files (``processing_utils.save_file_to_cache``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def save_pil_to_cache(img, cache_dir: str, name: str = "image", format: str = "w
     folder = Path(cache_dir) / processing_utils.hash_bytes(data)
     folder.mkdir(exist_ok=True, parents=True)
     path = (folder / f"{name}.{format}").resolve()
-    if path.exists():
+    if _holds(path, data):
         try:
             os.utime(path)
         except OSError:
@@ -40,6 +41,17 @@ def save_pil_to_cache(img, cache_dir: str, name: str = "image", format: str = "w
         if os.path.exists(staging):
             os.unlink(staging)
     return str(path)
+
+
+def _holds(path: Path, data: bytes) -> bool:
+    """Whether ``path`` is a complete copy of ``data`` (read only when the size already matches)."""
+    try:
+        if path.stat().st_size != len(data):
+            return False
+        with open(path, "rb") as f:
+            return f.read() == data
+    except OSError:
+        return False
 
 
 def install() -> None:

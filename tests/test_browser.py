@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -146,8 +146,34 @@ def image_pixels(page, elem_id):
     """The PNG the app rendered into an output image (fetched from its src, decoded losslessly)."""
     src = page.locator(f"#{elem_id} img").first.get_attribute("src")
     assert src, f"{elem_id} shows no image"
-    body = page.request.get(src).body()
-    return np.asarray(Image.open(io.BytesIO(body)).convert("RGB")), src
+    response = page.request.get(src)
+    assert response.ok, f"{elem_id}: GET {src} answered {response.status}"
+    # lmms-eval's import (tests/test_lmms.py, collected in the same run) turns PIL's
+    # LOAD_TRUNCATED_IMAGES on for the whole process: a file cut short must fail here, not decode as black.
+    truncated_ok, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+    try:
+        with Image.open(io.BytesIO(response.body())) as img:
+            return np.asarray(img.convert("RGB")), src
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = truncated_ok
+
+
+def decoded_until(page, elem_id, geom, palette, expected, seconds=20, view=lambda codes: codes):
+    """The image's decoded categories (through ``view``), re-read until they equal ``expected`` or
+    the time is up. Gradio resolves an <img>'s new URL asynchronously, so the picture may lag the
+    status line or caption that arrived in the same response; under load by a second or more."""
+    deadline = time.time() + seconds
+    while True:
+        px, src = image_pixels(page, elem_id)
+        got = view(vis.decode_categories(px, geom, palette))
+        if np.array_equal(got, expected):
+            return got
+        if time.time() > deadline:
+            colours = np.unique(px.reshape(-1, 3), axis=0)
+            print(f"{elem_id}: {src} is {px.shape[1]} x {px.shape[0]} px, {len(colours)} colours "
+                  f"(first: {colours[:8].tolist()}); status: {page.locator('#status').inner_text()!r}")
+            return got
+        time.sleep(0.2)
 
 
 def wait_status(page, text, timeout=90_000):
@@ -242,9 +268,10 @@ def test_drawn_kept_mask_is_the_traced_kept_set(visit):
     """The kept mask drawn for the prune layer shown equals the trace's kept set."""
     page, md = visit["page"], visit["md"]
     open_tab(page, "2 filter")
-    px, _ = image_pixels(page, "img_filter")
-    codes = vis.decode_categories(px, visit["geom"], vis.STATUS_COLOURS)
-    assert np.array_equal(np.isin(codes, vis.KEPT_STATUSES), kept_from_records(md, md.prune_layers[0]))
+    kept = kept_from_records(md, md.prune_layers[0])
+    drawn = decoded_until(page, "img_filter", visit["geom"], vis.STATUS_COLOURS, kept,
+                          view=lambda codes: np.isin(codes, vis.KEPT_STATUSES))
+    assert np.array_equal(drawn, kept)
 
 
 def test_layer_slider_redraws_the_kv_view_from_the_trace(visit):
@@ -257,14 +284,7 @@ def test_layer_slider_redraws_the_kv_view_from_the_trace(visit):
     wait_layer_caption(page, target)
     expected = vis.kv_map(md, target)
     assert not np.array_equal(expected, vis.kv_map(md, 0)), "pick a layer whose KV view differs"
-    deadline = time.time() + 20
-    while True:   # the caption and the images arrive in one response; allow the <img> a moment
-        px, _ = image_pixels(page, "img_kv")
-        codes = vis.decode_categories(px, visit["geom"], vis.KV_COLOURS)
-        if np.array_equal(codes, expected) or time.time() > deadline:
-            break
-        time.sleep(0.2)
-    assert np.array_equal(codes, expected)
+    assert np.array_equal(decoded_until(page, "img_kv", visit["geom"], vis.KV_COLOURS, expected), expected)
     ms = float(re.search(r"drawn from the trace in (\d+) ms", page.locator("#layer_md").inner_text()).group(1))
     assert ms < 500
 
@@ -307,9 +327,10 @@ def test_uploaded_traces_replay_every_view(visit):
     wait_status(page, "Replaying")
     open_tab(page, "2 filter")
     wait_layer_caption(page, layer)
-    px, _ = image_pixels(page, "img_filter")
-    codes = vis.decode_categories(px, visit["geom"], vis.STATUS_COLOURS)
-    assert np.array_equal(np.isin(codes, vis.KEPT_STATUSES), kept_from_records(md, layer))
+    kept = kept_from_records(md, layer)
+    drawn = decoded_until(page, "img_filter", visit["geom"], vis.STATUS_COLOURS, kept,
+                          view=lambda codes: np.isin(codes, vis.KEPT_STATUSES))
+    assert np.array_equal(drawn, kept)
     assert "matching image" in page.locator("#status").inner_text()
 
 

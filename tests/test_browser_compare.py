@@ -5,25 +5,12 @@ layer on the slider.
 Run: pytest -m browser tests/test_browser_compare.py
 """
 
-import time
 
 import numpy as np
 
-from test_browser import (CANVAS, Trace, app, browser, download_traces, image_pixels, new_page, no_server_errors,  # noqa: F401
+from test_browser import (CANVAS, Trace, app, browser, decoded_until, download_traces, new_page, no_server_errors,  # noqa: F401
                           open_tab, pytestmark, run_example, vis, wait_layer_caption, wait_status, watch_server)
 from test_compare_view import kept_from_records
-
-
-def decoded_until(page, elem_id, geom, palette, expected, seconds=20):
-    """The image's decoded categories, re-read until they equal ``expected`` (the <img> may lag the
-    caption by a moment) or the time is up."""
-    deadline = time.time() + seconds
-    while True:
-        px, _ = image_pixels(page, elem_id)
-        codes = vis.decode_categories(px, geom, palette)
-        if np.array_equal(codes, expected) or time.time() > deadline:
-            return codes
-        time.sleep(0.2)
 
 
 def test_a_comparison_runs_and_draws_both_kept_sets(app, browser, tmp_path):  # noqa: F811

@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from test_browser import CHROMIUM, CHROMIUM_ARGS, SERVER_ERRORS, browser, free_port, image_pixels, new_page, wait_status  # noqa: F401
+from test_browser import CHROMIUM, CHROMIUM_ARGS, SERVER_ERRORS, browser, decoded_until, free_port, new_page, wait_status  # noqa: F401
 from test_browser import no_server_errors, watch_server  # noqa: F401 - the autouse fixtures apply here too
 
 from lens_app.app import build_app, launch
@@ -17,7 +17,6 @@ from lens_app.engine import Lens
 from lens_app.session import CANVAS
 from mustdrop import vis
 from mustdrop.dataset import TraceSet
-from mustdrop.vis.geometry import decode_categories
 
 pytestmark = [pytest.mark.browser]
 
@@ -69,9 +68,10 @@ def test_open_run_filter_lost_click_opens_the_samples_filter_tab(dataset_app, br
     wait_status(page, "Opened")
     assert page.get_by_role("tab", name="2 filter").get_attribute("aria-selected") == "true"
     md = ts.trace(sid, "64")                     # methods A / B are 64 / fastv@64: the MustDrop trace is shown
-    pixels, _ = image_pixels(page, "img_filter")
-    codes = decode_categories(pixels, vis.geometry(md, CANVAS), {**vis.STATUS_COLOURS, vis.NO_TOKEN_CODE: vis.NO_TOKEN})
-    np.testing.assert_array_equal(codes, vis.status_map(md, md.start_layer))
+    expected = vis.status_map(md, md.start_layer)
+    codes = decoded_until(page, "img_filter", vis.geometry(md, CANVAS),
+                          {**vis.STATUS_COLOURS, vis.NO_TOKEN_CODE: vis.NO_TOKEN}, expected)
+    np.testing.assert_array_equal(codes, expected)
     assert sid in page.locator("#status").inner_text()
     page.close()
 

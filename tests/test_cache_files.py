@@ -37,3 +37,17 @@ def test_an_existing_copy_is_never_rewritten_in_place(tmp_path, monkeypatch):
     again = Path(image_utils.save_image(arr, str(tmp_path), format="webp"))
     assert again == first and first.stat().st_ino == inode
     assert first not in [p.resolve() for p in writes] and str(first) not in opened
+
+
+def test_a_copy_cut_short_is_replaced_not_served(tmp_path):
+    """A cached copy truncated by a process killed mid-write (the cache folder is shared by every
+    Gradio process of the machine, across runs) must not be served again as the image's copy."""
+    arr = np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    first = Path(image_utils.save_image(arr, str(tmp_path), format="png"))
+    whole = first.read_bytes()
+    first.write_bytes(whole[: len(whole) // 3])
+    again = Path(image_utils.save_image(arr, str(tmp_path), format="png"))
+    assert again == first and again.read_bytes() == whole
+    same_size_other_bytes = bytes(len(whole))
+    first.write_bytes(same_size_other_bytes)
+    assert Path(image_utils.save_image(arr, str(tmp_path), format="png")).read_bytes() == whole
