@@ -263,6 +263,23 @@ class VisionOutOfRange(methods.Method):
         return torch.arange(x.keep) + x.features.shape[0]
 
 
+class VisionBadScore(VisionOutOfRange):
+    name = "bug_vision_score"
+
+    def select_vision(self, x):
+        kept = torch.arange(x.keep)
+        return methods.VisionSelection(x.features[kept], kept.unsqueeze(1), torch.zeros(x.keep))
+
+
+class VisionEmptyToken(VisionOutOfRange):
+    name = "bug_vision_empty"
+
+    def select_vision(self, x):
+        groups = torch.arange(x.keep).unsqueeze(1)
+        groups[0] = -1                              # a token that covers no patch
+        return methods.VisionSelection(x.features[: x.keep], groups)
+
+
 @pytest.mark.parametrize("cls, fault", [
     (Raises, "failed at LLM layer 1: RuntimeError: boom"),
     (WrongShape, r"score must be a float tensor of shape \(\d+,\)"),
@@ -272,11 +289,16 @@ class VisionOutOfRange(methods.Method):
     (MissesBudget, "misses its budget"),
     (PlanMissesBudget, "misses its budget: its plan averages"),
     (VisionOutOfRange, "the selection before the LLM has indices outside"),
+    (VisionBadScore, r"score must be one value per token, \(576,\), got \(150,\)"),
+    (VisionEmptyToken, "each row naming at least one"),
 ])
 def test_a_buggy_plugin_is_refused_naming_it_and_leaves_no_hook(tiny, image, cls, fault):
     from lens_app.engine import user_errors
     from mustdrop.hooks import count_hooks
 
+    # transformers adds its own output-capturing hooks to the vision tower on the first forward that
+    # asks for hidden states: take the snapshot after one such run, so that only ours are compared
+    tiny.run(image, QUESTION, MustDropConfig.baseline("fastervlm", 150), max_new_tokens=1)
     m = methods.register(cls)
     try:
         before = hook_snapshot(tiny.model)
@@ -289,6 +311,16 @@ def test_a_buggy_plugin_is_refused_naming_it_and_leaves_no_hook(tiny, image, cls
         methods.unregister(m.name)
     ok = tiny.run(image, QUESTION, MustDropConfig.baseline("fastv", 150, layer=1), max_new_tokens=1)
     assert ok.trace.meta["method"] == "fastv", "the next run works"
+
+
+@pytest.mark.parametrize("requires", [{"square": "pools"}, {"square_grid": ""}, ["square_grid"]])
+def test_a_requirement_outside_the_vocabulary_is_refused_at_registration(requires):
+    """A method names what it relies on before the LLM by the names hosts know (methods.VISION_NEEDS);
+    a typo would otherwise pass every host's check and fail deep inside a run."""
+    cls = type("Needs", (VisionOutOfRange,), {"name": "bug_needs", "requires": requires})
+    with pytest.raises(methods.MethodError, match="requires must map names of square_grid, vision_hidden"):
+        methods.register(cls)
+    assert "bug_needs" not in methods.names()
 
 
 def test_a_name_that_clashes_with_a_builtin_is_refused(tmp_path):

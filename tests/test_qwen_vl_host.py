@@ -249,9 +249,12 @@ def test_reference_positions_are_refused_with_the_reason(qwen):
 def test_every_baseline_meets_its_budget_or_is_refused(qwen, method, tmp_path):
     image = textured()
     cfg = MustDropConfig.baseline(method, 64, layer=1, seed=5, positions="original")
-    if method in ("pool", "visionzip"):
-        with pytest.raises(ValueError, match=f"{method} baseline is not defined on Qwen"):
+    unmet = [need for need in methods.get(method).requires if need in qwen.host.vision_lacks]
+    if unmet:                                    # pooling (a square grid), VisionZip (a one-token projector)
+        with pytest.raises(ValueError, match=f"{method} baseline is not defined on Qwen2-VL / Qwen2.5-VL: it ") as e:
             qwen.run(image, QUESTION, cfg, max_new_tokens=1)
+        assert methods.get(method).requires[unmet[0]] in str(e.value)
+        assert qwen.host.vision_lacks[unmet[0]] in str(e.value)
         assert count_hooks(qwen.model) == 0
         return
     t = qwen.run(image, QUESTION, cfg, max_new_tokens=2).trace
@@ -262,6 +265,56 @@ def test_every_baseline_meets_its_budget_or_is_refused(qwen, method, tmp_path):
         assert t.patch("vision_score").shape == (22, 36)
     back = Trace.load(t.save(tmp_path / f"{method}.safetensors"))
     assert back.meta == t.meta
+
+
+class EvenColumnsByScore(methods.Method):
+    """A researcher's method that selects before the LLM: the best-scored tokens of the even token
+    columns, recording its own score (the negated one it was given)."""
+
+    name = "test_even_columns"
+    label = "even columns by score"
+    stages = ("vision",)
+    budget_rule = "round(budget) tokens before the LLM"
+
+    def select_vision(self, x):
+        rows, cols = x.grid_shape
+        assert x.grid is None and rows * cols == x.features.shape[0] == x.score.shape[0]
+        even = torch.arange(rows * cols, device=x.score.device) % cols % 2 == 0
+        kept = torch.sort(torch.topk(torch.where(even, x.score, -torch.inf), x.keep).indices).values
+        return methods.VisionSelection(x.features[kept], kept.unsqueeze(1), -x.score, {"columns": "even"})
+
+
+def test_a_plugin_that_selects_before_the_llm_runs_on_the_token_grid(qwen, tmp_path):
+    """A plug-in's own vision-side choice is what the LLM gets (it was silently ignored before): its
+    tokens on the rows x cols token grid, drawn on their 2 x 2 patches, with its score per patch."""
+    from mustdrop.hosts import qwen_vl_geometry as geo
+
+    m = methods.register(EvenColumnsByScore)
+    try:
+        t = qwen.run(textured(), QUESTION, MustDropConfig.baseline(m.name, 40, positions="original"),
+                     max_new_tokens=2).trace
+        fv = qwen.run(textured(), QUESTION, MustDropConfig.baseline("fastervlm", 40, positions="original"),
+                      max_new_tokens=2).trace
+    finally:
+        methods.unregister(m.name)
+    rows, cols = t.meta["crops"][0]["grid"]
+    assert (rows, cols) == (22, 36) and t.meta["vision_tokens_per_layer"] == [40] * 8
+    assert t.meta["baseline"]["params"] == {"vision_layer": qwen.host.vision_config.depth - 1, "columns": "even"}
+    groups = t.arrays["tokens.groups"]
+    tokens = groups[:, 0] // cols // 2 * (cols // 2) + groups[:, 0] % cols // 2
+    np.testing.assert_array_equal(groups, geo.token_patches(rows, cols).numpy()[tokens])   # each its 2 x 2 patches
+    assert (tokens % (cols // 2) % 2 == 0).all() and (np.diff(tokens) > 0).all()
+    mine, received = t.patch("vision_score"), fv.patch("vision_score")    # per patch, (rows, cols)
+    token_mean = received.reshape(rows // 2, 2, cols // 2, 2).mean((1, 3))
+    np.testing.assert_allclose(mine, -np.repeat(np.repeat(token_mean, 2, 0), 2, 1), rtol=1e-5)
+    even_best = np.sort(np.argsort(-np.where(np.arange(token_mean.size) % (cols // 2) % 2 == 0,
+                                             token_mean.ravel(), -np.inf), kind="stable")[:40])
+    np.testing.assert_array_equal(tokens, even_best)
+    fv_tokens = fv.arrays["tokens.groups"][:, 0]
+    fv_tokens = fv_tokens // cols // 2 * (cols // 2) + fv_tokens % cols // 2
+    np.testing.assert_array_equal(fv_tokens, np.sort(np.argsort(-token_mean.ravel(), kind="stable")[:40]))
+    back = Trace.load(t.save(tmp_path / "plugin.safetensors"))
+    assert back.meta == t.meta and count_hooks(qwen.model) == 0
 
 
 def test_mustdrop_presets_run_and_replay(qwen, tmp_path):

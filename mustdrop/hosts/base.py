@@ -25,7 +25,9 @@ positions and ``self_attn.q_proj`` / ``self_attn.k_proj``, e.g. Llama, Qwen2, Mi
 
 Attributes every host sets: model, processor, text_config, vision_config, decoder_layers, num_layers,
 vision_layers, rotary_emb, image_token_id, grid (the nominal patch grid side, used to check the
-stage-1a window), has_cls, family, layout.
+stage-1a window), has_cls, family, layout. A host that runs methods selecting before the LLM says
+what its ``methods.VisionInputs`` lack (``vision_lacks``: {need: why}); ``refuse_unmet_needs`` refuses
+a method that requires one, in the method's words and the host's.
 
 Geometry: each crop the tower saw has a grid of (rows, cols) patches, numbered row-major and
 concatenated crop after crop (global id = crop offset + row * cols + col). Each LLM vision token
@@ -70,8 +72,10 @@ class Host(ABC):
     """One model family's answers to the shared machinery (see the module docstring)."""
 
     family = ""
+    label = ""                                   # the family in a message ("Qwen2-VL / Qwen2.5-VL")
     layout = "single"
     position_modes = ("reference", "original")   # the config.positions this host can run, default first
+    vision_lacks: dict = {}                      # methods.VISION_NEEDS this host cannot offer: {need: why}
 
     def __init__(self, model, processor):
         self.model = model.eval()
@@ -107,6 +111,15 @@ class Host(ABC):
     @abstractmethod
     def key_score_name(self) -> str:
         """The score that ranks the key set (and vision-side baselines) on this tower, in words."""
+
+    def refuse_unmet_needs(self, method) -> None:
+        """Raise ValueError when ``method`` selects before the LLM relying on what this host lacks."""
+        if not method.selects_before_llm:
+            return
+        for need, use in method.requires.items():
+            if need in self.vision_lacks:
+                raise ValueError(f"the {method.name} baseline is not defined on {self.label or self.family}: it "
+                                 f"{use}, and {self.vision_lacks[need]}")
 
     def num_images(self, inputs) -> int:
         """How many images ``inputs`` holds (the runner takes one)."""

@@ -9,8 +9,10 @@ Where each stage sits (the reasons are in :mod:`.qwen_vl_geometry`, with the pur
   window order is undone before the score is read per token;
 - stage 2 and 3: the shared machinery; the prefill gets the M-RoPE ids this host lays out (merged tokens
   at their window centre), and decoding continues on the diagonal after the prompt's last position.
-``positions="reference"`` is refused (3-D positions have no compaction); FasterVLM runs on the received
-attention; pooling and VisionZip, defined on LLaVA's square grid and CLS token, are refused.
+``positions="reference"`` is refused (3-D positions have no compaction). A method selecting before the
+LLM (FasterVLM, a plug-in) gets the merger's tokens on their rows x cols grid, scored by the received
+attention; one that requires a square grid or a one-token projector (pooling, VisionZip: their
+``requires``) is refused with its reason and this host's.
 
 The processor is the torchvision-free one of :mod:`mustdrop.adapters.processors` (images only).
 """
@@ -21,26 +23,26 @@ import sys
 
 import torch
 
-from .. import stages
+from .. import methods, stages
 from ..hooks import HookSet, attached
 from ..loading import ModelLoadError
 from . import qwen_vl_geometry as geo
 from .base import Host, VisionResult
 
 MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
-REFUSED_METHODS = {
-    "pool": "the pooling baseline pools a square grid to round(sqrt(budget))^2 cells; a Qwen image's token "
-            "grid is rows x cols",
-    "visionzip": "VisionZip keeps a CLS token and merges its contextual tokens before the projector; the Qwen "
-                 "tower has no CLS token and its merger is the projector",
-}
 
 
 class QwenVLHost(Host):
     family = "qwen_vl"
+    label = "Qwen2-VL / Qwen2.5-VL"
     layout = "single"
     has_cls = False
     position_modes = ("original",)
+    vision_lacks = {
+        "square_grid": "a Qwen image's token grid is rows x cols (dynamic resolution), each token 2 x 2 patches",
+        "vision_hidden": "the Qwen merger folds each 2 x 2 block of patches into one token and is the projector: "
+                         "no state maps to one LLM token on its own",
+    }
 
     def __init__(self, model, processor):
         if model.config.model_type not in MODEL_TYPES:
@@ -63,9 +65,7 @@ class QwenVLHost(Host):
     def check(self, config) -> None:
         if config.positions == "reference" and config.enabled:
             raise ValueError(geo.REFERENCE_POSITIONS_REFUSED)
-        if config.method in REFUSED_METHODS:
-            raise ValueError(f"the {config.method} baseline is not defined on Qwen2-VL / Qwen2.5-VL: "
-                             f"{REFUSED_METHODS[config.method]}")
+        self.refuse_unmet_needs(methods.get(config.method))
         if config.merge:
             geo.check_window_size(config.window)        # the grid is per image: checked in encode
         if config.filter and not (config.method == "pdrop" and not config.prune_layers):
@@ -116,8 +116,9 @@ class QwenVLHost(Host):
                              f"of at most {side * self.patch} px a side")
         tr, tc = geo.token_grid(rows, cols, self.merge)
         self._grid_seen = (rows, cols)
+        method = methods.get(config.method)
         hooks, seen = HookSet(), {}
-        want_score = config.key_set or config.method == "fastervlm"
+        want_score = method.needs_vision_score if method.selects_before_llm else config.key_set
         if want_score:
             self._hook_last_block(hooks, seen)
         with attached(hooks):
@@ -132,14 +133,8 @@ class QwenVLHost(Host):
                 "merged_windows": [], "window_patches": config.window * self.merge,
                 "token_patches": self.merge * self.merge}
         empty = torch.zeros(0, dtype=torch.long, device=device)
-        if config.method == "fastervlm":
-            plan = stages.plan_vision_side(config.method, config.budget, features.shape[0])
-            kept = stages.top_score_tokens(token_score, plan.pre_keep).to(device)
-            groups, weights = geo.expand_to_patches(kept.unsqueeze(1), rows, cols, self.merge)
-            return VisionResult(features[kept], groups, empty, None, empty.cpu(), [crop], [None],
-                                baseline={"plan": plan.to_dict(), "params": {"vision_layer": len(self.vision_layers) - 1},
-                                          "vision_score": patch_score, "score": self.key_score_name()},
-                                weights=weights)
+        if method.selects_before_llm:
+            return self._select_before_llm(method, config, features, token_score, patch_score, crop)
         similarity = None
         token_groups = torch.arange(tr * tc, device=device).unsqueeze(1)
         if config.merge:
@@ -160,6 +155,28 @@ class QwenVLHost(Host):
         else:
             key_score, key_tokens = None, empty
         return VisionResult(features, groups, key_tokens, key_score, empty.cpu(), [crop], [similarity],
+                            weights=weights)
+
+    def _select_before_llm(self, method, config, features, token_score, patch_score, crop) -> VisionResult:
+        """A method that selects before the LLM (FasterVLM, a plug-in), on the merger's tokens: it sees
+        them on their (rows/2, cols/2) grid with the received-attention score per token, and its choice
+        is drawn on the 2 x 2 patches of each chosen token."""
+        rows, cols = crop["grid"]
+        builtin = methods.is_builtin(method.name)
+        plan = methods.checked_plan(method, config.budget, features.shape[0], config, self.num_layers, builtin)
+        last = len(self.vision_layers) - 1
+        x = methods.VisionInputs(features, None, plan.pre_keep, config, score=token_score,
+                                 vision_layer=last if method.needs_vision_score else None,
+                                 grid_shape=tuple(crop["token_grid"]))
+        sel = methods.checked_select_vision(method, x, builtin)
+        groups, weights = geo.expand_to_patches(sel.groups, rows, cols, self.merge)
+        baseline = {"plan": plan.to_dict(),
+                    "params": ({"vision_layer": last} if method.needs_vision_score else {}) | dict(sel.params)}
+        if sel.score is not None:      # recorded per patch: the received attention itself where that is the score
+            baseline.update(score=self.key_score_name(), vision_score=patch_score if sel.score is token_score
+                            else geo.token_values_on_patches(sel.score, rows, cols, self.merge))
+        empty = torch.zeros(0, dtype=torch.long, device=features.device)
+        return VisionResult(sel.features, groups, empty, None, empty.cpu(), [crop], [None], baseline=baseline,
                             weights=weights)
 
     def _hook_last_block(self, hooks, seen) -> None:

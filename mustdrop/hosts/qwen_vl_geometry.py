@@ -88,6 +88,14 @@ def token_patches(rows: int, cols: int, merge: int = 2) -> torch.Tensor:
     return (r * cols + c).reshape(tr * tc, merge * merge)
 
 
+def token_values_on_patches(values: torch.Tensor, rows: int, cols: int, merge: int = 2) -> torch.Tensor:
+    """(rows * cols,) float32: each patch carries the value of the LLM token that covers it (``values``
+    one per token, raster order of the token grid)."""
+    out = torch.empty(rows * cols, dtype=torch.float32, device=values.device)
+    out[token_patches(rows, cols, merge).to(values.device)] = values.detach().float().unsqueeze(1)
+    return out
+
+
 def patch_rows_of_tokens(rows: int, cols: int, merge: int = 2) -> torch.Tensor:
     """(tokens, merge^2) rows of the processor's pixel_values that each token's patches are: it flattens
     patches as (t, rows/merge, cols/merge, merge, merge), so token k's patches are rows k*m^2 .. k*m^2+m^2-1."""

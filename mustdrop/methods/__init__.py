@@ -6,13 +6,13 @@ Built in: mustdrop, fastv, visionzip, fastervlm, pdrop, random, pool. Add your o
 or declare it in your package's entry-point group ``mustdrop.methods``.
 """
 
-from .base import (DROPPED, KEPT_BOTH, KEPT_PROTECTED, SCORE_ARRAYS, LayerInputs, Method, MethodError, RankedDrop,
+from .base import (DROPPED, KEPT_BOTH, KEPT_PROTECTED, SCORE_ARRAYS, VISION_NEEDS, LayerInputs, Method, MethodError, RankedDrop,
                    VisionInputs, VisionSelection, Words, checked_decide, checked_plan, checked_pre_llm,
                    checked_select_vision)
 from .registry import (DEFAULT, ENTRY_POINT_GROUP, baselines, get, is_builtin, labels, load_entry_points, load_file,
                        load_files, names, register, unregister, words_of)
 
-__all__ = ["DEFAULT", "DROPPED", "ENTRY_POINT_GROUP", "KEPT_BOTH", "KEPT_PROTECTED", "SCORE_ARRAYS", "LayerInputs",
+__all__ = ["DEFAULT", "DROPPED", "ENTRY_POINT_GROUP", "KEPT_BOTH", "KEPT_PROTECTED", "SCORE_ARRAYS", "VISION_NEEDS", "LayerInputs",
            "Method", "MethodError", "RankedDrop", "VisionInputs", "VisionSelection", "Words", "baselines",
            "checked_decide", "checked_plan", "checked_pre_llm", "checked_select_vision", "get", "is_builtin", "labels",
            "load_entry_points", "load_file", "load_files", "names", "register", "unregister", "words_of"]

@@ -6,7 +6,9 @@ A method says, in one class:
   "kv_trim" trims the prefill cache of the layers it shortened);
 - how it meets a budget (``plan``: how many vision tokens survive before the LLM and after each
   drop layer; the layer average of those counts is the budget, see :class:`stages.BudgetPlan`);
-- what it selects before the LLM (``select_vision``) and what it decides at each drop layer
+- what it selects before the LLM (``select_vision``), and what of the vision tower it relies on
+  there (``requires``: keys of :data:`VISION_NEEDS`; a model family that cannot offer one refuses the
+  run with both reasons), and what it decides at each drop layer
   (``decide``), with the scores behind each decision in the trace's generic score arrays
   ("global_share" and "individual_max" of stage2.L{l}.*);
 - how its decisions are explained: status names, the scores' names, a legend line and the
@@ -32,6 +34,15 @@ from ..statuses import (DROPPED, KEPT_BOTH, KEPT_GLOBAL, KEPT_INDIVIDUAL, KEPT_K
 SCORE_ARRAYS = ("global_share", "individual_max")   # the generic per-layer score arrays of a trace
 STAGES = ("vision", "llm", "kv_trim", "merge", "key_set")   # the last two: MustDrop's stage 1, in the host
 MAX_WORDS_CHARS = 400                                # any one explanation string, as stored in a trace
+
+# What a host's VisionInputs may offer beyond features, keep and score, by the name a method's
+# ``requires`` uses. LLaVA-1.5 offers both; Qwen2-VL / Qwen2.5-VL neither (its merger folds 2 x 2
+# patches into one token and is the projector); LLaVA-NeXT / OneVision run no vision-side method.
+VISION_NEEDS = {
+    "square_grid": "x.grid: the side of a square grid of tokens, one patch each",
+    "vision_hidden": "x.hidden, x.keys and x.project: the feature layer's hidden states, their keys, and a "
+                     "projector that maps each one to one LLM token",
+}
 
 
 class MethodError(ValueError):
@@ -145,16 +156,20 @@ class LayerInputs:
 class VisionInputs:
     """What a method that selects before the LLM sees, for one image (a single grid).
 
-    ``features`` (N, D): the projected patch features the LLM would receive; ``grid``: the patch grid
-    side (N = grid * grid); ``score`` (N,): the vision tower's CLS attention to each patch at the
-    feature layer, head mean (without a CLS token: the mean attention each patch receives), or None
+    ``features`` (N, D): the projected features the LLM would receive, one per token of a
+    ``grid_shape`` = (rows, cols) token grid in raster order (N = rows * cols); ``grid``: that grid's
+    side where it is square and each token is one patch (LLaVA-1.5), else None (Qwen-VL: rows x cols
+    tokens of 2 x 2 patches each; a method that needs it says so in ``requires``). A selection's
+    ``groups`` are ids on this token grid; the host maps them to the patches each token covers.
+    ``score`` (N,): the vision tower's CLS attention to each token at the
+    feature layer, head mean (without a CLS token: the mean attention each token receives), or None
     where the method asks for none; ``hidden`` (prefix + N, C) and ``keys`` (prefix + N, d): that
     layer's hidden states and head-mean keys; ``num_prefix``: CLS tokens before the patches;
     ``project``: the model's projector, (1, K, C) -> (1, K, D); ``keep``: the plan's count.
     """
 
     features: object
-    grid: int
+    grid: int | None
     keep: int
     config: object
     score: object = None
@@ -163,14 +178,20 @@ class VisionInputs:
     num_prefix: int = 0
     project: object = None
     vision_layer: int | None = None
+    grid_shape: tuple | None = None
+
+    def __post_init__(self):
+        if self.grid_shape is None:
+            self.grid_shape = (self.grid, self.grid)
 
 
 @dataclass
 class VisionSelection:
     """A selection before the LLM: the tokens the LLM receives and the patches each covers.
 
-    ``features`` (K, D) and ``groups`` (K, k) original patch ids, -1 padded; ``score`` (N,) a
-    per-patch score to record (baseline.vision_score), or None; ``params`` recorded in the trace."""
+    ``features`` (K, D) and ``groups`` (K, k) token-grid ids (``VisionInputs.grid_shape``; a patch id
+    where a token is one patch), -1 padded; ``score`` (N,) a per-token score to record
+    (baseline.vision_score), or None; ``params`` recorded in the trace."""
 
     features: object
     groups: object
@@ -187,6 +208,7 @@ class Method:
     budget_rule: str = ""          # how it meets a budget, in one line (``python -m mustdrop methods``)
     takes_layer: bool = False      # drops once after a layer K that a caller may choose (FastV's K)
     needs_vision_score: bool = True   # selecting before the LLM: hand it the vision tower's CLS attention
+    requires: dict = {}               # selecting before the LLM: {VISION_NEEDS key: what the method does with it}
     recount_protected: bool = True    # drops are re-counted after protected positions are kept back
     statuses: dict = {KEPT_BOTH: "kept", DROPPED: "dropped", KEPT_PROTECTED: PROTECTED_NAME}
     scores: dict = {}
@@ -428,8 +450,13 @@ def checked_select_vision(method, x: VisionInputs, builtin: bool) -> VisionSelec
         got = f"{f.dtype} {tuple(f.shape)}" if isinstance(f, torch.Tensor) else type(f).__name__
         raise MethodError(f"method {method.name!r}: selected features must be {x.features.dtype} of shape "
                           f"({x.keep}, {x.features.shape[1]}), got {got}")
+    n = x.grid_shape[0] * x.grid_shape[1]
     if not isinstance(g, torch.Tensor) or g.dim() != 2 or g.shape[0] != f.shape[0] or g.dtype != torch.int64 \
-            or int(g.min()) < -1 or int(g.max()) >= x.grid * x.grid:
-        raise MethodError(f"method {method.name!r}: groups must be int64 ({f.shape[0]}, k) patch ids in "
-                          f"-1..{x.grid * x.grid - 1}")
+            or int(g.min()) < -1 or int(g.max()) >= n or bool((g.max(1).values < 0).any()):
+        raise MethodError(f"method {method.name!r}: groups must be int64 ({f.shape[0]}, k) token-grid ids in "
+                          f"-1..{n - 1}, each row naming at least one")
+    s = sel.score
+    if s is not None and (not isinstance(s, torch.Tensor) or tuple(s.shape) != (n,)):
+        got = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
+        raise MethodError(f"method {method.name!r}: the selection's score must be one value per token, ({n},), got {got}")
     return sel

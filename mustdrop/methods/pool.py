@@ -21,6 +21,7 @@ class Pool(Method):
     label = "spatial pooling"
     stages = ("vision",)
     needs_vision_score = False
+    requires = {"square_grid": "average-pools a square grid of one token per patch to round(sqrt(budget))^2 cells"}
     budget_rule = "the grid average-pooled to round(sqrt(budget))^2 cells"
     legend = "each token is the average of a cell of the patch grid (pooling)"
 

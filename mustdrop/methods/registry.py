@@ -16,7 +16,7 @@ import re
 import sys
 from pathlib import Path
 
-from .base import STAGES, Method, MethodError, Words
+from .base import STAGES, VISION_NEEDS, Method, MethodError, Words
 
 ENTRY_POINT_GROUP = "mustdrop.methods"
 DEFAULT = "mustdrop"
@@ -85,6 +85,11 @@ def register(method, _builtin_ok: bool = False) -> Method:
         raise MethodError(f"method {name!r} drops in the LLM but defines no decide (or score)")
     if "vision" in method.stages and type(method).select_vision is Method.select_vision:
         raise MethodError(f"method {name!r} selects before the LLM but defines no select_vision")
+    needs = method.requires
+    if not isinstance(needs, dict) or any(k not in VISION_NEEDS or not isinstance(v, str) or not v.strip()
+                                          for k, v in needs.items()):
+        raise MethodError(f"method {name!r}: requires must map names of {', '.join(VISION_NEEDS)} to what the "
+                          f"method does with each (one line), got {needs!r}"[:400])
     try:
         method.words.to_dict()
     except Exception as e:  # noqa: BLE001

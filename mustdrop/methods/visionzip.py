@@ -14,6 +14,8 @@ class VisionZip(Method):
     label = "VisionZip-style"
     stages = ("vision",)
     needs_vision_score = True
+    requires = {"vision_hidden": "merges its contextual tokens in the feature layer's hidden states by key "
+                                 "similarity, then projects each merged state to one LLM token"}
     budget_rule = "round(budget) tokens before the LLM: dominant patches + 10/64 contextual tokens, within 0.5 of a token"
     legend = "chosen before the LLM: dominant patches by CLS attention plus merged contextual tokens (VisionZip)"
 
