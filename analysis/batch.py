@@ -93,7 +93,7 @@ def run_batch(runner, items, configs, out, *, max_new_tokens: int = 8, baseline_
     traces (large runs where disk matters; such a run cannot be resumed)."""
     import pandas as pd
 
-    from mustdrop.matched import run_budget
+    from mustdrop.matched import grid_tokens, run_budget
     from mustdrop.trace import Trace
 
     out = Path(out)
@@ -117,14 +117,14 @@ def run_batch(runner, items, configs, out, *, max_new_tokens: int = 8, baseline_
                     trace = Trace.load(path)
                     stats.resumed += 1
                 else:
-                    budget = None
+                    budget = n_tokens = None
                     if spec.match:
                         dep = traces.get(spec.match)
                         if dep is None:
                             raise RuntimeError(f"its matched run {spec.match!r} failed for this sample")
-                        budget = run_budget(dep)          # the rule the app's comparison uses too
+                        budget, n_tokens = run_budget(dep), grid_tokens(dep)    # the app's comparison's rule too
                     cfg = build_config(runner, spec, budget=budget, baseline_layer=baseline_layer,
-                                       seed=_sample_seed(seed, item.id))
+                                       seed=_sample_seed(seed, item.id), n_tokens=n_tokens)
                     if image is None:
                         image = item.load_image()
                     t = time.perf_counter()

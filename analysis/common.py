@@ -193,8 +193,11 @@ def shard(items: list[Item], spec: str | None) -> list[Item]:
 Spec = ConfigSpec
 
 
-def build_config(runner, spec: Spec, budget: float | None = None, baseline_layer: int | None = None, seed: int = 0):
-    """The MustDropConfig of a spec for this model; ``budget`` for baselines matched to another run."""
+def build_config(runner, spec: Spec, budget: float | None = None, baseline_layer: int | None = None, seed: int = 0,
+                 n_tokens: int | None = None):
+    """The MustDropConfig of a spec for this model; ``budget`` for baselines matched to another run,
+    ``n_tokens`` that run's vision tokens (mustdrop.matched.grid_tokens) where the grid is per image.
+    Baselines run at the model's default positions, as its MustDrop presets do."""
     from mustdrop import methods
     from mustdrop.config import MustDropConfig
 
@@ -202,8 +205,8 @@ def build_config(runner, spec: Spec, budget: float | None = None, baseline_layer
         b = spec.budget if spec.budget is not None else budget
         if b is None:
             raise ValueError(f"{spec.text}: a matched baseline needs the budget of its {spec.match!r} run")
-        layer = baseline_layer if baseline_layer is not None else auto_baseline_layer(runner, b)
-        cfg = MustDropConfig.baseline(spec.base, b, layer=layer, seed=seed)
+        layer = baseline_layer if baseline_layer is not None else auto_baseline_layer(runner, b, n_tokens)
+        cfg = MustDropConfig.baseline(spec.base, b, layer=layer, seed=seed, positions=runner.defaults.positions)
     else:
         cfg = runner.config_for(spec.base)
         if spec.off_stage:
@@ -229,12 +232,12 @@ def load_method_files(paths) -> list[str]:
         raise SystemExit(f"error: {e}") from None
 
 
-def auto_baseline_layer(runner, budget: float) -> int:
+def auto_baseline_layer(runner, budget: float, n_tokens: int | None = None) -> int:
     """FastV / random drop layer K when none is given (mustdrop.matched.auto_baseline_layer: the
     rule the app's comparison uses too)."""
     from mustdrop.matched import auto_baseline_layer as rule
 
-    return rule(runner, budget)
+    return rule(runner, budget, n_tokens)
 
 
 def baseline_columns(trace) -> dict:

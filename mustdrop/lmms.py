@@ -11,7 +11,8 @@ when it comes out of them. Registered through the ``lmms_eval.models`` entry poi
 so ``pip install .[lmms]`` is all it takes.
 
 Model args (``--model_args k=v,...``):
-  pretrained   local folder or hub id of a LLaVA-1.5 / LLaVA-NeXT / SigLIP-LLaVA checkpoint
+  pretrained   local folder or hub id of a LLaVA-1.5 / LLaVA-NeXT / SigLIP-LLaVA / LLaVA-OneVision /
+               Qwen2-VL / Qwen2.5-VL checkpoint
   preset       off | 192 | 128 | 64 (default 64): the model's thresholds (its mustdrop.json, the
                defaults shipped for its hub id, else the authors' LLaVA-1.5-7B ones)
   method       mustdrop (default) | fastv | random | pool | fastervlm | visionzip | pdrop, or any
@@ -19,7 +20,9 @@ Model args (``--model_args k=v,...``):
   method_file  a Python file declaring a method (examples/methods/), then named by method=NAME
   budget       a baseline's layer-averaged vision tokens (compute convention), e.g. 64
   layer        FastV / random drop layer K (default: the model's first prune layer, 2 on LLaVA-1.5-7B)
-  seed         random drop's seed;  positions  reference (default) | original
+  seed         random drop's seed
+  positions    reference | original; default: the model's (reference, as the authors' code; original
+               on Qwen-VL, whose 3-D positions have no compaction)
   layout       LLaVA-NeXT: stock (default) | reference (the authors' flat concatenation)
   global_thr, individual_thr, merge_threshold, key_keep_rate, window, prune_layers (2;6;10;14),
   merge, key_set, filter, kv_trim: override one MustDrop knob of the preset
@@ -77,7 +80,7 @@ class MustDropLMMS(lmms):
     is_simple = True
 
     def __init__(self, pretrained: str = "llava-hf/llava-1.5-7b-hf", preset="64", method: str = "mustdrop",
-                 budget=None, layer=None, seed=0, positions: str = "reference", layout: str = "stock",
+                 budget=None, layer=None, seed=0, positions: str | None = None, layout: str = "stock",
                  prune_layers=None, device=None, dtype=None, trace_dir=None, traces=True, batch_size=1,
                  max_batch_size=None, method_file=None, **knobs) -> None:
         super().__init__()
@@ -230,9 +233,10 @@ def run_columns(root: Path, trace, text: str, sample: str, image) -> dict:
 
 
 # --------------------------------------------------------------------- pure helpers (tested alone)
-def build_config(runner, preset="64", method="mustdrop", budget=None, layer=None, seed=0, positions="reference",
+def build_config(runner, preset="64", method="mustdrop", budget=None, layer=None, seed=0, positions=None,
                  prune_layers=None, knobs=None) -> MustDropConfig:
-    """The MustDropConfig that model args name; any bad value is refused with a message naming it."""
+    """The MustDropConfig that model args name; any bad value is refused with a message naming it.
+    Positions not named are the model's (``runner.defaults``), for MustDrop and the baselines alike."""
     knobs = dict(knobs or {})
     unknown = sorted(set(knobs) - set(KNOBS))
     if unknown:
@@ -252,10 +256,12 @@ def build_config(runner, preset="64", method="mustdrop", budget=None, layer=None
                              "(e.g. budget=64)")
         b = _parsed(parse_number, budget, "budget")
         k = runner.defaults.prune_layers[0] if layer is None else _parsed(parse_number, layer, "layer", int)
-        cfg = MustDropConfig.baseline(method, b, layer=k, seed=_parsed(parse_field, "seed", seed))
-    args = dict(knobs, positions=positions) | ({} if prune_layers is None else {"prune_layers": prune_layers})
+        cfg = MustDropConfig.baseline(method, b, layer=k, seed=_parsed(parse_field, "seed", seed),
+                                      positions=runner.defaults.positions)
+    args = dict(knobs) | ({} if positions in (None, "") else {"positions": positions}) \
+        | ({} if prune_layers is None else {"prune_layers": prune_layers})
     cfg = cfg.replace(**{key: _parsed(parse_field, key, value) for key, value in args.items()})
-    cfg.validate_for(runner.grid, runner.num_layers)
+    runner.host.check(cfg)                   # the model family's own check (a per-image grid on Qwen-VL)
     return cfg
 
 

@@ -35,9 +35,18 @@ def auto_baseline_layer(runner, budget: float, n_tokens: int | None = None) -> i
     ``runner`` needs ``defaults.prune_layers``, ``grid`` and ``num_layers`` (an adapter); a model whose
     grid is per image (``grid`` None: Qwen-VL's dynamic resolution) gives its vision tokens as ``n_tokens``."""
     first = runner.defaults.prune_layers[0] if runner.defaults.prune_layers else 2
-    n, L = (runner.grid * runner.grid if runner.grid else int(n_tokens)), runner.num_layers
-    deepest = math.floor(budget * L / n + 1e-9) - 1          # (K + 1) n / L <= budget
+    L = runner.num_layers
+    n = runner.grid * runner.grid if runner.grid else n_tokens
+    if not n:          # a per-image grid and no run to count it from: K stays; the plan drops what K cannot
+        return int(max(0, min(first, L - 2)))
+    deepest = math.floor(budget * L / int(n) + 1e-9) - 1     # (K + 1) n / L <= budget
     return int(max(0, min(first, deepest, L - 2)))
+
+
+def grid_tokens(trace) -> int:
+    """The vision tokens a run's image gives before any drop, newline rows left out: what
+    ``auto_baseline_layer`` counts where the grid is per image."""
+    return sum(r * c // int(crop.get("token_patches", 1)) for crop in trace.meta["crops"] for r, c in [crop["grid"]])
 
 
 def check_method(method: str) -> str:
@@ -57,8 +66,7 @@ def matched_config(runner, method: str, trace, *, seed: int = 0, layer: int | No
     if budget >= trace.meta["sequence"]["N"] - 1e-9:
         raise ValueError(f"the run of preset {cfg.get('preset')!r} keeps every vision token (budget {budget:g}): "
                          "a same-budget comparison needs a run that prunes; choose a preset other than off")
-    n_tokens = None if runner.grid else sum(r * c // int(crop.get("token_patches", 1)) for crop in trace.meta["crops"]
-                                            for r, c in [crop["grid"]])
+    n_tokens = None if runner.grid else grid_tokens(trace)
     k = layer if layer is not None else auto_baseline_layer(runner, budget, n_tokens)
     out = MustDropConfig.baseline(method, budget, layer=k, seed=seed,
                                   positions=positions or cfg.get("positions", "reference"))

@@ -267,6 +267,31 @@ def test_every_baseline_meets_its_budget_or_is_refused(qwen, method, tmp_path):
     assert back.meta == t.meta
 
 
+@pytest.mark.parametrize("entry", ["lmms-eval", "analysis"])
+def test_every_entry_point_gives_baselines_the_models_positions(qwen, entry):
+    """lmms-eval's model args and analysis specs that name no positions run on Qwen-VL: MustDrop and the
+    baselines take the model's default (original), not the authors' compaction it refuses."""
+    if entry == "lmms-eval":
+        pytest.importorskip("lmms_eval", reason="lmms-eval not installed (requirements-lmms.txt)")
+        from mustdrop.lmms import build_config
+
+        configs = [build_config(qwen, preset="64"), build_config(qwen, method="fastv", budget=64, layer=1)]
+        with pytest.raises(ValueError, match="3-D"):        # named, it is refused when lmms-eval builds the model
+            build_config(qwen, method="fastv", budget=64, positions="reference")
+    else:
+        from analysis.common import build_config, parse_spec
+
+        from mustdrop.matched import grid_tokens, run_budget
+
+        md = qwen.run(textured(), QUESTION, build_config(qwen, parse_spec("64")), max_new_tokens=1).trace
+        configs = [MustDropConfig.from_dict(md.meta["config"]), build_config(qwen, parse_spec("fastv@64"), budget=run_budget(md), n_tokens=grid_tokens(md)),
+                   build_config(qwen, parse_spec("pdrop=48")), build_config(qwen, parse_spec("random=20"))]
+    assert [c.positions for c in configs] == ["original"] * len(configs)
+    for cfg in configs[1:]:
+        t = qwen.run(textured(), QUESTION, cfg, max_new_tokens=1).trace
+        assert t.meta["config"]["positions"] == "original" and t.meta["vision_tokens_per_layer"][-1] < 198
+
+
 class EvenColumnsByScore(methods.Method):
     """A researcher's method that selects before the LLM: the best-scored tokens of the even token
     columns, recording its own score (the negated one it was given)."""
