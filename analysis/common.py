@@ -300,15 +300,16 @@ def safe_name(text: str) -> str:
 
 # --------------------------------------------------------------------------- model
 def load_runner(model: str, device: str | None = None, dtype: str | None = None, threads: int | None = None):
-    """Load a LLaVA checkpoint into the MustDrop adapter (offline; the same code path as the app)."""
+    """Load a checkpoint of any supported family (LLaVA-1.5, SigLIP-LLaVA, LLaVA-NeXT, OneVision,
+    Qwen2-VL / Qwen2.5-VL) into its runner, as the app and the CLI do (offline)."""
     import torch
 
-    from mustdrop.adapters import LlavaMustDrop, load_llava
+    from mustdrop.adapters import load_llava, make_runner
 
     if threads:
         torch.set_num_threads(int(threads))
     m, p = load_llava(model, device, dtype)
-    return LlavaMustDrop(m, p, str(model))
+    return make_runner(m, p, str(model))
 
 
 def clean_for_json(obj):

@@ -46,11 +46,10 @@ def _wrec(cov: np.ndarray, kept: np.ndarray) -> float:
 
 def decision_metrics(trace, scene, targets) -> dict:
     """Pruning decisions of one trace scored against the scene's patch masks (see module doc)."""
-    G = trace.grid
-    target = scene.union_patch_mask(list(targets)).astype(np.float64)
-    anyobj = scene.union_patch_mask(None).astype(np.float64)
-    if target.shape != (G, G):
-        raise ValueError(f"scene masks are {target.shape}, the trace grid is {G} x {G}")
+    from mustdrop.dataset.objects import scene_coverage
+
+    target = scene_coverage(trace, scene, targets).astype(np.float64)    # on the trace's grid (crop 0)
+    anyobj = scene_coverage(trace, scene).astype(np.float64)
     token = trace.patch("token")
     present = token >= 0
     merged = trace.patch("merged").astype(bool)

@@ -219,7 +219,8 @@ def check_meta(m: dict) -> dict:
         raise TraceError(f"{N} patches x {L} LLM layers exceed what supported models produce ({MAX_PATCH_LAYERS:,})")
     # LLaVA-NeXT's stock packing adds an image_newline token after each row of a crop's grid, so the
     # vision block may hold up to one more token per grid row than there are patches.
-    N0 = integer(field(seq, "N0", "sequence.N0"), "sequence.N0", 0, N + sum(r for r, _ in grids))
+    block_max = N + sum(r for r, _ in grids)
+    N0 = integer(field(seq, "N0", "sequence.N0"), "sequence.N0", 0, block_max)
     S = integer(field(seq, "S", "sequence.S"), "sequence.S", 0, MAX_TEXT_TOKENS)
     T = integer(field(seq, "T", "sequence.T"), "sequence.T", 0, MAX_TEXT_TOKENS)
     for c, crop in enumerate(crops):
@@ -263,7 +264,7 @@ def check_meta(m: dict) -> dict:
     entries = _check_counts(m, L, S, N0, T)
     _check_generation(m)
     if m.get("baseline") is not None:
-        _check_baseline(obj(m["baseline"], "baseline"), N)
+        _check_baseline(obj(m["baseline"], "baseline"), block_max)   # its plan counts the block before its drop
     if m.get("tokenizer") is not None:
         tok = obj(m["tokenizer"], "tokenizer")
         if tok.get("special_tokens") is not None:
@@ -386,7 +387,8 @@ def _check_config(c: dict) -> None:
         raise TraceError(f"the trace's config cannot be read: {str(e)[:200]}") from None
 
 
-def _check_baseline(b: dict, N: int) -> None:
+def _check_baseline(b: dict, block_max: int) -> None:
+    """A baseline's record; its plan counts tokens of the vision block (newline tokens included)."""
     if b.get("score") is not None:
         string(b["score"], "baseline.score")
     if b.get("params") is not None:
@@ -402,10 +404,10 @@ def _check_baseline(b: dict, N: int) -> None:
             number(plan[k], f"baseline.plan.{k}")
     for k in ("n0", "pre_keep"):
         if plan.get(k) is not None:
-            integer(plan[k], f"baseline.plan.{k}", 0, N)
+            integer(plan[k], f"baseline.plan.{k}", 0, block_max)
     for k in ("layers", "keep"):
         if plan.get(k) is not None:
-            items(plan[k], f"baseline.plan.{k}", integer, max_len=MAX_LLM_LAYERS, lo=0, hi=N)
+            items(plan[k], f"baseline.plan.{k}", integer, max_len=MAX_LLM_LAYERS, lo=0, hi=block_max)
 
 
 # ---------------------------------------------------------------- the arrays

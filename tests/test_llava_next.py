@@ -125,11 +125,17 @@ def test_a_vanilla_stock_trace_with_more_tokens_than_patches_saves_and_replays(s
     must not refuse it."""
     from mustdrop.trace import Trace
 
+    from mustdrop.config import MustDropConfig
+
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8))
     t = stock.run(img, QUESTION, stock.config_for("off"), max_new_tokens=2).trace
     assert t.meta["sequence"]["N0"] > t.meta["sequence"]["N"]
     back = Trace.load(t.save(tmp_path / "vanilla-next.safetensors"))
     assert back.meta["sequence"] == t.meta["sequence"]
+    # a same-budget baseline's plan counts that block too (newline tokens count toward its budget)
+    fastv = stock.run(img, QUESTION, MustDropConfig.baseline("fastv", 400, layer=1), max_new_tokens=2).trace
+    assert fastv.meta["baseline"]["plan"]["n0"] == t.meta["sequence"]["N0"] > t.meta["sequence"]["N"]
+    assert Trace.load(fastv.save(tmp_path / "fastv-next.safetensors")).meta == fastv.meta
 
 
 def test_reference_layout_is_flat(reference, wide_image):

@@ -123,6 +123,21 @@ def patch_coverage(trace, pix: np.ndarray, crop: int = 0) -> np.ndarray:
     return out
 
 
+def scene_coverage(trace, scene, ids=None) -> np.ndarray:
+    """Patch coverage (crop 0) of a scene-world scene's objects ``ids`` (all when None). The scene
+    stores it for its 24 x 24 grid of 14-pixel patches on its 336-pixel image, which is the trace's
+    grid wherever the two shapes agree; any other grid (OneVision's 27 x 27 base crop, a Qwen image
+    resized) gets the objects' pixel masks through the trace's own mapping."""
+    stored = scene.union_patch_mask(None if ids is None else list(ids)).astype(np.float32)
+    if stored.shape == trace.crop_grid(0):
+        return stored
+    chosen = scene.objects if ids is None else [scene.objects[i] for i in ids]
+    pix = np.zeros(scene.image.shape[:2], bool)
+    for o in chosen:
+        pix |= o.pixel_mask
+    return patch_coverage(trace, pix, 0)
+
+
 def row_coverage(ts, row: dict, trace) -> np.ndarray | None:
     """Patch coverage (crop 0) of the asked objects a row gives, or None when it gives none.
     Raises ObjectsError naming the field when what it gives cannot be used."""

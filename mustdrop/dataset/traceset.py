@@ -535,7 +535,7 @@ def _target_mask(ts: TraceSet, sid: str, trace: Trace) -> np.ndarray | None:
     sample = _scene_sample(ref)
     if sample is None or _pixel_sha(sample.image) != trace.meta["input"]["image"].get("sha256"):
         return None
-    return sample.scene.union_patch_mask(list(sample.targets)).astype(np.float32)
+    return objects.scene_coverage(trace, sample.scene, sample.targets)
 
 
 INDEX_ARRAYS = {"has_token": (np.uint8, 1), "merged": (np.uint8, 1), "key": (np.uint8, 1),
