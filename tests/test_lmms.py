@@ -361,3 +361,22 @@ def test_two_ranks_shard_the_traces_into_one_folder(task_dir, run, tmp_path):
     saved = json.loads(next(out.glob("*/*_results.json")).read_text())
     assert saved["results"][TASK]["accuracy,none"] == run[1]["results"][TASK]["accuracy,none"]
     assert "avg_mustdrop_eq_tokens_authors" in p.stdout      # the accounting is printed beside the scores
+
+
+@pytest.mark.parametrize("model_args", ["preset=64", "method=fastv,budget=40"])
+def test_a_qwen_vl_checkpoint_runs_under_lmms_eval(task_dir, tmp_path, model_args):
+    """The family researchers run most: a tiny copy of the published Qwen2.5-VL-3B-Instruct (tests/published)
+    as lmms-eval's pretrained, MustDrop and a baseline with no positions named (the model's: original;
+    it used to fail building the model, then every sample of a baseline)."""
+    from mustdrop.testing import build_published_tiny_any
+    from mustdrop.trace import Trace
+
+    folder = build_published_tiny_any(tmp_path / "qwen", ROOT / "tests" / "published" / "Qwen2.5-VL-3B-Instruct",
+                                      text_layers=4)
+    _, samples = evaluate_with_lmms(task_dir, tmp_path / "out", f"pretrained={folder},{model_args}", limit=2)
+    assert len(samples) == 2
+    for s in samples:
+        t = Trace.load(tmp_path / "out" / "mustdrop" / "traces" / TASK / f"{s['doc_id']}.rank0.safetensors")
+        assert t.meta["model"]["family"] == "qwen_vl" and t.meta["config"]["positions"] == "original"
+        assert t.answer == response(s)
+        assert t.meta["vision_tokens_per_layer"][-1] < t.meta["sequence"]["N"]
