@@ -48,10 +48,19 @@ def compare_methods() -> tuple[str, ...]:
     return (COMPARE_NONE,) + methods.baselines()
 
 
-def compare_choices() -> list[tuple[str, str]]:
-    """(label, value) of each "compare with" choice."""
-    labels = methods.labels()
-    return [("none", COMPARE_NONE)] + [(labels[m], m) for m in compare_methods()[1:]]
+def refused_methods(runner) -> dict[str, str]:
+    """{method: why} of the baselines the loaded model runs no config of (its host's
+    ``method_refusal``: pooling on Qwen-VL, every vision-side method on LLaVA-NeXT); none without a model."""
+    host = getattr(runner, "host", None)
+    if host is None:
+        return {}
+    return {m: why for m in methods.baselines() if (why := host.method_refusal(methods.get(m)))}
+
+
+def compare_choices(runner=None) -> list[tuple[str, str]]:
+    """(label, value) of each "compare with" choice the loaded model can run (every one without a model)."""
+    labels, refused = methods.labels(), refused_methods(runner)
+    return [("none", COMPARE_NONE)] + [(labels[m], m) for m in compare_methods()[1:] if m not in refused]
 
 
 def compare_method(value) -> str | None:

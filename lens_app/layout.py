@@ -60,7 +60,7 @@ def build_inputs(p: Page, lens, views, offered) -> None:
     p.preset_in = gr.Radio(PRESETS, value="64", label="Preset (average vision-token budget)", elem_id="preset_in")
     p.choices, p.run_inputs = {}, {}
     for v in views:
-        p.choices.update(v.build_inputs())
+        p.choices.update(v.build_inputs(lens))
         p.run_inputs.update(v.run_inputs)
     p.run_btn = gr.Button("Run vanilla + MustDrop", variant="primary", elem_id="run_btn")
     if offered.rows:

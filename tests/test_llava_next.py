@@ -187,3 +187,18 @@ def test_cli_accepts_llava_next(next_model, tmp_path):
                     "--layout", layout, "--max-new-tokens", "2", "--no-vanilla")
         assert p.returncode == 0, p.stderr
         assert "tile 0,0" in p.stdout and "stage 2" in p.stdout
+
+
+def test_the_app_offers_no_vision_side_method_on_next(stock):
+    """Every method that selects before the LLM is defined on one grid: the app's "compare with" list
+    leaves them out on LLaVA-NeXT (with the host's reason), and a run of one is refused with it."""
+    from lens_app import engine
+    from mustdrop import methods
+    from mustdrop.config import MustDropConfig
+
+    vision = [m for m in methods.baselines() if methods.get(m).selects_before_llm]
+    refused = engine.refused_methods(stock)
+    assert vision and sorted(refused) == sorted(vision)
+    assert [v for _, v in engine.compare_choices(stock)] == ["none"] + [m for m in methods.baselines() if m not in vision]
+    with pytest.raises(ValueError, match="defined on one 24 x 24 grid"):
+        stock.run(Image.new("RGB", (64, 64)), QUESTION, MustDropConfig.baseline(vision[0], 64), max_new_tokens=1)

@@ -16,16 +16,20 @@ NAME = "Qwen2.5-VL-3B-Instruct"
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    from gradio_client import Client
-
+def lens(tmp_path_factory):
     from mustdrop.adapters import make_runner
     from mustdrop.loading import load_llava
     from mustdrop.testing import build_published_tiny_any
     from test_published_new_families import PUBLISHED
     folder = build_published_tiny_any(tmp_path_factory.mktemp(NAME), PUBLISHED / NAME, text_layers=8)
     model, proc = load_llava(str(folder))
-    lens = engine.Lens(runner=make_runner(model, proc, f"Qwen/{NAME}", defaults_from=str(folder)))
+    return engine.Lens(runner=make_runner(model, proc, f"Qwen/{NAME}", defaults_from=str(folder)))
+
+
+@pytest.fixture(scope="module")
+def served(lens, tmp_path_factory):
+    from gradio_client import Client
+
     demo = lens_app_app.build_app(lens, examples=[])
     port = free_port()
     lens_app_app.launch(demo, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
@@ -79,3 +83,20 @@ def test_comparison_and_replay(served):
     res = client.predict([handle_file(path)], handle_file(str(image)), True, api_name="/replay")
     assert "matching image" in status_of(res)
     assert pictures(res)
+
+
+def test_compare_offers_only_the_methods_this_model_runs(lens):
+    """Pooling and VisionZip require what Qwen-VL lacks (a square grid, a one-token projector): the
+    "compare with" list leaves them out and a note under it says why, in each one's own words."""
+    from mustdrop import methods
+
+    demo = lens_app_app.build_app(lens, examples=[])
+    comps = {c["props"].get("elem_id"): c["props"] for c in demo.config["components"]}
+    offered = [value for _, value in comps["compare_in"]["choices"]]
+    refused = [m for m in methods.baselines() if set(methods.get(m).requires) & set(lens.runner.host.vision_lacks)]
+    assert refused == ["visionzip", "pool"]
+    assert offered == ["none"] + [m for m in methods.baselines() if m not in refused]
+    note = comps["compare_refused"]["value"]
+    for m in refused:
+        assert methods.get(m).label in note and next(iter(methods.get(m).requires.values())) in note
+    demo.close()

@@ -326,6 +326,9 @@ class SinkChecker:
         if isinstance(e, a.Call):
             f = e.func
             name = f.attr if isinstance(f, a.Attribute) else getattr(f, "id", "")
+            if name == "join" and isinstance(f.value, a.Constant) and len(e.args) == 1 \
+                    and isinstance(e.args[0], (a.GeneratorExp, a.ListComp)):
+                return self.check(e.args[0].elt, seen)          # "sep".join(part for ...): each part
             if name in SAFE_CALLS or (isinstance(f, a.Attribute) and a.unparse(f.value) in VIS_MODULES):
                 return
             is_self_call = isinstance(f, a.Attribute) and a.unparse(f.value) == "self"
@@ -399,7 +402,10 @@ def build(lens, trace):
         return {status: f"**Problem:** {msg}"}
     def ok(n):
         return {status: f"{n:.1f} " + md_text(trace.meta['x']) + vis.layer_markdown(trace, 0)}
+    def listed(names):
+        return {status: "; ".join(f"**{n}**" for n in names) + "; ".join(md_text(n) for n in names)}
     warn(str(trace))
+    listed(trace.meta["names"])
     return {status: trace.meta["input"]["question"]}
 ''').run()
-    assert len(bad) == 3, bad
+    assert len(bad) == 4, bad

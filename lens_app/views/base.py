@@ -43,9 +43,10 @@ class View:
     def draw(self, session, frame) -> dict:
         raise NotImplementedError
 
-    def build_inputs(self) -> dict:
+    def build_inputs(self, lens) -> dict:
         """Inputs this view places among the run inputs (under the preset choice), by role, e.g.
-        {"compare": dropdown}: the stale note reads them. The app reads roles, never view classes."""
+        {"compare": dropdown}: the stale note reads them. The app reads roles, never view classes.
+        ``lens``: the app's model (``lens.runner`` is None when none loaded), for choices it can run."""
         return {}
 
     @property

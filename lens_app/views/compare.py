@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import gradio as gr
 
+from mustdrop import methods
 from mustdrop.vis import compare as vc
+from mustdrop.vis.text import md_text
 
-from ..engine import COMPARE_NONE, compare_choices
+from ..engine import COMPARE_NONE, compare_choices, refused_methods
 from ..events import QUIET
 from ..stale import stale_note
 from .base import CROP, GT, LAYER, SELECTION, View, image_output, view
@@ -18,16 +20,27 @@ NONE_NOTE = ("**No comparison in this session.** Choose a method under **Compare
              "together with the MustDrop trace.")
 
 
+def refused_note(refused: dict) -> str:
+    """The methods this model runs no config of, by label, each with the reason its host gives."""
+    labels = methods.labels()
+    return "Not offered for this model: " + "; ".join(
+        f"**{md_text(labels[m])}** ({md_text(why)})" for m, why in refused.items()) + "."
+
+
 @view
 class CompareView(View):
     tab, tab_id, order = "Compare", "tab_compare", 45
     depends = frozenset({LAYER, SELECTION, CROP, GT})
 
-    def build_inputs(self):
-        """The "compare with" choice, placed among the run inputs, and the choice held server-side for
-        the next Run (so /run keeps its parameters)."""
-        self.choice = gr.Dropdown(compare_choices(), value=COMPARE_NONE, elem_id="compare_in",
+    def build_inputs(self, lens):
+        """The "compare with" choice (the methods the loaded model runs; a note names the others and
+        why), placed among the run inputs, and the choice held server-side for the next Run (so /run
+        keeps its parameters)."""
+        self.choice = gr.Dropdown(compare_choices(lens.runner), value=COMPARE_NONE, elem_id="compare_in",
                                   label="Compare with (runs it at the MustDrop run's budget, same image)")
+        refused = refused_methods(lens.runner)
+        if refused:
+            gr.Markdown(refused_note(refused), elem_id="compare_refused")
         self.held = gr.State(COMPARE_NONE)
         return {"compare": self.choice}
 

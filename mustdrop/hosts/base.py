@@ -26,8 +26,9 @@ positions and ``self_attn.q_proj`` / ``self_attn.k_proj``, e.g. Llama, Qwen2, Mi
 Attributes every host sets: model, processor, text_config, vision_config, decoder_layers, num_layers,
 vision_layers, rotary_emb, image_token_id, grid (the nominal patch grid side, used to check the
 stage-1a window), has_cls, family, layout. A host that runs methods selecting before the LLM says
-what its ``methods.VisionInputs`` lack (``vision_lacks``: {need: why}); ``refuse_unmet_needs`` refuses
-a method that requires one, in the method's words and the host's.
+what its ``methods.VisionInputs`` lack (``vision_lacks``: {need: why}); ``method_refusal`` says why a
+method that requires one cannot run here, in the method's words and the host's (the app leaves such
+methods out of its choices; ``check`` refuses their configs).
 
 Geometry: each crop the tower saw has a grid of (rows, cols) patches, numbered row-major and
 concatenated crop after crop (global id = crop offset + row * cols + col). Each LLM vision token
@@ -112,14 +113,24 @@ class Host(ABC):
     def key_score_name(self) -> str:
         """The score that ranks the key set (and vision-side baselines) on this tower, in words."""
 
-    def refuse_unmet_needs(self, method) -> None:
-        """Raise ValueError when ``method`` selects before the LLM relying on what this host lacks."""
+    def method_refusal(self, method) -> str | None:
+        """Why no config of ``method`` runs on this model (None: it runs): by default, a method that
+        selects before the LLM relying on what this host's VisionInputs lack."""
         if not method.selects_before_llm:
-            return
+            return None
         for need, use in method.requires.items():
             if need in self.vision_lacks:
-                raise ValueError(f"the {method.name} baseline is not defined on {self.label or self.family}: it "
-                                 f"{use}, and {self.vision_lacks[need]}")
+                return (f"the {method.name} baseline is not defined on {self.label or self.family}: it {use}, "
+                        f"and {self.vision_lacks[need]}")
+        return None
+
+    def refuse_method(self, config) -> None:
+        """Raise ValueError with ``method_refusal``'s reason when the config's method cannot run here."""
+        from .. import methods
+
+        reason = self.method_refusal(methods.get(config.method))
+        if reason:
+            raise ValueError(reason)
 
     def num_images(self, inputs) -> int:
         """How many images ``inputs`` holds (the runner takes one)."""

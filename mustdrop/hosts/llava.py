@@ -43,6 +43,7 @@ class LlavaHost(Host):
     # ------------------------------------------------------------------ checks and inputs
     def check(self, config) -> None:
         config.validate_for(self.grid, self.num_layers)
+        self.refuse_method(config)
         if config.merge and len(self.vision_layers) < 2:
             raise ValueError("stage 1a needs a vision tower of at least 2 layers")
 

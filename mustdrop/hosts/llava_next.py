@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from .. import methods, stages
+from .. import stages
 from ..loading import ModelLoadError
 from ..hooks import HookSet, attached, hidden_states_of, with_hidden_states
 from .base import VisionResult
@@ -47,10 +47,10 @@ class LlavaNextHost(LlavaHost):
         self.layout = layout
         self.pinpoints = model.config.image_grid_pinpoints
 
-    def check(self, config) -> None:
-        super().check(config)
-        if methods.get(config.method).selects_before_llm:
-            raise ValueError(f"the {config.method} baseline is defined on one 24 x 24 grid; use LLaVA-1.5 models")
+    def method_refusal(self, method) -> str | None:
+        if method.selects_before_llm:
+            return f"the {method.name} baseline is defined on one 24 x 24 grid; use LLaVA-1.5 models"
+        return super().method_refusal(method)
 
     def encode(self, inputs, img, config) -> VisionResult:
         if self.layout == "reference":

@@ -40,7 +40,7 @@ from fractions import Fraction
 import numpy as np
 import torch
 
-from .. import methods, stages
+from .. import stages
 from ..loading import ModelLoadError
 from .base import VisionResult
 from .llava import LlavaHost
@@ -229,11 +229,11 @@ class LlavaOnevisionHost(LlavaHost):
         self.pinpoints = cfg.image_grid_pinpoints
         self.max_tiles = anyres_max(getattr(cfg, "vision_aspect_ratio", "anyres_max_9"))
 
-    def check(self, config) -> None:
-        super().check(config)
-        if methods.get(config.method).selects_before_llm:
-            raise ValueError(f"the {config.method} baseline is defined on one square grid of one crop; LLaVA-OneVision "
-                             "packs a base image and interpolated tiles: use LLaVA-1.5 layouts for it")
+    def method_refusal(self, method) -> str | None:
+        if method.selects_before_llm:
+            return (f"the {method.name} baseline is defined on one square grid of one crop; LLaVA-OneVision "
+                    "packs a base image and interpolated tiles: use LLaVA-1.5 layouts for it")
+        return super().method_refusal(method)
 
     def packing(self, inputs) -> OnevisionPacking:
         """The packing of the image the processor saw (its ``image_sizes`` entry)."""

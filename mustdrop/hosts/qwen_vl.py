@@ -65,7 +65,7 @@ class QwenVLHost(Host):
     def check(self, config) -> None:
         if config.positions == "reference" and config.enabled:
             raise ValueError(geo.REFERENCE_POSITIONS_REFUSED)
-        self.refuse_unmet_needs(methods.get(config.method))
+        self.refuse_method(config)
         if config.merge:
             geo.check_window_size(config.window)        # the grid is per image: checked in encode
         if config.filter and not (config.method == "pdrop" and not config.prune_layers):
