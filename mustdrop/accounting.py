@@ -11,7 +11,9 @@ Conventions (all FLOPs count multiply-adds as in the literature, per LLM layer, 
 - FLOPs, full sequence: the same formula with n = S + vision + T tokens (SparseVLM's convention).
 - KV bytes: K and V, every layer, num_kv_heads * head_dim values each, at the model's dtype.
   DART counts vision tokens only: 0.524 MB per token for LLaVA-1.5-7B in fp16.
-Vision-encoder FLOPs are not counted by any of them.
+Vision-encoder FLOPs are not counted by any of them. Every vanilla figure counts the vision tokens the
+unpruned model feeds its LLM for the image (``vanilla_vision_tokens``), which is the patch count only
+on LLaVA-1.5: Qwen-VL's merger gives one token per 2 x 2 patches, LLaVA-NeXT adds a newline per row.
 """
 
 from __future__ import annotations
@@ -55,6 +57,23 @@ def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype_
     return 2 * num_layers * num_kv_heads * head_dim * dtype_bytes
 
 
+def vanilla_vision_tokens(meta: dict) -> int:
+    """Vision tokens the unpruned model feeds the LLM for this trace's image (``sequence.N_vanilla``:
+    N patches on LLaVA-1.5, N / 4 on Qwen-VL, plus a newline per row on LLaVA-NeXT). Traces written
+    before it was recorded: a baseline's plan counts it (``n0``); otherwise N0 plus what stage 1a merged
+    away (w^2 - 1 tokens per merged window, every crop), exact on every family but OneVision (its
+    windows merge before the interpolation)."""
+    seq = meta["sequence"]
+    if seq.get("N_vanilla") is not None:
+        return int(seq["N_vanilla"])
+    plan = (meta.get("baseline") or {}).get("plan") or {}
+    if plan.get("n0") is not None:
+        return int(plan["n0"])
+    w = int((meta.get("config") or {}).get("window") or 1)
+    merged = sum(len(c.get("merged_windows") or []) for c in meta["crops"])
+    return int(seq["N0"]) + merged * (w * w - 1)
+
+
 def summarize(trace) -> dict:
     """Every accounting figure of one trace, each with its convention spelled out."""
     m = trace.meta
@@ -62,12 +81,13 @@ def summarize(trace) -> dict:
     L, d, mm = llm["num_layers"], llm["hidden_size"], llm["intermediate_size"]
     seq = m["sequence"]
     S, T, N, N0 = seq["S"], seq["T"], seq["N"], seq["N0"]
+    V = vanilla_vision_tokens(m)          # vanilla's vision tokens: what its FLOPs and KV count
     per_layer = list(m["vision_tokens_per_layer"])
     prune = [s["layer"] for s in m["stage2"]]
     counts = [N0] + [s["kept"] for s in m["stage2"]]
     out = {
-        "vision_tokens": {"patches": N, "after_merge": N0, "final": per_layer[-1] if per_layer else N0,
-                          "per_layer": per_layer},
+        "vision_tokens": {"patches": N, "vanilla": V, "after_merge": N0,
+                          "final": per_layer[-1] if per_layer else N0, "per_layer": per_layer},
         "equivalent_tokens": {
             "authors": equivalent_tokens(counts, prune, L, "authors"),
             "compute": vision_tokens.layer_average(per_layer) if per_layer else 0.0,
@@ -77,9 +97,9 @@ def summarize(trace) -> dict:
         "flops": {
             "formula": FLOPS_FORMULA,
             "image_only": prefill_flops(per_layer, d, mm),
-            "image_only_vanilla": prefill_flops([N] * L, d, mm),
+            "image_only_vanilla": prefill_flops([V] * L, d, mm),
             "full_sequence": prefill_flops([S + n + T for n in per_layer], d, mm),
-            "full_sequence_vanilla": prefill_flops([S + N + T] * L, d, mm),
+            "full_sequence_vanilla": prefill_flops([S + V + T] * L, d, mm),
             "n_sys": S, "n_text": T, "d": d, "m": mm,
         },
         "kv": {
@@ -87,8 +107,8 @@ def summarize(trace) -> dict:
             "bytes_per_layer": [n * m["kv"]["bytes_per_entry"] for n in m["kv"]["entries_per_layer"]],
             "total_bytes": sum(m["kv"]["entries_per_layer"]) * m["kv"]["bytes_per_entry"],
             "vision_bytes": sum(m["kv"]["vision_entries_per_layer"]) * m["kv"]["bytes_per_entry"],
-            "vanilla_total_bytes": (S + N + T) * L * m["kv"]["bytes_per_entry"],
-            "vanilla_vision_bytes": N * L * m["kv"]["bytes_per_entry"],
+            "vanilla_total_bytes": (S + V + T) * L * m["kv"]["bytes_per_entry"],
+            "vanilla_vision_bytes": V * L * m["kv"]["bytes_per_entry"],
         },
     }
     f = out["flops"]

@@ -72,7 +72,7 @@ def method_lines() -> list[str]:
 
 
 def summary_lines(trace) -> list[str]:
-    from .accounting import summarize
+    from .accounting import summarize, vanilla_vision_tokens
     from .methods import words_of
 
     m, acc = trace.meta, summarize(trace)
@@ -93,7 +93,7 @@ def summary_lines(trace) -> list[str]:
              config_line,
              f"question  {m['input']['question']}",
              f"answer    {m['generation']['answer']!r}",
-             f"stage 1a  {seq['N']} patches -> {seq['N0']} vision tokens ("
+             f"stage 1a  {vanilla_vision_tokens(m)} vision tokens -> {seq['N0']} ({seq['N']} patches; "
              + ", ".join(f"{trace.crop_name(c)}: {len(crop_windows(trace, c))} windows merged"
                          for c in range(trace.n_crops)) + ")",
              f"stage 1b  {len(m['stage1b']['key_tokens'])} key tokens"]

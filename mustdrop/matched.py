@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 
 from . import methods, vision_tokens
+from .accounting import vanilla_vision_tokens
 from .config import MustDropConfig
 
 
@@ -63,7 +64,7 @@ def matched_config(runner, method: str, trace, *, seed: int = 0, layer: int | No
     check_method(method)
     cfg = trace.meta.get("config") or {}
     budget = run_budget(trace)
-    if budget >= trace.meta["sequence"]["N"] - 1e-9:
+    if budget >= vanilla_vision_tokens(trace.meta) - 1e-9:
         raise ValueError(f"the run of preset {cfg.get('preset')!r} keeps every vision token (budget {budget:g}): "
                          "a same-budget comparison needs a run that prunes; choose a preset other than off")
     n_tokens = None if runner.grid else grid_tokens(trace)

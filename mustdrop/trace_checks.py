@@ -221,6 +221,8 @@ def check_meta(m: dict) -> dict:
     # vision block may hold up to one more token per grid row than there are patches.
     block_max = N + sum(r for r, _ in grids)
     N0 = integer(field(seq, "N0", "sequence.N0"), "sequence.N0", 0, block_max)
+    if seq.get("N_vanilla") is not None:
+        integer(seq["N_vanilla"], "sequence.N_vanilla", 1, block_max)
     S = integer(field(seq, "S", "sequence.S"), "sequence.S", 0, MAX_TEXT_TOKENS)
     T = integer(field(seq, "T", "sequence.T"), "sequence.T", 0, MAX_TEXT_TOKENS)
     for c, crop in enumerate(crops):

@@ -231,7 +231,7 @@ def test_cli_show_and_vis_exit_2_without_a_traceback(hostile, name, tmp_path):
 
 def test_cli_show_still_summarises_a_good_trace():
     p = run("mustdrop", "show", str(FIXTURES / "v1-llava-next-64.safetensors"))
-    assert p.returncode == 0 and "stage 1a  2880 patches -> 396 vision tokens (base: 64 windows merged" in p.stdout
+    assert p.returncode == 0 and "stage 1a  2228 vision tokens -> 396 (2880 patches; base: 64 windows merged" in p.stdout
 
 
 def test_a_refused_array_is_named_with_dtype_and_length(good, tmp_path):

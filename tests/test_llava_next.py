@@ -202,3 +202,18 @@ def test_the_app_offers_no_vision_side_method_on_next(stock):
     assert [v for _, v in engine.compare_choices(stock)] == ["none"] + [m for m in methods.baselines() if m not in vision]
     with pytest.raises(ValueError, match="defined on one 24 x 24 grid"):
         stock.run(Image.new("RGB", (64, 64)), QUESTION, MustDropConfig.baseline(vision[0], 64), max_new_tokens=1)
+
+
+def test_vanilla_figures_count_the_newline_tokens(stock, wide_image):
+    """The stock packing feeds the LLM its unpadded rows with a newline after each, not the crops'
+    patches: the vanilla FLOPs and KV of a pruned run are the vanilla run's own (they counted the
+    patches before: 1728 where the model gets 1560 tokens)."""
+    from mustdrop.accounting import summarize
+
+    off = stock.run(wide_image, QUESTION, stock.config_for("off"), max_new_tokens=1).trace
+    md = stock.run(wide_image, QUESTION, stock.config_for("64"), max_new_tokens=1).trace
+    assert off.meta["sequence"]["N0"] != off.meta["sequence"]["N"] == md.meta["sequence"]["N"]
+    a, v = summarize(md), summarize(off)
+    assert a["vision_tokens"]["vanilla"] == off.meta["sequence"]["N0"]
+    assert a["flops"]["full_sequence_vanilla"] == v["flops"]["full_sequence"]
+    assert a["kv"]["vanilla_total_bytes"] == v["kv"]["total_bytes"]

@@ -314,3 +314,18 @@ def test_only_tokens_stage_1a_built_are_drawn_as_merged(ov, dropping, tmp_path):
     bad.arrays["tokens.merged"][0] = 2
     with pytest.raises(TraceError, match="tokens.merged must hold 0 or 1"):
         Trace.load(bad.save(tmp_path / "bad.safetensors"))
+
+
+def test_vanilla_figures_are_the_vanilla_runs_own(ov):
+    """OneVision feeds its LLM the base crop, the interpolated tiles' rows and a newline per row, not the
+    crops' patches: a pruned run's vanilla FLOPs and KV are the vanilla run's own figures."""
+    from mustdrop.accounting import summarize
+
+    image = textured(500, 300)
+    off = ov.run(image, QUESTION, ov.config_for("off"), max_new_tokens=1).trace
+    md = ov.run(image, QUESTION, ov.config_for("64"), max_new_tokens=1).trace
+    assert off.meta["sequence"]["N0"] != off.meta["sequence"]["N"]
+    a, v = summarize(md), summarize(off)
+    assert md.meta["sequence"]["N_vanilla"] == a["vision_tokens"]["vanilla"] == off.meta["sequence"]["N0"]
+    assert a["flops"]["full_sequence_vanilla"] == v["flops"]["full_sequence"]
+    assert a["kv"]["vanilla_total_bytes"] == v["kv"]["total_bytes"]

@@ -442,3 +442,22 @@ def test_an_image_whose_grid_a_trace_cannot_hold_is_refused_before_the_tower_run
     with pytest.raises(ValueError, match="patches a side"):
         qwen.run(textured(500, 300), QUESTION, qwen.config_for("64"), max_new_tokens=1)
     assert count_hooks(qwen.model) == 0
+
+
+def test_vanilla_figures_of_a_pruned_run_are_the_vanilla_runs_own(qwen):
+    """The accounting's vanilla FLOPs and KV count the tokens the unpruned model feeds its LLM (one per
+    2 x 2 patches here), not the patches: they equal the vanilla run's own figures on the same image.
+    A trace written before N_vanilla was recorded gets the same count back from its merges."""
+    image = textured()
+    off = qwen.run(image, QUESTION, qwen.config_for("off"), max_new_tokens=1).trace
+    md = qwen.run(image, QUESTION, qwen.config_for("64").replace(merge=True, merge_threshold=0.5),
+                  max_new_tokens=1).trace
+    assert md.meta["stage1a"]["merged_windows"] and md.meta["sequence"]["N"] == 4 * off.meta["sequence"]["N0"]
+    a, v = summarize(md), summarize(off)
+    assert md.meta["sequence"]["N_vanilla"] == off.meta["sequence"]["N0"] == v["vision_tokens"]["vanilla"] == 198
+    assert a["flops"]["full_sequence_vanilla"] == v["flops"]["full_sequence"]
+    assert a["flops"]["image_only_vanilla"] == v["flops"]["image_only"]
+    assert a["kv"]["vanilla_total_bytes"] == v["kv"]["total_bytes"]
+    from mustdrop.accounting import vanilla_vision_tokens
+    older = {**md.meta, "sequence": {k: x for k, x in md.meta["sequence"].items() if k != "N_vanilla"}}
+    assert vanilla_vision_tokens(older) == 198

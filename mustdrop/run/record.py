@@ -17,8 +17,11 @@ from .prompt import input_hash
 
 
 def build_trace(runner, img, question, prompt, config, sampling, max_new_tokens, state, vision: VisionResult,
-                kv_stages, gen, timings) -> Trace:
-    """The trace of one run of ``runner`` (its host, model id and defaults)."""
+                kv_stages, gen, timings, n_vanilla: int) -> Trace:
+    """The trace of one run of ``runner`` (its host, model id and defaults). ``n_vanilla``: the vision
+    tokens the unpruned model feeds the LLM for this image (the processor's placeholders), which the
+    accounting's vanilla figures count: N patches on LLaVA-1.5, N / 4 on Qwen-VL (2 x 2 merger), N plus
+    a newline per row on LLaVA-NeXT, the interpolated tiles' rows on OneVision."""
     host = runner.host
     S, T, N0 = state.S, state.T, state.N0
     fetched = _fetch(vision, state, gen)
@@ -46,7 +49,7 @@ def build_trace(runner, img, question, prompt, config, sampling, max_new_tokens,
                             "sha256": pixel_sha256(img)},
                   "mapping": vision.crops[0]["mapping"]},
         "crops": crops,
-        "sequence": {"S": S, "T": T, "N": n_patches, "N0": N0},
+        "sequence": {"S": S, "T": T, "N": n_patches, "N0": N0, "N_vanilla": int(n_vanilla)},
         "stage1a": {"enabled": config.merge, "window": config.window, "threshold": config.merge_threshold,
                     "merged_windows": crops[0]["merged_windows"]},
         "stage1b": {"enabled": config.key_set, "keep_rate": config.key_keep_rate,

@@ -101,6 +101,7 @@ class MustDropRunner:
         _sync(features)
         t_vis = time.perf_counter() - t_vis
         text_ids, S, T = prompt.split_prompt(inputs["input_ids"], host.image_token_id)
+        n_vanilla = int(inputs["input_ids"].shape[1]) - S - T    # the processor's placeholders: what vanilla feeds
 
         say("prefill")
         t_pre = time.perf_counter()
@@ -130,7 +131,7 @@ class MustDropRunner:
         trace = None
         if record:
             trace = build_trace(self, img, question, prompt_text, config, sampling, max_new_tokens, state, vision,
-                                kv_stages, gen, timings)
+                                kv_stages, gen, timings, n_vanilla)
         return RunResult(trace, step_logits, prefill_cache, embeds if keep_internals else None)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..accounting import vanilla_vision_tokens
 from .geometry import base_canvas, geometry
 from .overlays import filter_overlay, kv_overlay, merge_overlay
 from .palette import DEFAULT_OPACITY
@@ -53,8 +54,8 @@ def frames(trace, image=None, crop: int = 0, opacity: float = DEFAULT_OPACITY) -
     seq = trace.meta["sequence"]
     out = []
     blank = np.full_like(base, 255)
-    out.append(np.concatenate([_caption(2 * base.shape[1] + 8, [head, f"stage 1a: {seq['N']} patches -> "
-                                                               f"{seq['N0']} vision tokens (merged windows)"]),
+    out.append(np.concatenate([_caption(2 * base.shape[1] + 8, [head, f"stage 1a: {vanilla_vision_tokens(trace.meta)} vision "
+                                                               f"tokens -> {seq['N0']} (merged windows)"]),
                                _pad([merge_overlay(trace, **kw), blank])]))
     out.append(np.concatenate([_caption(2 * base.shape[1] + 8, [head, f"stage 1b: "
                                                                f"{len(trace.meta['stage1b']['key_tokens'])} key tokens"]),

@@ -227,7 +227,7 @@ def summary_markdown(trace, vanilla=None) -> str:
         "",
         "| quantity | value | how it is counted |",
         "|---|---|---|",
-        f"| vision tokens | {vt['patches']} patches → {vt['after_merge']} after merge → {vt['final']} at the last layer | per image |",
+        f"| vision tokens | {vt['vanilla']} unpruned ({vt['patches']} patches) → {vt['after_merge']} after merge → {vt['final']} at the last layer | per image; unpruned = what the model feeds its LLM, which the vanilla figures count |",
         f"| equivalent tokens, authors' convention | {e['authors']:.1f} | {e['authors_formula']} (printed by the authors' code; one layer off the compute) |",
         f"| equivalent tokens, compute convention | {e['compute']:.1f} | {e['compute_formula']} = mean over layers of the vision tokens processed |",
         f"| prefill FLOPs, image tokens only | {f['image_only']:.3g} ({100 * f['ratio_image_only']:.1f}% of vanilla {f['image_only_vanilla']:.3g}) | {accounting.FLOPS_FORMULA}, n = image tokens |",
