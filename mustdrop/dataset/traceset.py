@@ -35,7 +35,9 @@ MAX_ROWS = 200_000
 MAX_TRACES = 100_000
 MAX_PATCHES = 200_000_000          # summed over the index: bounds its memory (a few bytes per patch)
 INDEX_FILE = ".lens-index.safetensors"
-INDEX_SCHEMA = "mustdrop-run-index/1"
+# Bumped whenever what the index holds is computed differently, so that a cached index is rebuilt:
+# /2 maps scene-world masks through each trace's grid (objects.scene_coverage; OneVision's 27 x 27).
+INDEX_SCHEMA = "mustdrop-run-index/2"
 TRACE_CACHE = 64
 
 # Why a patch is not (fully) in the sequence any more: one code per patch and trace (the index's "fate").
