@@ -93,7 +93,8 @@ def run_batch(runner, items, configs, out, *, max_new_tokens: int = 8, baseline_
     traces (large runs where disk matters; such a run cannot be resumed)."""
     import pandas as pd
 
-    from mustdrop.matched import grid_tokens, run_budget
+    from mustdrop.accounting import vanilla_vision_tokens
+    from mustdrop.matched import run_budget
     from mustdrop.trace import Trace
 
     out = Path(out)
@@ -122,7 +123,8 @@ def run_batch(runner, items, configs, out, *, max_new_tokens: int = 8, baseline_
                         dep = traces.get(spec.match)
                         if dep is None:
                             raise RuntimeError(f"its matched run {spec.match!r} failed for this sample")
-                        budget, n_tokens = run_budget(dep), grid_tokens(dep)    # the app's comparison's rule too
+                        # the app's comparison's rule: the matched run's budget and unpruned token count
+                        budget, n_tokens = run_budget(dep), vanilla_vision_tokens(dep.meta)
                     cfg = build_config(runner, spec, budget=budget, baseline_layer=baseline_layer,
                                        seed=_sample_seed(seed, item.id), n_tokens=n_tokens)
                     if image is None:

@@ -196,8 +196,8 @@ Spec = ConfigSpec
 def build_config(runner, spec: Spec, budget: float | None = None, baseline_layer: int | None = None, seed: int = 0,
                  n_tokens: int | None = None):
     """The MustDropConfig of a spec for this model; ``budget`` for baselines matched to another run,
-    ``n_tokens`` that run's vision tokens (mustdrop.matched.grid_tokens) where the grid is per image.
-    Baselines run at the model's default positions, as its MustDrop presets do."""
+    ``n_tokens`` that run's unpruned vision tokens (mustdrop.accounting.vanilla_vision_tokens) where the
+    grid is per image. Baselines run at the model's default positions, as its MustDrop presets do."""
     from mustdrop import methods
     from mustdrop.config import MustDropConfig
 

@@ -44,12 +44,6 @@ def auto_baseline_layer(runner, budget: float, n_tokens: int | None = None) -> i
     return int(max(0, min(first, deepest, L - 2)))
 
 
-def grid_tokens(trace) -> int:
-    """The vision tokens a run's image gives before any drop, newline rows left out: what
-    ``auto_baseline_layer`` counts where the grid is per image."""
-    return sum(r * c // int(crop.get("token_patches", 1)) for crop in trace.meta["crops"] for r, c in [crop["grid"]])
-
-
 def check_method(method: str) -> str:
     """The baseline method name (any registered method but MustDrop), or a ValueError that lists them."""
     if method not in methods.baselines():
@@ -67,7 +61,7 @@ def matched_config(runner, method: str, trace, *, seed: int = 0, layer: int | No
     if budget >= vanilla_vision_tokens(trace.meta) - 1e-9:
         raise ValueError(f"the run of preset {cfg.get('preset')!r} keeps every vision token (budget {budget:g}): "
                          "a same-budget comparison needs a run that prunes; choose a preset other than off")
-    n_tokens = None if runner.grid else grid_tokens(trace)
+    n_tokens = None if runner.grid else vanilla_vision_tokens(trace.meta)
     k = layer if layer is not None else auto_baseline_layer(runner, budget, n_tokens)
     out = MustDropConfig.baseline(method, budget, layer=k, seed=seed,
                                   positions=positions or cfg.get("positions", "reference"))

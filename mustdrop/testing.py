@@ -275,14 +275,7 @@ def build_published_tiny(folder, published, *, text_layers: int | None = None, s
     cfg = json.loads((published / "config.json").read_text())
     text, vision = dict(cfg["text_config"]), dict(cfg["vision_config"])
     defaults = AutoConfig.for_model(text["model_type"]).to_dict()
-    heads = text.get("num_attention_heads", defaults["num_attention_heads"])
-    kv = text.get("num_key_value_heads") or defaults.get("num_key_value_heads") or heads
-    tiny_text = dict(TINY_TEXT, num_key_value_heads=max(1, TINY_TEXT["num_attention_heads"] * kv // heads))
-    if text_layers is not None:
-        tiny_text["num_hidden_layers"] = int(text_layers)
-    if "head_dim" in text:
-        tiny_text["head_dim"] = TINY_TEXT["hidden_size"] // TINY_TEXT["num_attention_heads"]
-    cfg["text_config"] = {**text, **tiny_text}
+    cfg["text_config"] = {**text, **_tiny_text_fields(text, defaults, text_layers)}
     tiny_vision = {k: v for k, v in TINY_VISION.items() if k != "projection_dim" or "projection_dim" in vision}
     cfg["vision_config"] = {**vision, **tiny_vision}
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))

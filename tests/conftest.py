@@ -1,6 +1,8 @@
 """Shared fixtures: a tiny LLaVA-1.5-layout model built offline, and test images."""
 
 import os
+import socket
+from contextlib import contextmanager
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -12,6 +14,27 @@ import torch
 from PIL import Image
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def served(demo):
+    """Serve a built app on 127.0.0.1 at a free port without blocking; yield its URL (with the trailing
+    slash), close it afterwards."""
+    from lens_app.app import launch
+
+    port = free_port()
+    launch(demo, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()
 
 
 def half_textured_image(seed=0, size=336):

@@ -23,13 +23,18 @@ def no_drop_config(tiny):
     return tiny.config_for("64").replace(merge_threshold=1.0, global_thr=1.0, individual_thr=0.0)
 
 
+def median_thresholds(probe) -> dict:
+    """Stage 2's thresholds at the medians of a no-drop probe's scores at its first prune layer, so
+    that real drops happen: {"global_thr", "individual_thr"}."""
+    first = probe.prune_layers[0]
+    return {"global_thr": float(np.median(probe.arrays[f"stage2.L{first}.global_share"])),
+            "individual_thr": float(np.median(probe.arrays[f"stage2.L{first}.individual_max"]))}
+
+
 def dropping_config(tiny, image, positions="original"):
     """Thresholds at the medians of the first prune layer's scores, so that real drops happen."""
     probe = tiny.run(image, QUESTION, no_drop_config(tiny).replace(merge_threshold=0.8), max_new_tokens=1).trace
-    first = probe.prune_layers[0]
-    g = float(np.median(probe.arrays[f"stage2.L{first}.global_share"]))
-    i = float(np.median(probe.arrays[f"stage2.L{first}.individual_max"]))
-    return tiny.config_for("64").replace(global_thr=g, individual_thr=i, positions=positions)
+    return tiny.config_for("64").replace(**median_thresholds(probe), positions=positions)
 
 
 def stock_logits(tiny, image, n):
@@ -64,8 +69,11 @@ def dropped_sets(trace):
     return drops
 
 
-def masking_reference(tiny, embeds, trace, tokens):
-    """Keep all tokens at their original positions; hide the dropped ones from later layers by masks."""
+def masking_reference(tiny, embeds, trace, tokens, position_ids=None, next_position=None):
+    """Keep all tokens at their original positions; hide the dropped ones from later layers by masks.
+    ``position_ids``: the prompt's (None: the model counts 0..L0-1; Qwen-VL's 3-D ones from
+    get_rope_index); ``next_position``: the first decode position (None: L0). Returns the logits of
+    the prefill and of each decode step, and the prefill cache."""
     model = tiny.model
     L0 = embeds.shape[1]
     drops = dropped_sets(trace)
@@ -103,12 +111,14 @@ def masking_reference(tiny, embeds, trace, tokens):
     logits = []
     try:
         with torch.no_grad():
-            out = model(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
+            extra = {} if position_ids is None else {"position_ids": position_ids}
+            out = model(inputs_embeds=embeds, past_key_values=cache, use_cache=True, **extra)
             prefill_cache = [(l.keys.clone(), l.values.clone()) for l in cache.layers]
             logits.append(out.logits[0, -1].float())
+            first = L0 if next_position is None else next_position
             for step, tok in enumerate(tokens[:-1]):
                 out = model(input_ids=torch.tensor([[tok]]), past_key_values=cache, use_cache=True,
-                            position_ids=torch.tensor([[L0 + step]]))
+                            position_ids=torch.tensor([[first + step]]))
                 logits.append(out.logits[0, -1].float())
     finally:
         for h in handles:
@@ -149,7 +159,7 @@ def test_kv_cache_after_prefill_is_what_the_trace_says(tiny, dropping_run):
         assert keys.shape[-2] == idx.numel() == trace.meta["kv"]["entries_per_layer"][layer]
         torch.testing.assert_close(keys, ref_cache[layer][0][:, :, idx], atol=1e-5, rtol=0)
         torch.testing.assert_close(values, ref_cache[layer][1][:, :, idx], atol=1e-5, rtol=0)
-    first, last = trace.prune_layers[0], trace.prune_layers[-1]
+    first = trace.prune_layers[0]
     S, N0, T = (trace.meta["sequence"][k] for k in ("S", "N0", "T"))
     assert trace.meta["kv"]["entries_per_layer"][first - 1 if first else 0] == (S + N0 + T if first else
                                                                                    trace.meta["kv"]["entries_per_layer"][0])

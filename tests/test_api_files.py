@@ -17,7 +17,8 @@ from lens_app import app as lens_app_app, engine
 from lens_app.examples import EXAMPLES_DIR
 from lens_app.uploads import MAX_DATA_URL_CHARS, REFUSED, UploadGate, data_url_bytes
 from mustdrop.trace import Trace
-from test_app import RUN_DEFAULTS, free_port, status_of
+from conftest import served
+from test_app import RUN_DEFAULTS, status_of
 
 QUESTION = "what color is the square?"
 META = {"_type": "gradio.FileData"}
@@ -25,12 +26,9 @@ META = {"_type": "gradio.FileData"}
 
 @pytest.fixture(scope="module")
 def app(tiny):
-    lens = engine.Lens(runner=tiny)
-    demo = lens_app_app.build_app(lens, examples=[])
-    port = free_port()
-    lens_app_app.launch(demo, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
-    yield demo, f"http://127.0.0.1:{port}"
-    demo.close()
+    demo = lens_app_app.build_app(engine.Lens(runner=tiny), examples=[])
+    with served(demo) as url:
+        yield demo, url.rstrip("/")
 
 
 @pytest.fixture(scope="module")

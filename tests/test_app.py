@@ -6,7 +6,6 @@ import html
 import json
 import re
 import shlex
-import socket
 import subprocess
 import sys
 import threading
@@ -17,26 +16,18 @@ import pytest
 from PIL import Image
 
 from lens_app import app as lens_app_app, cli, engine, examples, inputs
+from conftest import served
 from lens_app.session import Frame, Session
 from mustdrop.trace import Trace
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny, tmp_path_factory):
-    lens = engine.Lens(runner=tiny)
-    demo = lens_app_app.build_app(lens, examples=[])
-    port = free_port()
-    lens_app_app.launch(demo, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
-    yield demo, f"http://127.0.0.1:{port}/"
-    demo.close()
+    demo = lens_app_app.build_app(engine.Lens(runner=tiny), examples=[])
+    with served(demo) as url:
+        yield demo, url
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import io
 import json
 import os
 import re
-import socket
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from lens_app.engine import Lens  # noqa: E402
 from lens_app.examples import load_examples  # noqa: E402
 from lens_app.session import CANVAS  # noqa: E402
 from mustdrop import vis  # noqa: E402
+from conftest import free_port  # noqa: E402
 from mustdrop.trace import DROPPED  # noqa: E402
 from mustdrop.trace import Trace  # noqa: E402
 
@@ -38,12 +38,6 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 
 pytestmark = [pytest.mark.browser,
               pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium not installed")]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_examples(folder: Path):

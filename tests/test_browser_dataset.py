@@ -9,9 +9,10 @@ import shutil
 import numpy as np
 import pytest
 
-from test_browser import CHROMIUM, CHROMIUM_ARGS, SERVER_ERRORS, browser, decoded_until, free_port, new_page, wait_status  # noqa: F401
+from test_browser import CHROMIUM, CHROMIUM_ARGS, SERVER_ERRORS, browser, decoded_until, new_page, wait_status  # noqa: F401
 from test_browser import no_server_errors, watch_server  # noqa: F401 - the autouse fixtures apply here too
 
+from conftest import free_port, served
 from lens_app.app import build_app, launch
 from lens_app.engine import Lens
 from lens_app.session import CANVAS
@@ -25,11 +26,8 @@ pytestmark = [pytest.mark.browser]
 def dataset_app(dataset_run, tmp_path_factory):
     runs = tmp_path_factory.mktemp("browser-runs")
     shutil.copytree(dataset_run, runs / "toy6")
-    demo = build_app(Lens(runner=None), examples=[], runs_dir=runs)
-    port = free_port()
-    launch(demo, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/", runs / "toy6"
-    demo.close()
+    with served(build_app(Lens(runner=None), examples=[], runs_dir=runs)) as url:
+        yield url, runs / "toy6"
 
 
 def open_run(page, name):

@@ -3,13 +3,12 @@ set (read back from the pixels), its counts are set arithmetic on the two traces
 gets the MustDrop run's budget (mustdrop.matched, as analysis.sweep compare gives it), and /analyze
 takes a method (or refuses a bad one with a message)."""
 
-import socket
 
 import gradio as gr
 import numpy as np
 import pytest
 
-from conftest import half_textured_image
+from conftest import half_textured_image, served
 from lens_app import app as lens_app_app, engine
 from lens_app.session import CANVAS, Frame, Session, split_comparison
 from lens_app.views.compare import CompareView
@@ -172,15 +171,10 @@ def test_slide_has_the_comparison_panel(runs):
 def client(tiny, tmp_path_factory):
     from gradio_client import Client
 
-    demo = lens_app_app.build_app(engine.Lens(runner=tiny), examples=[])
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    lens_app_app.launch(demo, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
     path = tmp_path_factory.mktemp("img") / "scene.png"
     half_textured_image().save(path)
-    yield Client(f"http://127.0.0.1:{port}/", verbose=False), path
-    demo.close()
+    with served(lens_app_app.build_app(engine.Lens(runner=tiny), examples=[])) as url:
+        yield Client(url, verbose=False), path
 
 
 def test_analyze_with_a_method_returns_the_comparison(client):

@@ -9,7 +9,7 @@ import pytest
 
 from lens_app import app as lens_app_app, engine
 from mustdrop.trace import Trace
-from test_app import free_port
+from conftest import served
 
 USERS, REQUESTS = 8, 3
 QUESTIONS = ["what color is the square?", "how many shapes are there?", "what shape is on the left?",
@@ -19,11 +19,8 @@ PRESETS = ["192", "128", "64"]
 
 @pytest.fixture(scope="module")
 def url(tiny):
-    demo = lens_app_app.build_app(engine.Lens(runner=tiny), examples=[])
-    port = free_port()
-    lens_app_app.launch(demo, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
+    with served(lens_app_app.build_app(engine.Lens(runner=tiny), examples=[])) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -123,22 +123,13 @@ def test_bounds_leave_room_for_the_supported_models():
 
 
 # ---------------------------------------------------------------- the app
-def free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny):
+    from conftest import served
     from lens_app import app as lens_app_app, engine
 
-    demo = lens_app_app.build_app(engine.Lens(runner=tiny), examples=[])
-    port = free_port()
-    lens_app_app.launch(demo, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
+    with served(lens_app_app.build_app(engine.Lens(runner=tiny), examples=[])) as url:
+        yield url
 
 
 def replay(url, *paths):

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from mustdrop import stages
-from test_adapter import QUESTION, masking_reference
+from test_adapter import QUESTION, masking_reference, median_thresholds
 from test_layouts import marker_image
 
 
@@ -84,10 +84,7 @@ def dropping(stock):
     image = half_textured_image(0).resize((500, 300))
     probe = stock.run(image, QUESTION, stock.config_for("64").replace(global_thr=1.0, individual_thr=0.0),
                       max_new_tokens=1).trace
-    first = probe.prune_layers[0]
-    g = float(np.median(probe.arrays[f"stage2.L{first}.global_share"]))
-    i = float(np.median(probe.arrays[f"stage2.L{first}.individual_max"]))
-    cfg = stock.config_for("64").replace(global_thr=g, individual_thr=i, positions="original")
+    cfg = stock.config_for("64").replace(**median_thresholds(probe), positions="original")
     return stock.run(image, QUESTION, cfg, max_new_tokens=4, keep_internals=True)
 
 

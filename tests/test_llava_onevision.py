@@ -20,7 +20,7 @@ import torch
 
 from mustdrop import stages
 from mustdrop.config import MustDropConfig
-from test_adapter import QUESTION, masking_reference
+from test_adapter import QUESTION, masking_reference, median_thresholds
 from test_baselines_budget import _check
 from test_onevision_packing import PATCH, marker_image, packing
 
@@ -162,10 +162,7 @@ def dropping(ov, request):
     img = textured(*SIZES[request.param])
     probe = ov.run(img, QUESTION, ov.config_for("64").replace(global_thr=1.0, individual_thr=0.0),
                    max_new_tokens=1).trace
-    first = probe.prune_layers[0]
-    g = float(np.median(probe.arrays[f"stage2.L{first}.global_share"]))
-    i = float(np.median(probe.arrays[f"stage2.L{first}.individual_max"]))
-    cfg = ov.config_for("64").replace(global_thr=g, individual_thr=i, positions="original")
+    cfg = ov.config_for("64").replace(**median_thresholds(probe), positions="original")
     return ov.run(img, QUESTION, cfg, max_new_tokens=4, keep_internals=True)
 
 

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import free_port, served
 
 lmms_eval = pytest.importorskip("lmms_eval",
                                 reason="lmms-eval is not installed (the lmms extra: requirements-lmms.txt)")
@@ -170,22 +171,12 @@ def test_eight_traces_land_and_replay_in_the_app(run, reference):
         assert t.meta["config"]["preset"] == PRESET and t.meta["model"]["id"] == TOY
         assert t.answer == response(by_doc[k])
         assert any(s["dropped"] for s in t.meta["stage2"]) or t.meta["sequence"]["N0"] < t.meta["sequence"]["N"]
-    lens = engine.Lens(runner=reference[0])
-    demo = lens_app_app.build_app(lens, examples=[])
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    lens_app_app.launch(demo, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
-    try:
-        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+    with served(lens_app_app.build_app(engine.Lens(runner=reference[0]), examples=[])) as url:
+        client = Client(url, verbose=False)
         for f in files:
             res = client.predict([handle_file(str(f))], None, True, api_name="/replay")
             status = next(x for x in res if isinstance(x, str) and x.startswith(("**Problem", "**Replaying")))
             assert status.startswith("**Replaying**") and f"preset {PRESET}" in status, status
-    finally:
-        demo.close()
 
 
 def test_the_output_folder_opens_as_a_run(run):
@@ -324,14 +315,6 @@ def test_generation_settings_follow_the_task():
     assert _output_path_from_argv(["lmms-eval", "--output_path", "runs/pope64"]) == "runs/pope64"
     assert _output_path_from_argv(["-m", "lmms_eval", "--output_path=x/y"]) == "x/y"
     assert _output_path_from_argv(["lmms-eval", "--tasks", "pope"]) is None
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_ranks_shard_the_traces_into_one_folder(task_dir, run, tmp_path):

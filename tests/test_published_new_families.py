@@ -18,6 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
+from test_published_configs import leaves
+
 PUBLISHED = Path(__file__).parent / "published"
 # name -> decoder depth of the tiny copy (the published 36 / 28 / 24 layers cost seconds per generate on a busy
 # 2-core machine and no test here depends on the depth)
@@ -65,14 +67,6 @@ def feature_rows(model, inputs):
     with torch.no_grad():
         out = model.model.get_image_features(**{k: v for k, v in inputs.items() if k in keys})
     return sum(int(f.shape[0]) for f in out.pooler_output)
-
-
-def leaves(d, prefix=()):
-    for k, v in d.items():
-        if isinstance(v, dict):
-            yield from leaves(v, prefix + (k,))
-        else:
-            yield prefix + (k,), v
 
 
 def loaded_value(config, path):

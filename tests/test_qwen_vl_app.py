@@ -9,7 +9,8 @@ from PIL import Image
 from lens_app import app as lens_app_app, engine
 from mustdrop.trace import Trace
 
-from test_app import RUN_DEFAULTS, free_port, status_of
+from conftest import served
+from test_app import RUN_DEFAULTS, status_of
 from test_qwen_vl_host import QUESTION, textured
 
 NAME = "Qwen2.5-VL-3B-Instruct"
@@ -30,13 +31,10 @@ def lens(tmp_path_factory):
 def served(lens, tmp_path_factory):
     from gradio_client import Client
 
-    demo = lens_app_app.build_app(lens, examples=[])
-    port = free_port()
-    lens_app_app.launch(demo, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
     image = tmp_path_factory.mktemp("qwen-inputs") / "wide.png"
     textured().save(image)
-    yield Client(f"http://127.0.0.1:{port}/", verbose=False), image
-    demo.close()
+    with served(lens_app_app.build_app(lens, examples=[])) as url:
+        yield Client(url, verbose=False), image
 
 
 def run_ui(client, path, preset="custom", **kw):

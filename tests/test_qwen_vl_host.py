@@ -16,13 +16,13 @@ import pytest
 import torch
 from PIL import Image
 
-from mustdrop import stages
 from mustdrop.accounting import summarize
 from mustdrop import methods
 from mustdrop.config import MustDropConfig
 from mustdrop.hooks import count_hooks
 from mustdrop.trace import Trace
 
+from test_adapter import masking_reference as adapter_reference, median_thresholds
 from test_published_new_families import PUBLISHED, QWEN
 
 QUESTION = "what colour is the square?"
@@ -132,65 +132,16 @@ def rope_index(qwen, image):
 
 
 def masking_reference(qwen, embeds, position_ids, next_position, trace, tokens):
-    """Every token kept at its 3-D position; the dropped ones hidden from later layers by masks."""
-    S = trace.meta["sequence"]["S"]
-    L0 = embeds.shape[1]
-    drops = {s["layer"]: S + trace.arrays[f"stage2.L{s['layer']}.tokens"][
-        trace.arrays[f"stage2.L{s['layer']}.status"] == stages.DROPPED] for s in trace.meta["stage2"]}
-    prune = trace.prune_layers
-    hidden_at = []
-    for layer in range(qwen.host.num_layers):
-        h = np.zeros(L0, bool)
-        for p, idx in drops.items():
-            if p < layer:
-                h[idx] = True
-        hidden_at.append(torch.from_numpy(h))
-    final_hidden = hidden_at[-1] | torch.from_numpy(np.isin(np.arange(L0), drops[prune[-1]]))
-
-    def mask_for(layer, q_len, kv_len):
-        if q_len > 1:
-            allowed = torch.ones(q_len, kv_len, dtype=torch.bool).tril()
-            allowed[:, hidden_at[layer]] = False
-            allowed |= torch.eye(q_len, dtype=torch.bool)
-        else:
-            allowed = torch.ones(1, kv_len, dtype=torch.bool)
-            if layer >= prune[0]:
-                allowed[0, :L0][final_hidden] = False
-        return allowed[None, None]
-
-    handles = []
-    for i, layer in enumerate(qwen.host.decoder_layers):
-        def pre(module, args, kwargs, i=i):
-            h = args[0] if args else kwargs["hidden_states"]
-            kv_len = kwargs["past_key_values"].layers[i].get_seq_length() + h.shape[1]
-            kwargs["attention_mask"] = mask_for(i, h.shape[1], kv_len)
-            return args, kwargs
-        handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
-    from transformers import DynamicCache
-    cache = DynamicCache(config=qwen.host.text_config)
-    logits = []
-    try:
-        with torch.no_grad():
-            out = qwen.model(inputs_embeds=embeds, position_ids=position_ids, past_key_values=cache, use_cache=True)
-            logits.append(out.logits[0, -1].float())
-            for step, tok in enumerate(tokens[:-1]):
-                out = qwen.model(input_ids=torch.tensor([[tok]]), past_key_values=cache, use_cache=True,
-                                 position_ids=torch.tensor([[next_position + step]]))
-                logits.append(out.logits[0, -1].float())
-    finally:
-        for h in handles:
-            h.remove()
-    return logits
+    """Every token kept at its 3-D position; the dropped ones hidden from later layers by masks
+    (test_adapter's reference, given the prompt's M-RoPE ids and the first decode position)."""
+    return adapter_reference(qwen, embeds, trace, tokens, position_ids=position_ids, next_position=next_position)[0]
 
 
 def dropping(qwen, image, **changes):
     """Thresholds at the medians of the first prune layer's scores, so that real drops happen."""
     base = no_drop(qwen).replace(**changes)
     probe = qwen.run(image, QUESTION, base, max_new_tokens=1).trace
-    first = probe.prune_layers[0]
-    g = float(np.median(probe.arrays[f"stage2.L{first}.global_share"]))
-    i = float(np.median(probe.arrays[f"stage2.L{first}.individual_max"]))
-    return base.replace(global_thr=g, individual_thr=i)
+    return base.replace(**median_thresholds(probe))
 
 
 def assert_equal_logits(run, ref):
@@ -281,10 +232,11 @@ def test_every_entry_point_gives_baselines_the_models_positions(qwen, entry):
     else:
         from analysis.common import build_config, parse_spec
 
-        from mustdrop.matched import grid_tokens, run_budget
+        from mustdrop.accounting import vanilla_vision_tokens
+        from mustdrop.matched import run_budget
 
         md = qwen.run(textured(), QUESTION, build_config(qwen, parse_spec("64")), max_new_tokens=1).trace
-        configs = [MustDropConfig.from_dict(md.meta["config"]), build_config(qwen, parse_spec("fastv@64"), budget=run_budget(md), n_tokens=grid_tokens(md)),
+        configs = [MustDropConfig.from_dict(md.meta["config"]), build_config(qwen, parse_spec("fastv@64"), budget=run_budget(md), n_tokens=vanilla_vision_tokens(md.meta)),
                    build_config(qwen, parse_spec("pdrop=48")), build_config(qwen, parse_spec("random=20"))]
     assert [c.positions for c in configs] == ["original"] * len(configs)
     for cfg in configs[1:]:

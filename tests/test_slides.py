@@ -176,15 +176,12 @@ def test_every_slide_legend_explains_the_centre_dots(slide):
 
 
 def test_the_server_does_not_print_the_share_hint(capfd):
-    import socket
-
     import gradio as gr
 
+    from conftest import free_port
     from lens_app.app import launch
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     with gr.Blocks() as demo:
         gr.Markdown("hello")
     try:

@@ -217,7 +217,7 @@ def test_position_answers_agree_with_the_offset_target():
                 continue
             horizontal = abs(dx) > abs(dy)
             expect = ("left" if dx < 0 else "right") if horizontal else ("above" if dy < 0 else "below")
-            assert q.answer == expect, (i, q.text, dx, dy)
+            assert q.answer == expect, (s, q.text, dx, dy)
             seen.add(q.answer)
     assert seen == {"left", "right", "above", "below"}
 

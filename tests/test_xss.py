@@ -6,7 +6,6 @@ replays (gradio refuses a slider whose minimum equals its maximum)."""
 
 import re
 from pathlib import Path
-import socket
 
 import numpy as np
 import pytest
@@ -124,21 +123,14 @@ def test_a_slide_of_a_hostile_trace_renders(traces, tmp_path):
 
 
 # ----------------------------------------------------------------------------- the app
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def client(tiny):
     from gradio_client import Client
 
-    demo = lens_app_app.build_app(engine.Lens(runner=tiny), examples=[])
-    port = free_port()
-    lens_app_app.launch(demo, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
-    yield Client(f"http://127.0.0.1:{port}/", verbose=False)
-    demo.close()
+    from conftest import served
+
+    with served(lens_app_app.build_app(engine.Lens(runner=tiny), examples=[])) as url:
+        yield Client(url, verbose=False)
 
 
 def replay(client, *paths):

@@ -23,6 +23,12 @@ def _style(k: int):
     return CONFIG_STYLES[k % len(CONFIG_STYLES)]
 
 
+def _bar_style(k: int) -> dict:
+    """The k-th series' bar look: its grey and hatch, the hatch drawn white on dark greys."""
+    grey, _, _, hatch = _style(k)
+    return dict(color=grey, hatch=hatch, edgecolor="white" if float(grey) < 0.5 else "black", linewidth=0)
+
+
 def _colours() -> dict:
     from ..vis.palette import BLUE, MEANINGS, VERMILLION, VIOLET, YELLOW
 
@@ -120,16 +126,16 @@ def bias_figure(ts, bands: int = 6):
     cfgs = [c for c in ts.configs if c != ts.vanilla]
     fig, ax = plt.subplots(figsize=(7, 3.6))
     width = 0.8 / max(len(cfgs), 1)
+    labels = None                          # the bands' row ranges, from any config that has them
     for k, cfg in enumerate(cfgs):
         df = A.positional_bias(ts, cfg, bands)
         if df.empty:
             continue
-        grey, _, _, hatch = _style(k)
         ax.bar(df["band"] + (k - (len(cfgs) - 1) / 2) * width, df["ratio"], width, label=_label(ts, cfg),
-               color=grey, hatch=hatch, edgecolor="white" if float(grey) < 0.5 else "black", linewidth=0)
+               **_bar_style(k))
         labels = list(df["rows"])
     ax.axhline(1.0, color="0.3", lw=1, ls="--")
-    if cfgs:
+    if labels is not None:
         ax.set_xticks(range(bands), [f"rows {r}" for r in labels], fontsize=7)
     ax.set_xlabel("image row band (top to bottom)")
     ax.set_ylabel("kept share / uniform share")
@@ -154,9 +160,8 @@ def attribution_figure(ts, config: str):
     cats = [c for c in t.columns if c not in ("qtype", "lost") and not c.startswith("mean share")]
     bottom = np.zeros(len(t))
     for k, c in enumerate(cats):
-        grey, _, _, hatch = _style(k)
-        ax.bar([mpl_text(q) for q in t["qtype"].astype(str)], t[c], bottom=bottom, label=mpl_text(c), color=grey,
-               hatch=hatch, edgecolor="white" if float(grey) < 0.5 else "black", linewidth=0)
+        ax.bar([mpl_text(q) for q in t["qtype"].astype(str)], t[c], bottom=bottom, label=mpl_text(c),
+               **_bar_style(k))
         bottom += t[c].to_numpy()
     ax.set_ylabel("lost answers")
     ax.set_title(f"{config}: where the asked objects' patches went, per lost answer", fontsize=10, parse_math=False)
