@@ -24,7 +24,7 @@ def free_port() -> int:
 
 
 @contextmanager
-def served(demo):
+def serving(demo):
     """Serve a built app on 127.0.0.1 at a free port without blocking; yield its URL (with the trailing
     slash), close it afterwards."""
     from lens_app.app import launch

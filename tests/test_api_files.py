@@ -17,7 +17,7 @@ from lens_app import app as lens_app_app, engine
 from lens_app.examples import EXAMPLES_DIR
 from lens_app.uploads import MAX_DATA_URL_CHARS, REFUSED, UploadGate, data_url_bytes
 from mustdrop.trace import Trace
-from conftest import served
+from conftest import serving
 from test_app import RUN_DEFAULTS, status_of
 
 QUESTION = "what color is the square?"
@@ -27,7 +27,7 @@ META = {"_type": "gradio.FileData"}
 @pytest.fixture(scope="module")
 def app(tiny):
     demo = lens_app_app.build_app(engine.Lens(runner=tiny), examples=[])
-    with served(demo) as url:
+    with serving(demo) as url:
         yield demo, url.rstrip("/")
 
 

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from lens_app import app as lens_app_app, cli, engine, examples, inputs
-from conftest import served
+from conftest import serving
 from lens_app.session import Frame, Session
 from mustdrop.trace import Trace
 
@@ -26,7 +26,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 @pytest.fixture(scope="module")
 def server(tiny, tmp_path_factory):
     demo = lens_app_app.build_app(engine.Lens(runner=tiny), examples=[])
-    with served(demo) as url:
+    with serving(demo) as url:
         yield demo, url
 
 

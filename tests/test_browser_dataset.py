@@ -12,7 +12,7 @@ import pytest
 from test_browser import CHROMIUM, CHROMIUM_ARGS, SERVER_ERRORS, browser, decoded_until, new_page, wait_status  # noqa: F401
 from test_browser import no_server_errors, watch_server  # noqa: F401 - the autouse fixtures apply here too
 
-from conftest import free_port, served
+from conftest import free_port, serving
 from lens_app.app import build_app, launch
 from lens_app.engine import Lens
 from lens_app.session import CANVAS
@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.browser]
 def dataset_app(dataset_run, tmp_path_factory):
     runs = tmp_path_factory.mktemp("browser-runs")
     shutil.copytree(dataset_run, runs / "toy6")
-    with served(build_app(Lens(runner=None), examples=[], runs_dir=runs)) as url:
+    with serving(build_app(Lens(runner=None), examples=[], runs_dir=runs)) as url:
         yield url, runs / "toy6"
 
 

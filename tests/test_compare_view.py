@@ -8,7 +8,7 @@ import gradio as gr
 import numpy as np
 import pytest
 
-from conftest import half_textured_image, served
+from conftest import half_textured_image, serving
 from lens_app import app as lens_app_app, engine
 from lens_app.session import CANVAS, Frame, Session, split_comparison
 from lens_app.views.compare import CompareView
@@ -173,7 +173,7 @@ def client(tiny, tmp_path_factory):
 
     path = tmp_path_factory.mktemp("img") / "scene.png"
     half_textured_image().save(path)
-    with served(lens_app_app.build_app(engine.Lens(runner=tiny), examples=[])) as url:
+    with serving(lens_app_app.build_app(engine.Lens(runner=tiny), examples=[])) as url:
         yield Client(url, verbose=False), path
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from lens_app import app as lens_app_app, engine
 from mustdrop.trace import Trace
-from conftest import served
+from conftest import serving
 
 USERS, REQUESTS = 8, 3
 QUESTIONS = ["what color is the square?", "how many shapes are there?", "what shape is on the left?",
@@ -19,7 +19,7 @@ PRESETS = ["192", "128", "64"]
 
 @pytest.fixture(scope="module")
 def url(tiny):
-    with served(lens_app_app.build_app(engine.Lens(runner=tiny), examples=[])) as url:
+    with serving(lens_app_app.build_app(engine.Lens(runner=tiny), examples=[])) as url:
         yield url
 
 

@@ -125,10 +125,10 @@ def test_bounds_leave_room_for_the_supported_models():
 # ---------------------------------------------------------------- the app
 @pytest.fixture(scope="module")
 def server(tiny):
-    from conftest import served
+    from conftest import serving
     from lens_app import app as lens_app_app, engine
 
-    with served(lens_app_app.build_app(engine.Lens(runner=tiny), examples=[])) as url:
+    with serving(lens_app_app.build_app(engine.Lens(runner=tiny), examples=[])) as url:
         yield url
 
 

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import free_port, served
+from conftest import free_port, serving
 
 lmms_eval = pytest.importorskip("lmms_eval",
                                 reason="lmms-eval is not installed (the lmms extra: requirements-lmms.txt)")
@@ -171,7 +171,7 @@ def test_eight_traces_land_and_replay_in_the_app(run, reference):
         assert t.meta["config"]["preset"] == PRESET and t.meta["model"]["id"] == TOY
         assert t.answer == response(by_doc[k])
         assert any(s["dropped"] for s in t.meta["stage2"]) or t.meta["sequence"]["N0"] < t.meta["sequence"]["N"]
-    with served(lens_app_app.build_app(engine.Lens(runner=reference[0]), examples=[])) as url:
+    with serving(lens_app_app.build_app(engine.Lens(runner=reference[0]), examples=[])) as url:
         client = Client(url, verbose=False)
         for f in files:
             res = client.predict([handle_file(str(f))], None, True, api_name="/replay")

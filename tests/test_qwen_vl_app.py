@@ -9,7 +9,7 @@ from PIL import Image
 from lens_app import app as lens_app_app, engine
 from mustdrop.trace import Trace
 
-from conftest import served
+from conftest import serving
 from test_app import RUN_DEFAULTS, status_of
 from test_qwen_vl_host import QUESTION, textured
 
@@ -33,7 +33,7 @@ def served(lens, tmp_path_factory):
 
     image = tmp_path_factory.mktemp("qwen-inputs") / "wide.png"
     textured().save(image)
-    with served(lens_app_app.build_app(lens, examples=[])) as url:
+    with serving(lens_app_app.build_app(lens, examples=[])) as url:
         yield Client(url, verbose=False), image
 
 

@@ -127,9 +127,9 @@ def test_a_slide_of_a_hostile_trace_renders(traces, tmp_path):
 def client(tiny):
     from gradio_client import Client
 
-    from conftest import served
+    from conftest import serving
 
-    with served(lens_app_app.build_app(engine.Lens(runner=tiny), examples=[])) as url:
+    with serving(lens_app_app.build_app(engine.Lens(runner=tiny), examples=[])) as url:
         yield Client(url, verbose=False)
 
 
